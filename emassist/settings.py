@@ -1,0 +1,245 @@
+"""params.yaml → typed, validated settings. Every error names the offending key."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from emassist.classes import CLASSES
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A value in params.yaml is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = "demo"
+    raw_dir: str = "data/raw"
+    interim_dir: str = "data/interim"
+    splits_dir: str = "data/splits"
+    classes: tuple[str, ...] = CLASSES
+
+    def check(self) -> None:
+        _one_of("data.source", self.source, ("demo", "nffa"))
+        check_class_names("data.classes", self.classes)
+        if len(set(self.classes)) < 2:
+            raise ParamsError(f"data.classes: need at least two distinct classes, got {list(self.classes)}")
+
+
+@dataclass(frozen=True)
+class DemoParams:
+    seed: int = 42
+    n_images: int = 1000
+    width: int = 256
+    height: int = 256
+    min_per_class: int = 40
+    tif_fraction: float = 0.1
+    databar_fraction: float = 0.8
+
+    def check(self) -> None:
+        _at_least("demo.n_images", self.n_images, 10)
+        _at_least("demo.width", self.width, 32)
+        _at_least("demo.height", self.height, 32)
+        _at_least("demo.min_per_class", self.min_per_class, 1)
+        _fraction("demo.tif_fraction", self.tif_fraction)
+        _fraction("demo.databar_fraction", self.databar_fraction)
+        if self.n_images < self.min_per_class * len(CLASSES):
+            raise ParamsError(
+                f"demo.n_images: {self.n_images} is less than demo.min_per_class × {len(CLASSES)} classes "
+                f"= {self.min_per_class * len(CLASSES)}"
+            )
+
+
+@dataclass(frozen=True)
+class NffaParams:
+    base_url: str = "https://b2share.eudat.eu/api/records/862nr-cn036/files"
+    download_dir: str = "data/downloads"
+    retries: int = 5
+    timeout_s: float = 60.0
+
+    def check(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ParamsError(f"nffa.base_url: must be an http(s) URL, got {self.base_url!r}")
+        _at_least("nffa.retries", self.retries, 0)
+        _positive("nffa.timeout_s", self.timeout_s)
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    cache_size: int = 256
+    max_pixels: int = 100_000_000
+    min_side: int = 16
+    crop_databar: bool = True
+    workers: int = 0
+
+    def check(self) -> None:
+        _at_least("ingest.cache_size", self.cache_size, 16)
+        _at_least("ingest.max_pixels", self.max_pixels, 1)
+        _at_least("ingest.min_side", self.min_side, 1)
+        _at_least("ingest.workers", self.workers, 0)
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    min_per_class: int = 20
+    max_rejected_fraction: float = 0.05
+    min_side: int = 16
+    max_side: int = 20000
+
+    def check(self) -> None:
+        _at_least("validate.min_per_class", self.min_per_class, 1)
+        _fraction("validate.max_rejected_fraction", self.max_rejected_fraction)
+        _at_least("validate.min_side", self.min_side, 1)
+        if self.max_side < self.min_side:
+            raise ParamsError(f"validate.max_side: {self.max_side} is below validate.min_side {self.min_side}")
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    seed: int = 42
+    train: float = 0.7
+    val: float = 0.2
+    test: float = 0.1
+    near_dup_distance: int = 4
+
+    def check(self) -> None:
+        for name in ("train", "val", "test"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise ParamsError(f"split.{name}: must be a ratio between 0 and 1 (exclusive), got {value}")
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ParamsError(f"split.train + split.val + split.test must sum to 1, got {total:g}")
+        _at_least("split.near_dup_distance", self.near_dup_distance, 0)
+        if self.near_dup_distance > 32:
+            raise ParamsError(f"split.near_dup_distance: at most 32 of 64 hash bits, got {self.near_dup_distance}")
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    demo: DemoParams = field(default_factory=DemoParams)
+    nffa: NffaParams = field(default_factory=NffaParams)
+    ingest: IngestParams = field(default_factory=IngestParams)
+    validate: ValidateParams = field(default_factory=ValidateParams)
+    split: SplitParams = field(default_factory=SplitParams)
+
+    def check(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).check()
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_params(path: str | os.PathLike[str] = DEFAULT_PARAMS) -> Params:
+    """Read and validate ``params.yaml``; raise :class:`ParamsError` naming the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found (run from the repository root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    return params_from_dict(raw)
+
+
+def params_from_dict(raw: dict[str, Any]) -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError("params: the top level must be a mapping of sections")
+    hints = typing.get_type_hints(Params)
+    sections: dict[str, Any] = {}
+    known = {f.name for f in dataclasses.fields(Params)}
+    for key in raw:
+        if key not in known:
+            raise ParamsError(f"{key}: unknown section (known: {', '.join(sorted(known))})")
+    for f in dataclasses.fields(Params):
+        sections[f.name] = _build(hints[f.name], raw.get(f.name) or {}, f.name)
+    params = Params(**sections)
+    params.check()
+    return params
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{prefix}: must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ParamsError(f"{prefix}.{key}: unknown key (known: {', '.join(sorted(names))})")
+    values = {key: _coerce(f"{prefix}.{key}", hints[key], value) for key, value in raw.items()}
+    return cls(**values)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, inner[0], value)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ParamsError(f"{key}: must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1]
+        return tuple(_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key}: must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key}: must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ParamsError(f"{key}: must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key}: must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ParamsError(f"{key}: must be >= {low}, got {value}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ParamsError(f"{key}: must be > 0, got {value}")
+
+
+def _fraction(key: str, value: float) -> None:
+    if not 0 <= value <= 1:
+        raise ParamsError(f"{key}: must be between 0 and 1, got {value}")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ParamsError(f"{key}: unknown value {value!r} (choose one of: {', '.join(allowed)})")
+
+
+def check_class_names(key: str, names: typing.Iterable[str]) -> None:
+    for name in names:
+        if name not in CLASSES:
+            raise ParamsError(f"{key}: unknown class name {name!r} (known: {', '.join(CLASSES)})")

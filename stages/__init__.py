@@ -1,0 +1,1 @@
+"""One module per pipeline stage; each is run by DVC as ``python -m stages.<name>``."""

@@ -1,0 +1,32 @@
+"""ingest: decode every raw image, crop the data bar, cache 8-bit PNGs, quarantine what cannot be read."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from emassist.ingest import run_ingest
+from emassist.settings import Params
+from emassist.stagerun import StageError, run_stage
+
+
+def main(params: Params) -> None:
+    raw_dir = Path(params.data.raw_dir)
+    if not raw_dir.is_dir():
+        raise StageError(f"{raw_dir} does not exist: run the acquire stage (dvc repro acquire) or dvc pull")
+    i = params.ingest
+    summary = run_ingest(
+        raw_dir,
+        Path(params.data.interim_dir),
+        classes=params.data.classes,
+        cache_size=i.cache_size,
+        max_pixels=i.max_pixels,
+        min_side=i.min_side,
+        crop_databar=i.crop_databar,
+        workers=i.workers,
+    )
+    print(summary)
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage("ingest", __doc__ or "", main))
