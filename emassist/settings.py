@@ -131,6 +131,115 @@ class SplitParams:
 
 
 @dataclass(frozen=True)
+class PolicyParams:
+    """Augmentation policy (fractions as in Keras' preprocessing layers), shared by offline and online use."""
+
+    rotation: float = 0.1
+    width_shift: float = 0.1
+    height_shift: float = 0.1
+    shear: float = 0.1
+    zoom: float = 0.1
+    flip: bool = True
+    brightness: float = 0.1
+    contrast: float = 0.1
+
+    def check(self, prefix: str = "augment.policy") -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, bool):
+                _fraction(f"{prefix}.{f.name}", value)
+
+    def as_dict(self) -> dict[str, float | bool]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    target_per_class: int = 100  # rare classes of the train split are grown to this many images
+    seed: int = 42
+    online: bool = True  # also apply the policy on the fly (Keras preprocessing layers) while training
+    policy: PolicyParams = field(default_factory=PolicyParams)
+
+    def check(self) -> None:
+        _at_least("augment.target_per_class", self.target_per_class, 0)
+        self.policy.check()
+
+
+OPTIMIZERS = ("rmsprop", "adam", "sgd")
+MODELS = ("simple_cnn", "compact_cnn", "xception")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    model: str = "simple_cnn"
+    image_size: int = 96
+    batch_size: int = 32
+    epochs: int = 10  # phase 1 (xception: head only, base frozen)
+    learning_rate: float = 0.001
+    optimizer: str = "adam"
+    dropout: float = 0.3
+    weights: str | None = None  # imagenet | path to a local weights file | null
+    finetune_epochs: int = 0  # phase 2 (xception only): top blocks unfrozen
+    finetune_learning_rate: float = 0.0001
+    finetune_blocks: int = 2
+    class_weights: bool = True  # balanced class weights
+    early_stopping_patience: int = 4
+    reduce_lr_patience: int = 2
+    reduce_lr_factor: float = 0.5
+    mixed_precision: bool = False
+    xla: bool = False
+    cache: bool = True
+    shuffle_buffer: int = 2048
+    seed: int = 42
+    work_pool: str | None = None  # Prefect work pool for the train step (e.g. gpu); null: run in-process
+
+    def check(self) -> None:
+        _one_of("train.model", self.model, MODELS)
+        _one_of("train.optimizer", self.optimizer, OPTIMIZERS)
+        _at_least("train.image_size", self.image_size, 16)
+        if self.model == "xception" and self.image_size < 71:
+            raise ParamsError(f"train.image_size: Xception needs at least 71 pixels, got {self.image_size}")
+        _at_least("train.batch_size", self.batch_size, 1)
+        _at_least("train.epochs", self.epochs, 1)
+        _at_least("train.finetune_epochs", self.finetune_epochs, 0)
+        _positive("train.learning_rate", self.learning_rate)
+        _positive("train.finetune_learning_rate", self.finetune_learning_rate)
+        _fraction("train.dropout", self.dropout)
+        if self.dropout >= 1:
+            raise ParamsError(f"train.dropout: must be below 1, got {self.dropout}")
+        _at_least("train.finetune_blocks", self.finetune_blocks, 0)
+        if self.finetune_blocks > 14:
+            raise ParamsError(f"train.finetune_blocks: Xception has 14 blocks, got {self.finetune_blocks}")
+        _at_least("train.early_stopping_patience", self.early_stopping_patience, 0)
+        _at_least("train.reduce_lr_patience", self.reduce_lr_patience, 0)
+        _fraction("train.reduce_lr_factor", self.reduce_lr_factor)
+        _at_least("train.shuffle_buffer", self.shuffle_buffer, 1)
+        if self.model != "xception" and self.weights is not None:
+            raise ParamsError(f"train.weights: {self.model} trains from scratch; set train.weights to null")
+        if self.weights not in (None, "imagenet") and not Path(self.weights).is_file():
+            raise ParamsError(
+                f"train.weights: weights file {self.weights!r} does not exist "
+                "(use imagenet, null, or the path of a local .h5 weights file)"
+            )
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI overrides this
+    experiment: str = "sem-classifier"
+    registered_model: str = "sem-classifier"
+
+    def check(self) -> None:
+        if not self.experiment.strip():
+            raise ParamsError("mlflow.experiment: must not be empty")
+        if not self.registered_model.strip():
+            raise ParamsError("mlflow.registered_model: must not be empty")
+
+    def resolved_tracking_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     demo: DemoParams = field(default_factory=DemoParams)
@@ -138,6 +247,9 @@ class Params:
     ingest: IngestParams = field(default_factory=IngestParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
     split: SplitParams = field(default_factory=SplitParams)
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
 
     def check(self) -> None:
         for f in dataclasses.fields(self):
@@ -183,7 +295,13 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for key in raw:
         if key not in names:
             raise ParamsError(f"{prefix}.{key}: unknown key (known: {', '.join(sorted(names))})")
-    values = {key: _coerce(f"{prefix}.{key}", hints[key], value) for key, value in raw.items()}
+    values = {}
+    for key, value in raw.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _build(hint, value or {}, f"{prefix}.{key}")
+        else:
+            values[key] = _coerce(f"{prefix}.{key}", hint, value)
     return cls(**values)
 
 

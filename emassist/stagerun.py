@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from emassist.dataset import DatasetError
 from emassist.settings import Params, ParamsError, load_params
 
 log = logging.getLogger("emassist")
@@ -32,7 +33,7 @@ def run_stage(name: str, description: str, body: Callable[[Params], None], argv:
     except ParamsError as exc:
         print(f"error: bad parameter in {args.params}: {exc}", file=sys.stderr)
         return 2
-    except (StageError, FileNotFoundError) as exc:
+    except (StageError, DatasetError, FileNotFoundError) as exc:
         print(f"error: stage '{name}' failed: {exc}", file=sys.stderr)
         return 1
     log.info("stage %s finished in %.1f s", name, time.perf_counter() - started)
