@@ -254,6 +254,11 @@ class Params:
     def check(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).check()
+        if self.ingest.cache_size < self.train.image_size:
+            raise ParamsError(
+                f"ingest.cache_size: {self.ingest.cache_size} is below train.image_size {self.train.image_size}; "
+                "the cached images would be upscaled"
+            )
 
 
 # --------------------------------------------------------------------------------------------- loading

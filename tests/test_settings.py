@@ -67,3 +67,10 @@ def test_stage_fails_before_work_with_bad_params(tmp_path: Path, monkeypatch: py
     assert run_stage("split", "", split.main, ["--params", str(path)]) == 2
     assert not called
     assert not (tmp_path / "data").exists()
+
+
+def test_gpu_profile_is_valid_and_uses_xception_with_imagenet() -> None:
+    params = load_params(REPO_ROOT / "profiles" / "gpu.yaml")
+    assert params.data.source == "nffa"
+    assert (params.train.model, params.train.image_size, params.train.weights) == ("xception", 299, "imagenet")
+    assert params.train.finetune_epochs > 0 and params.train.finetune_learning_rate < params.train.learning_rate

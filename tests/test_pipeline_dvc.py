@@ -1,0 +1,105 @@
+"""`dvc repro` end to end in a fresh copy of the repository, on tiny demo data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "demo": {"n_images": 120, "width": 96, "height": 96, "min_per_class": 8},
+    "ingest": {"cache_size": 48},
+    "validate": {"min_per_class": 5},
+    "augment": {"target_per_class": 8},
+    "train": {"model": "compact_cnn", "image_size": 32, "epochs": 2, "batch_size": 16},
+}
+
+
+OUTPUTS = ("data/", "dvc.lock", "models/", "reports/", "mlflow.db", "mlartifacts/", "bench/results")
+
+
+def _tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    return [line for line in out.splitlines() if line and not line.startswith(OUTPUTS)]
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    for rel in _tracked_files():
+        src = REPO_ROOT / rel
+        if src.is_file():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / rel)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"], cwd=root, check=True)
+    return root
+
+
+def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    site = root / ".dvc" / "site"
+    site.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "dvc", "config", "--local", "core.site_cache_dir", str(site)],
+                   cwd=root, env=env, check=True)  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+
+
+def test_repro_builds_everything_then_does_nothing(repo_copy: Path) -> None:
+    first = _dvc(repo_copy, "repro")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for stage in ("acquire", "ingest", "validate", "split", "augment", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in first.stdout, stage
+    manifest = pd.read_parquet(repo_copy / "data/interim/manifest.parquet")
+    rejected = pd.read_csv(repo_copy / "data/interim/rejected.csv")
+    raw_files = [p for p in (repo_copy / "data/raw").rglob("*") if p.is_file()]
+    assert len(manifest) + len(rejected) == len(raw_files) == 120
+    splits = {s: pd.read_csv(repo_copy / f"data/splits/{s}.csv") for s in ("train", "val", "test")}
+    assert sum(len(f) for f in splits.values()) == manifest["sha256"].nunique()
+    metrics = json.loads((repo_copy / "reports/metrics.json").read_text())
+    assert 0 <= metrics["macro_f1"] <= 1 and metrics["n"] == len(splits["test"])
+    assert (repo_copy / "models/model.keras").is_file()
+
+    second = _dvc(repo_copy, "repro")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "Running stage" not in second.stdout, second.stdout
+
+
+def test_changing_a_train_param_reruns_only_train_and_evaluate(repo_copy: Path) -> None:
+    if not (repo_copy / "models/model.keras").is_file():
+        pytest.skip("needs the first repro")
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["train"]["epochs"] = 1
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run = _dvc(repo_copy, "repro")
+    assert run.returncode == 0, run.stderr[-2000:]
+    ran = {line.split("'")[1] for line in run.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train", "evaluate"}, run.stdout
+
+
+def test_bad_param_stops_repro_naming_the_key(repo_copy: Path) -> None:
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["split"]["train"] = -0.5
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run = _dvc(repo_copy, "repro", "split")
+    assert run.returncode != 0
+    assert "split.train" in run.stdout + run.stderr
