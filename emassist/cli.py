@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("targets", nargs="*", help="stages to rebuild (default: all)")
     p.set_defaults(func=_cmd_repro)
+
+    from emassist.cli_models import add_commands
+
+    add_commands(sub)
     return parser  # fmt: skip
 
 

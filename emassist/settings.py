@@ -228,8 +228,10 @@ class MlflowParams:
     tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI overrides this
     experiment: str = "sem-classifier"
     registered_model: str = "sem-classifier"
+    promotion_margin: float = 0.0  # challenger's test macro-F1 must beat the champion's by more than this
 
     def check(self) -> None:
+        _fraction("mlflow.promotion_margin", self.promotion_margin)
         if not self.experiment.strip():
             raise ParamsError("mlflow.experiment: must not be empty")
         if not self.registered_model.strip():

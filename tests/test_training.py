@@ -163,4 +163,4 @@ def test_train_stage_cli_reports_missing_split(project: Path, capsys: pytest.Cap
 
 def test_params_round_trip_of_repo_defaults() -> None:
     params = load_params(REPO_ROOT / "params.yaml")
-    assert dataclasses.asdict(params)["train"]["model"] in ("simple_cnn", "xception")
+    assert dataclasses.asdict(params)["train"]["model"] in ("simple_cnn", "compact_cnn", "xception")

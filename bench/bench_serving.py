@@ -1,0 +1,299 @@
+"""Serving benchmark: `mlflow models serve` against the same model's in-process pyfunc predict (the floor).
+
+    python bench/bench_serving.py            # models/model.keras if present, else a small stand-in CNN
+    python bench/bench_serving.py --help
+
+Registers the model in a throw-away MLflow store (sqlite in a temp folder; nothing is trained, the project's
+tracking store is not touched), starts `mlflow models serve -m models:/bench@champion --env-manager local` on
+127.0.0.1 and measures, on the same PNG images:
+
+* single-image latency p50/p95 (one image per request / per predict call), and
+* throughput (images/s) for batches of 1, 8 and 32 images per request,
+
+each repeated ``--runs`` times, served and in-process calls taking turns (load from elsewhere hits both alike);
+the table shows medians over the runs. Served latency includes the client's JSON encoding and the HTTP round
+trip, as a real client sees it. Goal: served p50 <= 1.5 x in-process p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+NAME = "bench"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------- model + images
+
+
+def stand_in_model(path: Path, image_size: int, n_classes: int) -> Path:
+    """A small CNN of about the project's simple_cnn's size (used when models/model.keras does not exist)."""
+    import keras
+
+    try:
+        from emassist.models import build_model  # type: ignore[import-not-found]
+
+        model = build_model("simple_cnn", num_classes=n_classes, image_size=image_size, weights=None, dropout=0.3)
+    except Exception:
+        layers = keras.layers
+        inp = keras.Input((image_size, image_size, 3))
+        x = layers.Rescaling(1.0 / 255)(inp)
+        for filters in (32, 64, 128):
+            x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+            x = layers.BatchNormalization()(x)
+            x = layers.MaxPooling2D()(x)
+        x = layers.GlobalAveragePooling2D()(x)
+        x = layers.Dropout(0.3)(x)
+        model = keras.Model(inp, layers.Dense(n_classes, activation="softmax")(x))
+    model.save(path)
+    return path
+
+
+def make_images(n: int, side: int, seed: int = 0) -> list[str]:
+    """Base64 PNGs of SEM-like noise (grey texture plus a dark data bar at the bottom)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        img = rng.normal(120, 40, (side, side)).clip(0, 255).astype(np.uint8)
+        bar = max(8, side // 12)
+        img[-bar:] = 0
+        img[-bar + 3 : -3, 10 : side // 3] = 255  # "text"
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def model_server(model_uri: str, tracking_uri: str, log_file: Path, workers: int) -> Iterator[str]:
+    import requests
+
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, TF_CPP_MIN_LOG_LEVEL="2")
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # mlflow starts uvicorn through bash
+    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]  # fmt: skip
+    with open(log_file, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow models serve exited ({proc.returncode}):\n{log_file.read_text()[-2000:]}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not up in 240 s:\n{log_file.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------------- measuring
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def measure_pair(
+    served: Callable[[list[str]], Any],
+    local: Callable[[list[str]], Any],
+    images: list[str],
+    *,
+    latency_calls: int,
+    batches: Sequence[int],
+    images_per: int,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """One run for both paths, call by call in turns (so that load from elsewhere hits both alike).
+
+    Returns (served, in-process): single-image latency percentiles (ms) and throughput per batch size (img/s).
+    """
+    fns = {"served": served, "local": local}
+    lat: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(latency_calls):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn([images[i % len(images)]])
+            lat[name].append(time.perf_counter() - t0)
+    out = {k: {"p50_ms": 1000 * percentile(v, 50), "p95_ms": 1000 * percentile(v, 95)} for k, v in lat.items()}
+    for b in batches:
+        calls = max(2, images_per // b)
+        spent = dict.fromkeys(fns, 0.0)
+        for c in range(calls):
+            batch = [images[(c * b + k) % len(images)] for k in range(b)]
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(batch)
+                spent[name] += time.perf_counter() - t0
+        for name in fns:
+            out[name][f"tput_{b}"] = calls * b / spent[name]
+    return out["served"], out["local"]
+
+
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def table(served: dict[str, float], local: dict[str, float], batches: Sequence[int], info: str) -> str:
+    lines = [
+        f"Serving benchmark ({info})",
+        "",
+        "| metric | `mlflow models serve` | in-process pyfunc (floor) | served / in-process |",
+        "|---|---:|---:|---:|",
+        f"| single image p50 (ms) | {served['p50_ms']:.1f} | {local['p50_ms']:.1f} | "
+        f"{served['p50_ms'] / local['p50_ms']:.2f}x |",
+        f"| single image p95 (ms) | {served['p95_ms']:.1f} | {local['p95_ms']:.1f} | "
+        f"{served['p95_ms'] / local['p95_ms']:.2f}x |",
+    ]
+    for b in batches:
+        s, floor = served[f"tput_{b}"], local[f"tput_{b}"]
+        lines.append(f"| throughput, batch {b} (img/s) | {s:.1f} | {floor:.1f} | {s / floor:.2f}x |")
+    ratio = served["p50_ms"] / local["p50_ms"]
+    lines += ["", f"Goal served p50 <= 1.5 x in-process: {'met' if ratio <= 1.5 else 'NOT met'} ({ratio:.2f}x)."]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python bench/bench_serving.py",
+        description=(__doc__ or "").split("\n\n")[0],
+        epilog="Prints a Markdown table (stdout); progress goes to stderr.",
+    )
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument(
+        "--model", type=Path, default=REPO / "models" / "model.keras",
+        help="Keras serving copy to benchmark (default: %(default)s; a stand-in CNN when it does not exist)",
+    )  # fmt: skip
+    parser.add_argument("--runs", type=int, default=5, help="repetitions; medians are reported (default: 5)")
+    parser.add_argument("--latency-calls", type=int, default=40, help="single-image calls per run (default: 40)")
+    parser.add_argument("--batches", default="1,8,32", help="batch sizes for throughput (default: 1,8,32)")
+    parser.add_argument("--images-per-batch-size", type=int, default=64, help="images sent per batch size and run")
+    parser.add_argument("--side", type=int, default=256, help="side of the test PNGs in pixels (default: 256)")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers of the server (default: 1)")
+    parser.add_argument("--json", type=Path, help="also write the raw medians here")
+    args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    import mlflow
+    import requests
+
+    from emassist import registry
+    from emassist.settings import load_params, params_from_dict
+
+    base = load_params(args.params) if args.params.is_file() else params_from_dict({})
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp_name:
+        tmp = Path(tmp_name)
+        tracking_uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        raw = {
+            "data": {"classes": list(base.data.classes), "splits_dir": str(tmp / "no-splits")},
+            "ingest": {k: getattr(base.ingest, k) for k in ("cache_size", "max_pixels", "min_side", "crop_databar")},
+            "train": {"image_size": base.train.image_size},
+            "mlflow": {"experiment": NAME, "registered_model": NAME},
+        }
+        params = params_from_dict(raw)
+        if args.model.is_file():
+            model_file, what = args.model, f"{args.model.name}"
+        else:
+            model_file = stand_in_model(tmp / "model.keras", base.train.image_size, len(base.data.classes))
+            what = "stand-in CNN (no models/model.keras)"
+        log(f"registering {model_file} in a temporary store ...")
+        from emassist.tracking import setup_mlflow
+
+        setup_mlflow(params)
+        with mlflow.start_run() as run:
+            mlflow.log_metric("test_macro_f1", 0.0)
+        mv = registry.log_and_register(params, run.info.run_id, model_file=model_file)
+        registry.promote(NAME, mv.version, client=mlflow.MlflowClient())
+        uri = f"models:/{NAME}@champion"
+        images = make_images(64, args.side)
+        local_model = mlflow.pyfunc.load_model(uri)
+
+        def local_predict(batch: list[str]) -> Any:
+            return local_model.predict(pd.DataFrame({"image": batch}))
+
+        log("starting mlflow models serve ...")
+        with model_server(uri, tracking_uri, tmp / "serve.log", args.workers) as url, requests.Session() as session:
+
+            def served_predict(batch: list[str]) -> Any:
+                body = {"dataframe_split": {"columns": ["image"], "data": [[b] for b in batch]}}
+                r = session.post(f"{url}/invocations", json=body, timeout=120)
+                r.raise_for_status()
+                return r.json()
+
+            for fn in (served_predict, local_predict):  # warm-up: first requests, every batch shape
+                for b in (1, *batches):
+                    fn(images[:b])
+            served_runs, local_runs = [], []
+            for i in range(args.runs):
+                log(f"run {i + 1}/{args.runs}")
+                one_served, one_local = measure_pair(
+                    served_predict,
+                    local_predict,
+                    images,
+                    latency_calls=args.latency_calls,
+                    batches=batches,
+                    images_per=args.images_per_batch_size,
+                )
+                served_runs.append(one_served)
+                local_runs.append(one_local)
+        served, local = median_of(served_runs), median_of(local_runs)
+        info = (
+            f"{what}, input {base.train.image_size}px, {len(base.data.classes)} classes; {args.side}x{args.side} PNGs; "
+            f"{os.cpu_count()} CPUs; median of {args.runs} runs"
+        )
+        print(table(served, local, batches, info))
+        if args.json:
+            args.json.write_text(json.dumps({"served": served, "in_process": local, "info": info}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
