@@ -20,7 +20,7 @@ from emassist.models import (  # noqa: E402
     set_phase,
 )
 
-SIZES = {"simple_cnn": 32, "xception": 71}  # the smallest sizes worth building
+SIZES = {"simple_cnn": 32, "compact_cnn": 32, "xception": 71}  # the smallest sizes worth building
 POLICY: dict[str, float | bool] = {
     "rotation": 0.1,
     "width_shift": 0.1,
@@ -191,7 +191,7 @@ def test_xception_weights_from_local_file(filename: str, tmp_path: Path) -> None
 
 
 def test_bad_params_name_the_param(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"train\.model.*simple_cnn, xception"):
+    with pytest.raises(ValueError, match=r"train\.model.*simple_cnn, compact_cnn, xception"):
         build_model("resnet", num_classes=3, image_size=71)
     with pytest.raises(ValueError, match=r"train\.weights"):
         build_model("simple_cnn", num_classes=3, image_size=32, weights="imagenet")

@@ -64,6 +64,6 @@ def test_dataset_uses_the_shared_function(monkeypatch) -> None:
         return original(gray, image_size)
 
     monkeypatch.setattr(dataset, "to_model_input", spy)
-    split = dataset.SplitData("x", [], np.zeros(0, dtype=np.int32))
+    split = dataset.SplitData("x", ["never-read.png"], np.zeros(1, dtype=np.int32))
     dataset.make_dataset(split, image_size=40, batch_size=2, training=False)
     assert calls == [40]
