@@ -13,19 +13,10 @@ from emassist.settings import ParamsError, load_params
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from emassist.demo import generate_demo
+    from stages.acquire import generate
 
-    d = load_params(args.params).demo
-    counts = generate_demo(
-        args.out,
-        n_images=args.n or d.n_images,
-        width=args.width or d.width,
-        height=args.height or d.height,
-        seed=d.seed if args.seed is None else args.seed,
-        min_per_class=d.min_per_class,
-        tif_fraction=d.tif_fraction,
-        databar_fraction=d.databar_fraction,
-    )
+    counts = generate(load_params(args.params), args.out, n_images=args.n, width=args.width, height=args.height,
+                      seed=args.seed)  # fmt: skip
     print(f"wrote {sum(counts.values())} images to {args.out}")
     for name, n in counts.items():
         print(f"  {name:<30} {n:>6}")
@@ -33,38 +24,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
-    from emassist.fetch import fetch_nffa
+    from stages.acquire import fetch
 
-    params = load_params(args.params)
-    n = params.nffa
-    report = fetch_nffa(
-        args.out,
-        base_url=n.base_url,
-        download_dir=Path(n.download_dir),
-        classes=args.classes or params.data.classes,
-        retries=n.retries,
-        timeout_s=n.timeout_s,
-    )
-    print(report)
+    print(fetch(load_params(args.params), args.out, args.classes).summary())
     return 0
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from emassist.ingest import run_ingest
+    from stages.ingest import ingest
 
-    params = load_params(args.params)
-    i = params.ingest
-    summary = run_ingest(
-        args.raw,
-        args.out,
-        classes=params.data.classes,
-        cache_size=i.cache_size,
-        max_pixels=i.max_pixels,
-        min_side=i.min_side,
-        crop_databar=i.crop_databar,
-        workers=i.workers,
-    )
-    print(summary)
+    print(ingest(load_params(args.params), args.raw, args.out))
     return 0
 
 
@@ -134,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParamsError as exc:
         print(f"error: bad parameter in {args.params}: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

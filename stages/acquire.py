@@ -3,42 +3,54 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from emassist.settings import Params
 from emassist.stagerun import run_stage
 
 
+def generate(params: Params, out_dir: Path, **overrides: Any) -> dict[str, int]:
+    """Demo images from ``params.demo``; keyword overrides (n_images, width, height, seed) win."""
+    from emassist.demo import generate_demo
+
+    d = params.demo
+    settings = {
+        "n_images": d.n_images,
+        "width": d.width,
+        "height": d.height,
+        "seed": d.seed,
+        "min_per_class": d.min_per_class,
+        "tif_fraction": d.tif_fraction,
+        "databar_fraction": d.databar_fraction,
+    }
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return generate_demo(out_dir, **settings)
+
+
+def fetch(params: Params, out_dir: Path, classes: Sequence[str] | None = None) -> Any:
+    """The real dataset per ``params.nffa`` (resumable, MD5-verified, safely extracted)."""
+    from emassist.fetch import fetch_nffa
+
+    n = params.nffa
+    return fetch_nffa(
+        out_dir,
+        base_url=n.base_url,
+        download_dir=Path(n.download_dir),
+        classes=tuple(classes or params.data.classes),
+        retries=n.retries,
+        timeout_s=n.timeout_s,
+    )
+
+
 def main(params: Params) -> None:
     raw_dir = Path(params.data.raw_dir)
     if params.data.source == "demo":
-        from emassist.demo import generate_demo
-
-        d = params.demo
-        counts = generate_demo(
-            raw_dir,
-            n_images=d.n_images,
-            width=d.width,
-            height=d.height,
-            seed=d.seed,
-            min_per_class=d.min_per_class,
-            tif_fraction=d.tif_fraction,
-            databar_fraction=d.databar_fraction,
-        )
+        counts = generate(params, raw_dir)
         print(f"generated {sum(counts.values())} demo images in {raw_dir}: {counts}")
     else:
-        from emassist.fetch import fetch_nffa
-
-        n = params.nffa
-        report = fetch_nffa(
-            raw_dir,
-            base_url=n.base_url,
-            download_dir=Path(n.download_dir),
-            classes=params.data.classes,
-            retries=n.retries,
-            timeout_s=n.timeout_s,
-        )
-        print(report)
+        print(fetch(params, raw_dir).summary())
 
 
 if __name__ == "__main__":

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from emassist.ingest import run_ingest
 from emassist.settings import Params
 from emassist.stagerun import StageError, run_stage
 
 
-def main(params: Params) -> None:
-    raw_dir = Path(params.data.raw_dir)
+def ingest(params: Params, raw_dir: Path, out_dir: Path) -> Any:
     if not raw_dir.is_dir():
         raise StageError(f"{raw_dir} does not exist: run the acquire stage (dvc repro acquire) or dvc pull")
     i = params.ingest
-    summary = run_ingest(
+    return run_ingest(
         raw_dir,
-        Path(params.data.interim_dir),
+        out_dir,
         classes=params.data.classes,
         cache_size=i.cache_size,
         max_pixels=i.max_pixels,
@@ -25,7 +25,10 @@ def main(params: Params) -> None:
         crop_databar=i.crop_databar,
         workers=i.workers,
     )
-    print(summary)
+
+
+def main(params: Params) -> None:
+    print(ingest(params, Path(params.data.raw_dir), Path(params.data.interim_dir)))
 
 
 if __name__ == "__main__":
