@@ -143,7 +143,7 @@ def train(params: Params) -> TrainResult:
             )
             mlflow.log_params({f"{phase}.trainable_params": trainable, f"{phase}.frozen_params": frozen})
             fit = model.fit(
-                train_ds, validation_data=val_ds, epochs=epochs, class_weight=weights,
+                train_ds, validation_data=val_ds, epochs=epochs, class_weight=weights, shuffle=False,
                 callbacks=_callbacks(params, offset), verbose=verbose,
             )  # fmt: skip
             ran = len(fit.history.get("loss", []))
