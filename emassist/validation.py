@@ -18,12 +18,8 @@ from typing import Any
 import pandas as pd
 
 from emassist.atomic import atomic_open, atomic_path
+from emassist.ingest import MANIFEST_COLUMNS  # the schema ingest writes is the schema checked here
 
-MANIFEST_COLUMNS: tuple[str, ...] = (
-    "sha256", "source_path", "label", "image_path", "width", "height", "mode", "bit_depth",
-    "file_size", "format", "n_frames", "databar_rows", "notes", "dhash", "instrument",
-    "pixel_size_nm", "magnification", "hv_kv", "wd_mm",
-)  # fmt: skip
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "sha256", "source_path", "label", "image_path", "width", "height", "mode", "bit_depth",
     "file_size", "format", "dhash",
