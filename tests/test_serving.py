@@ -11,11 +11,7 @@ import base64
 import contextlib
 import io
 import os
-import signal
-import socket
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -32,91 +28,10 @@ pytest.importorskip("keras")
 
 pytestmark = pytest.mark.slow
 
-VENV_BIN = Path(sys.executable).parent
+from tests.servers import mlflow_tracking_server, model_server  # noqa: E402
+
 CLASSES = ["Fibres", "Particles", "Tips"]
 MODEL_NAME = "sem-test"
-
-
-# --------------------------------------------------------------------------------------------- helpers (shared)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def server_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    # `mlflow models serve` starts uvicorn through `bash -c`: the venv's bin must be on PATH.
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.update(extra)
-    return env
-
-
-def start_process(cmd: list[str], log_file: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    with open(log_file, "wb") as fh:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """Stop the process and its whole process group (uvicorn workers, job runners)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers in the group
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(5)
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes], log_file: Path, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {proc.returncode}:\n{log_file.read_text()[-3000:]}")
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not up after {timeout:.0f} s:\n{log_file.read_text()[-3000:]}")
-
-
-@contextlib.contextmanager
-def mlflow_tracking_server(tmp: Path) -> Iterator[str]:
-    port = free_port()
-    cmd = [
-        str(VENV_BIN / "mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-        "--artifacts-destination", str(tmp / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    log_file = tmp / "mlflow-server.log"
-    proc = start_process(cmd, log_file, server_env())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", proc, log_file)
-        yield url
-    finally:
-        stop_process(proc)
-
-
-@contextlib.contextmanager
-def model_server(model_uri: str, tracking_uri: str, tmp: Path) -> Iterator[str]:
-    port = free_port()
-    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
-    log_file = tmp / f"models-serve-{port}.log"
-    proc = start_process(cmd, log_file, server_env(MLFLOW_TRACKING_URI=tracking_uri))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/ping", proc, log_file)
-        yield url
-    finally:
-        stop_process(proc)
 
 
 @contextlib.contextmanager
