@@ -80,21 +80,21 @@ def check_work_pool(pool: str) -> None:
                 f"{', '.join(names) or 'none'}); create it with `prefect work-pool create {pool} --type process`"
             ) from exc
         try:
-            client.read_deployment_by_name(TRAIN_DEPLOYMENT)
+            deployment = client.read_deployment_by_name(TRAIN_DEPLOYMENT)
         except ObjectNotFound as exc:
             raise OrchestrationError(
                 f"deployment {TRAIN_DEPLOYMENT!r} not found: deploy it with `python -m pipelines.deploy` "
                 "(or `prefect deploy --all`)"
             ) from exc
+    if deployment.work_pool_name != pool:
+        raise OrchestrationError(
+            f"deployment {TRAIN_DEPLOYMENT!r} runs on work pool {deployment.work_pool_name!r}, but train.work_pool is "
+            f"{pool!r}: redeploy with `python -m pipelines.deploy`"
+        )
 
 
 def check_dispatch(params: Params, params_path: Path) -> None:
     """What sending the train step to a work pool needs beside the pool itself."""
-    if not prefect_api_url():
-        raise OrchestrationError(
-            f"train.work_pool is {params.train.work_pool!r} but no Prefect server is configured: set PREFECT_API_URL "
-            "(workers only see a real server) or set train.work_pool to null to train in-process"
-        )
     uri = params.mlflow.resolved_tracking_uri()
     if not is_remote_tracking(uri):
         raise OrchestrationError(
@@ -114,5 +114,10 @@ def preflight(params: Params, params_path: Path) -> None:
     check_prefect_api(timeout)
     check_mlflow(params, timeout)
     if params.train.work_pool:
-        check_dispatch(params, params_path)
+        if not prefect_api_url():
+            raise OrchestrationError(
+                f"train.work_pool is {params.train.work_pool!r} but no Prefect server is configured: set "
+                "PREFECT_API_URL (workers only see a real server) or set train.work_pool to null to train in-process"
+            )
         check_work_pool(params.train.work_pool)
+        check_dispatch(params, params_path)
