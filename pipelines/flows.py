@@ -171,7 +171,7 @@ def fetch_task(params: Params, train_flow_run_id: str) -> str:
     import mlflow
 
     from emassist.tracking import setup_mlflow
-    from emassist.training import HISTORY_FILE, MODEL_FILE
+    from emassist.training import CURVES_FILE, HISTORY_FILE, MODEL_FILE
 
     faults.maybe_fail("fetch-training")
     uri = setup_mlflow(params)
@@ -185,7 +185,9 @@ def fetch_task(params: Params, train_flow_run_id: str) -> str:
     run_id = runs[0].info.run_id
     MODEL_FILE.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="emassist-fetch-") as tmp:
-        for artifact, target in (("model/model.keras", MODEL_FILE), ("history.json", HISTORY_FILE)):
+        wanted = (("model/model.keras", MODEL_FILE), ("history.json", HISTORY_FILE), ("plots/training_curves.png",
+                  CURVES_FILE))  # fmt: skip
+        for artifact, target in wanted:
             local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=tmp)
             shutil.move(local, target)
     RUN_FILE.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}, indent=2))

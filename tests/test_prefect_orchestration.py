@@ -131,9 +131,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         orchestrator = _copy_repo(tmp / "orchestrator", tiny_params(), remote)
         worker = _copy_repo(tmp / "gpu-worker", tiny_params(), remote)
         s = Stack(tmp, prefect_url, mlflow_url, orchestrator, worker, remote, env, logs)
-        for pool in ("cpu", "gpu"):
-            done = s.run(str(VENV_BIN / "prefect"), "work-pool", "create", pool, "--type", "process")
-            assert done.returncode == 0, done.stdout + done.stderr
+        from prefect.client.schemas.actions import WorkPoolCreate
+        from prefect.workers.process import ProcessWorker
+
+        with _client(s) as client:  # what `prefect work-pool create NAME --type process` does
+            for pool in ("cpu", "gpu"):
+                template = ProcessWorker.get_default_base_job_template()
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
         done = s.run(sys.executable, "-m", "pipelines.deploy")
         assert done.returncode == 0, done.stdout + done.stderr
         for pool, checkout in (("cpu", orchestrator), ("gpu", worker)):
@@ -274,7 +278,7 @@ def test_pipeline_trains_on_gpu_pool_and_registers(stack: Stack) -> None:
     keys = {a.key for a in artifacts if a.flow_run_id == flow_run.id}
     assert {"test-metrics", "validation-summary", "registry-decision", "mlflow-run"} <= keys
     link = next(a for a in artifacts if a.key == "mlflow-run" and a.flow_run_id == flow_run.id)
-    assert run.info.run_id in link.data and link.data.startswith(stack.mlflow_url)
+    assert f"({stack.mlflow_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id})" in link.data
 
 
 def test_step_that_keeps_failing_fails_the_flow_run(stack: Stack) -> None:
