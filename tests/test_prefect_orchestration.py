@@ -110,7 +110,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     remote = tmp / "dvc-remote"  # outside both copies: the only way data travels between them
     remote.mkdir()
     with contextlib.ExitStack() as stack:
-        mlflow_url = stack.enter_context(mlflow_tracking_server(tmp))
         port = free_port()
         prefect_url = f"http://127.0.0.1:{port}/api"
         env = server_env(
@@ -118,14 +117,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             PREFECT_API_URL=prefect_url,
             PREFECT_WORKER_QUERY_SECONDS="1",
-            MLFLOW_TRACKING_URI=mlflow_url,
             GIT_PYTHON_REFRESH="quiet",
         )
         env.pop("EMASSIST_FAULTS", None)
+        env.pop("MLFLOW_TRACKING_URI", None)
         logs = {"prefect-server": tmp / "prefect-server.log"}
         server = start_process([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
                                 str(port)], logs["prefect-server"], env)  # fmt: skip
         stack.callback(stop_process, server)
+        mlflow_url = stack.enter_context(mlflow_tracking_server(tmp))  # starts while Prefect's server migrates
+        env["MLFLOW_TRACKING_URI"] = mlflow_url
         wait_http(f"{prefect_url}/health", server, logs["prefect-server"])
 
         orchestrator = _copy_repo(tmp / "orchestrator", tiny_params(), remote)
@@ -282,12 +283,13 @@ def test_pipeline_trains_on_gpu_pool_and_registers(stack: Stack) -> None:
 
 
 def test_step_that_keeps_failing_fails_the_flow_run(stack: Stack) -> None:
+    """The scheduled retraining deployment, run now, with its data refresh failing on every attempt."""
     before = len(_model_versions(stack))
     params = tiny_params(data={"raw_dir": "data/raw-new"}, train={**TINY["train"], "work_pool": None})
     (stack.orchestrator / "fault.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     flow_run = _run_deployment(
         stack,
-        "sem-pipeline/pipeline",
+        "sem-retrain/retrain",
         parameters={"params_path": "fault.yaml"},
         job_variables={"env": {"EMASSIST_FAULTS": "acquire=always"}},
     )
@@ -300,6 +302,7 @@ def test_step_that_keeps_failing_fails_the_flow_run(stack: Stack) -> None:
 
 
 def test_deployment_run_with_unknown_pool_fails_in_preflight(stack: Stack) -> None:
+    before = len(_model_versions(stack))
     params = tiny_params(train={**TINY["train"], "work_pool": "no-such-pool"})
     (stack.orchestrator / "nopool.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     flow_run = _run_deployment(stack, "sem-pipeline/pipeline", timeout=120, parameters={"params_path": "nopool.yaml"})
@@ -308,6 +311,7 @@ def test_deployment_run_with_unknown_pool_fails_in_preflight(stack: Stack) -> No
     assert "no-such-pool" in (flow_run.state.message or "") + logs
     tasks = {t.name.rsplit("-", 1)[0]: t for t in _task_runs(stack, flow_run.id)}
     assert tasks["preflight"].run_count == 1 and set(tasks) == {"preflight"}  # not retried, nothing else ran
+    assert len(_model_versions(stack)) == before  # nothing registered
 
 
 # --------------------------------------------------------------------------------------------- bad inputs
