@@ -260,6 +260,8 @@ def pipeline_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     create_markdown_artifact(artifacts.metrics_markdown(metrics), key="test-metrics",
                              description="Held-out test metrics (reports/metrics.json)")  # fmt: skip
 
+    # A retry helps when the registry was unreachable before registering; one that fails after the version was
+    # created registers the model again (a new version that becomes challenger; the gate still decides champion).
     stage_task.with_options(name="register", **retried)("register", params)
     registry = artifacts.read_json(stages.register.REPORT)
     create_markdown_artifact(artifacts.registry_markdown(registry), key="registry-decision",
