@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -242,6 +243,35 @@ class MlflowParams:
 
 
 @dataclass(frozen=True)
+class OrchestrationParams:
+    """Prefect: deployments, schedules and how long to wait (pipelines/)."""
+
+    retrain_cron: str = "0 3 * * 1"  # scheduled retraining (weekly, Monday 03:00)
+    timezone: str = "UTC"
+    pipeline_pool: str = "cpu"  # process work pool that runs the pipeline and retraining deployments
+    retries: int = 2  # retries of the steps where a retry can help (acquire, DVC push/pull, dispatch, register)
+    retry_delay_s: float = 10.0
+    train_timeout_s: float = 21600.0  # how long the pipeline waits for a training sent to train.work_pool
+    connect_timeout_s: float = 5.0  # reachability checks of the Prefect API and the MLflow server
+
+    def check(self) -> None:
+        fields = self.retrain_cron.split()
+        if len(fields) != 5 or not all(re.fullmatch(r"[0-9A-Za-z*/,\-?]+", f) for f in fields):
+            raise ParamsError(
+                f"orchestration.retrain_cron: need a 5-field cron expression (minute hour day month weekday), "
+                f"got {self.retrain_cron!r}"
+            )
+        if not self.pipeline_pool.strip():
+            raise ParamsError("orchestration.pipeline_pool: must not be empty")
+        if not self.timezone.strip():
+            raise ParamsError("orchestration.timezone: must not be empty")
+        _at_least("orchestration.retries", self.retries, 0)
+        _at_least("orchestration.retry_delay_s", self.retry_delay_s, 0)
+        _positive("orchestration.train_timeout_s", self.train_timeout_s)
+        _positive("orchestration.connect_timeout_s", self.connect_timeout_s)
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     demo: DemoParams = field(default_factory=DemoParams)
@@ -252,6 +282,7 @@ class Params:
     augment: AugmentParams = field(default_factory=AugmentParams)
     train: TrainParams = field(default_factory=TrainParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
+    orchestration: OrchestrationParams = field(default_factory=OrchestrationParams)
 
     def check(self) -> None:
         for f in dataclasses.fields(self):

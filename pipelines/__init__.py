@@ -1,1 +1,1 @@
-"""Prefect flows that run the same stage code as dvc.yaml (issue 5: not built yet)."""
+"""Prefect flows that run the same stage code as dvc.yaml, their deployments and preflight checks."""

@@ -1,0 +1,357 @@
+"""Prefect flows over the DVC stages: the same ``stages/<name>.py`` ``main(params)`` that ``dvc repro`` runs.
+
+* ``sem-pipeline`` (:func:`pipeline_flow`): acquire (only when the raw data is missing) → ingest → validate → split
+  → augment → train → evaluate → register. Each step is a task with logs; steps where a retry can help (acquire,
+  DVC push/pull, dispatch, fetching from MLflow, register) are retried ``orchestration.retries`` times, a
+  deterministic failure (bad params, a stage refusing its input) is not. Artifacts: validation summary, metrics
+  table, registry decision and a link to the MLflow run.
+* ``sem-train`` (:func:`train_flow`): the train step alone, run by a worker of ``train.work_pool`` in the worker's
+  own checkout. It pulls its inputs from the DVC remote, trains, and hands the model back through MLflow.
+* ``sem-retrain`` (:func:`retrain_flow`): refresh the raw data (``dvc pull`` or the acquire stage), then the whole
+  pipeline; the registry's gate decides whether the new model becomes champion. Deployed on a cron from params.
+
+Run locally, no setup (Prefect starts a temporary server): ``python -m pipelines.flows [--params params.yaml]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# A temporary local server (no PREFECT_API_URL) runs its database migrations on first start: on a busy small machine
+# that takes longer than Prefect's default 20 s.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+# The stage modules are imported here, while Prefect has the flow's working directory on sys.path, so that a worker
+# runs the stage code of its own checkout.
+import stages.acquire
+import stages.augment
+import stages.evaluate
+import stages.ingest
+import stages.register
+import stages.split
+import stages.train
+import stages.validate
+from emassist.dataset import DatasetError
+from emassist.registry import RegistryError
+from emassist.settings import Params, ParamsError, load_params, params_from_dict
+from emassist.stagerun import StageError
+from pipelines import artifacts, dvc_io, faults
+from pipelines.preflight import (
+    TRAIN_DEPLOYMENT,
+    OrchestrationError,
+    check_mlflow,
+    is_remote_tracking,
+    preflight,
+)
+
+STAGES = {
+    "acquire": stages.acquire.main,
+    "ingest": stages.ingest.main,
+    "validate": stages.validate.main,
+    "split": stages.split.main,
+    "augment": stages.augment.main,
+    "train": stages.train.main,
+    "evaluate": stages.evaluate.main,
+    "register": stages.register.main,
+}
+#: Failures a retry cannot fix: bad params, a stage refusing its input, a missing file, a registry refusal.
+DETERMINISTIC = (ParamsError, StageError, DatasetError, FileNotFoundError, OrchestrationError, RegistryError)
+RUN_FILE = Path("models/run.json")
+
+
+def _retry_helps(task: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except DETERMINISTIC:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+def _retried(params: Params) -> dict[str, Any]:
+    o = params.orchestration
+    return {"retries": o.retries, "retry_delay_seconds": o.retry_delay_s, "retry_condition_fn": _retry_helps}
+
+
+# --------------------------------------------------------------------------------------------- tasks
+
+
+@task(name="preflight", cache_policy=NO_CACHE)
+def preflight_task(params: Params, params_path: str) -> None:
+    faults.maybe_fail("preflight")
+    preflight(params, Path(params_path))
+    get_run_logger().info(
+        "preflight ok: MLflow %s, train %s",
+        params.mlflow.resolved_tracking_uri(),
+        f"on work pool {params.train.work_pool!r}" if params.train.work_pool else "in-process",
+    )
+
+
+@task(name="stage", cache_policy=NO_CACHE)
+def stage_task(name: str, params: Params) -> None:
+    """One DVC stage: exactly what ``python -m stages.<name>`` runs."""
+    faults.maybe_fail(name)
+    get_run_logger().info("stage %s in %s", name, Path.cwd())
+    STAGES[name](params)
+
+
+@task(name="dvc-commit", cache_policy=NO_CACHE)
+def record_task(stage_names: list[str]) -> None:
+    """Record the stages' outputs in dvc.lock and the DVC cache, as ``dvc repro`` does after each stage."""
+    dvc_io.record(stage_names)
+    get_run_logger().info("recorded %s in dvc.lock", ", ".join(stage_names))
+
+
+@task(name="dvc-push", cache_policy=NO_CACHE)
+def push_task() -> None:
+    faults.maybe_fail("dvc-push")
+    get_run_logger().info("pushing the training inputs (%s) to the DVC remote", ", ".join(dvc_io.TRAIN_INPUT_STAGES))
+    dvc_io.push()
+
+
+@task(name="dvc-pull", cache_policy=NO_CACHE)
+def pull_task(stage_names: list[str]) -> None:
+    faults.maybe_fail("dvc-pull")
+    get_run_logger().info("pulling %s from the DVC remote into %s", ", ".join(stage_names), Path.cwd())
+    dvc_io.pull(stage_names)
+
+
+@task(name="dispatch-train", cache_policy=NO_CACHE)
+def dispatch_task(params: Params, params_path: str) -> str:
+    """Run the ``sem-train`` deployment on ``train.work_pool``; wait for it; return its flow run id."""
+    from prefect.deployments import run_deployment
+
+    faults.maybe_fail("dispatch-train")
+    logger = get_run_logger()
+    pool = params.train.work_pool
+    logger.info("sending the train step to work pool %r (deployment %s)", pool, TRAIN_DEPLOYMENT)
+    child = run_deployment(
+        TRAIN_DEPLOYMENT,
+        parameters={
+            "params_yaml": Path(params_path).read_text(),
+            "dvc_lock": Path("dvc.lock").read_text(),
+            "tracking_uri": params.mlflow.resolved_tracking_uri(),
+        },
+        timeout=params.orchestration.train_timeout_s,
+        poll_interval=2,
+    )
+    state = child.state
+    if state is None or not state.is_final():
+        raise OrchestrationError(
+            f"training flow run {child.name} ({child.id}) on work pool {pool!r} did not finish within "
+            f"orchestration.train_timeout_s={params.orchestration.train_timeout_s:g} s (state "
+            f"{state.name if state else 'unknown'}); is a worker running `prefect worker start --pool {pool}`?"
+        )
+    if not state.is_completed():
+        raise OrchestrationError(
+            f"training flow run {child.name} ({child.id}) on work pool {pool!r} ended {state.name}: {state.message}"
+        )
+    logger.info("training flow run %s completed on work pool %r", child.name, pool)
+    return str(child.id)
+
+
+@task(name="fetch-training", cache_policy=NO_CACHE)
+def fetch_task(params: Params, train_flow_run_id: str) -> str:
+    """The model a worker trained, from the MLflow tracking server (never from the worker's disk)."""
+    import mlflow
+
+    from emassist.tracking import setup_mlflow
+    from emassist.training import CURVES_FILE, HISTORY_FILE, MODEL_FILE
+
+    faults.maybe_fail("fetch-training")
+    uri = setup_mlflow(params)
+    runs = mlflow.search_runs(
+        experiment_names=[params.mlflow.experiment],
+        filter_string=f"tags.prefect_flow_run_id = '{train_flow_run_id}'",
+        output_format="list",
+    )
+    if not runs:
+        raise OrchestrationError(f"no MLflow run tagged prefect_flow_run_id={train_flow_run_id} at {uri}")
+    run_id = runs[0].info.run_id
+    MODEL_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="emassist-fetch-") as tmp:
+        wanted = (("model/model.keras", MODEL_FILE), ("history.json", HISTORY_FILE), ("plots/training_curves.png",
+                  CURVES_FILE))  # fmt: skip
+        for artifact, target in wanted:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=tmp)
+            shutil.move(local, target)
+    RUN_FILE.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}, indent=2))
+    get_run_logger().info("fetched model of MLflow run %s from %s", run_id, uri)
+    return run_id
+
+
+@task(name="acquire-or-pull", cache_policy=NO_CACHE)
+def refresh_raw_task(params: Params, prefer_pull: bool) -> str:
+    """Raw data: ``dvc pull`` of the acquire stage's output when asked and possible, else the acquire stage."""
+    faults.maybe_fail("acquire")
+    logger = get_run_logger()
+    if prefer_pull:
+        try:
+            dvc_io.pull(["acquire"])
+            logger.info("pulled %s from the DVC remote", params.data.raw_dir)
+            return "dvc pull"
+        except dvc_io.DvcError as exc:
+            logger.warning("dvc pull of the raw data failed, running the acquire stage instead: %s", exc)
+    logger.info("acquire stage (data.source=%s)", params.data.source)
+    STAGES["acquire"](params)
+    return "acquire"
+
+
+# --------------------------------------------------------------------------------------------- flows
+
+
+def _raw_missing(params: Params) -> bool:
+    raw = Path(params.data.raw_dir)
+    return not raw.is_dir() or not any(raw.iterdir())
+
+
+@flow(name="sem-pipeline", log_prints=True)
+def pipeline_flow(params_path: str = "params.yaml") -> dict[str, Any]:
+    """acquire? → ingest → validate → split → augment → train (here or on a work pool) → evaluate → register."""
+    logger = get_run_logger()
+    params = load_params(params_path)
+    retried = _retried(params)
+    preflight_task(params, params_path)
+    bookkeeping = dvc_io.can_record(Path(params_path))
+    if not bookkeeping:
+        logger.warning("%s is not the repository's params.yaml: dvc.lock is left as it is", params_path)
+
+    data_stages = ["ingest", "validate", "split", "augment"]
+    if _raw_missing(params):
+        refresh_raw_task.with_options(**retried)(params, prefer_pull=params.data.source == "nffa")
+        data_stages.insert(0, "acquire")
+    stage_task.with_options(name="ingest")("ingest", params)
+    try:
+        stage_task.with_options(name="validate")("validate", params)
+    finally:
+        report = artifacts.read_json(artifacts.VALIDATION_FILE)
+        if report:
+            create_markdown_artifact(artifacts.validation_markdown(report), key="validation-summary",
+                                     description="Great Expectations results of this run")  # fmt: skip
+    stage_task.with_options(name="split")("split", params)
+    stage_task.with_options(name="augment")("augment", params)
+    if bookkeeping:
+        record_task(data_stages)
+
+    if params.train.work_pool:
+        push_task.with_options(**retried)()
+        child = dispatch_task.with_options(**retried)(params, params_path)
+        fetch_task.with_options(**retried)(params, child)
+    else:
+        stage_task.with_options(name="train")("train", params)
+
+    stage_task.with_options(name="evaluate")("evaluate", params)
+    metrics = artifacts.read_json(artifacts.METRICS_FILE)
+    create_markdown_artifact(artifacts.metrics_markdown(metrics), key="test-metrics",
+                             description="Held-out test metrics (reports/metrics.json)")  # fmt: skip
+
+    # A retry helps when the registry was unreachable before registering; one that fails after the version was
+    # created registers the model again (a new version that becomes challenger; the gate still decides champion).
+    stage_task.with_options(name="register", **retried)("register", params)
+    registry = artifacts.read_json(stages.register.REPORT)
+    create_markdown_artifact(artifacts.registry_markdown(registry), key="registry-decision",
+                             description="Registered version and the gate's decision")  # fmt: skip
+    url = artifacts.mlflow_run_url(params.mlflow.resolved_tracking_uri(), registry["run_id"])
+    if url:
+        create_link_artifact(url, link_text=f"MLflow run {registry['run_id']}", key="mlflow-run",
+                             description="The training run: params, curves, metrics, model")  # fmt: skip
+    if bookkeeping:
+        record_task(["train", "evaluate", "register"])
+    logger.info("%s v%s: %s (%s)", registry["name"], registry["version"], registry["decision"], registry["reason"])
+    return {"metrics": metrics, "registry": registry}
+
+
+@flow(name="sem-train", log_prints=True)
+def train_flow(params_yaml: str, dvc_lock: str, tracking_uri: str | None = None) -> str:
+    """The train step on a worker: pull the inputs from the DVC remote, train, log to the MLflow server.
+
+    Runs in the worker's own checkout (the deployment's working directory). Returns the MLflow run id; the run is
+    also tagged ``prefect_flow_run_id`` with this flow run's id, which is how the pipeline finds it.
+    """
+    from prefect.runtime import flow_run
+
+    logger = get_run_logger()
+    params = params_from_dict(yaml.safe_load(params_yaml) or {})
+    if not os.environ.get("MLFLOW_TRACKING_URI") and tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    if not is_remote_tracking(params.mlflow.resolved_tracking_uri()):
+        raise OrchestrationError(
+            f"the train deployment must log to an MLflow tracking server, not {params.mlflow.resolved_tracking_uri()}"
+            ": set MLFLOW_TRACKING_URI on the worker"
+        )
+    check_mlflow(params, params.orchestration.connect_timeout_s)
+    os.environ.setdefault("PREFECT__FLOW_RUN_ID", str(flow_run.id))
+    logger.info("worker checkout: %s", Path.cwd())
+    Path("dvc.lock").write_text(dvc_lock)  # the pipeline's record of the inputs: what `dvc pull` fetches
+    pull_task.with_options(**_retried(params))(list(dvc_io.TRAIN_INPUT_STAGES))
+    stage_task.with_options(name="train")("train", params)
+    run_id = json.loads(RUN_FILE.read_text())["run_id"]
+    logger.info("MLflow run %s at %s", run_id, params.mlflow.resolved_tracking_uri())
+    return run_id
+
+
+@flow(name="sem-retrain", log_prints=True)
+def retrain_flow(params_path: str = "params.yaml") -> dict[str, Any]:
+    """Scheduled retraining: fresh raw data (``dvc pull``, or the acquire stage), then the whole pipeline.
+
+    Promotion happens only through the register stage's gate (macro-F1 against the champion on the same test split).
+    """
+    params = load_params(params_path)
+    refresh_raw_task.with_options(**_retried(params))(params, prefer_pull=params.data.source == "nffa")
+    return pipeline_flow(params_path)
+
+
+FLOWS = {"pipeline": pipeline_flow, "retrain": retrain_flow}
+
+
+# --------------------------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.flows",
+        description="Run the SEM pipeline as a Prefect flow. Without PREFECT_API_URL Prefect starts a temporary "
+        "local server; with it, the run shows in that server's UI. train.work_pool sends training to a work pool.",
+    )
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    parser.add_argument("--flow", choices=sorted(FLOWS), default="pipeline",
+                        help="pipeline (default) or retrain (refresh the raw data first)")  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("EMASSIST_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_params(args.params)
+        preflight(params, args.params)  # before Prefect's own clients, which retry for minutes
+    except ParamsError as exc:
+        print(f"error: bad parameter in {args.params}: {exc}", file=sys.stderr)
+        return 2
+    except OrchestrationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    state = FLOWS[args.flow](params_path=str(args.params), return_state=True)
+    if not state.is_completed():
+        print(f"error: flow run {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
