@@ -25,12 +25,10 @@ def _cmd_web(args: argparse.Namespace) -> int:
 
     params = load_params(args.params)
     try:
-        backend = _backend(args, params)
+        serve(params, args.host, args.port, model_uri=args.model, endpoint_url=args.endpoint)
     except BackendError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"model: {backend.info.label}; page at http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
-    serve(params, backend, args.host, args.port)
     return 0
 
 
@@ -40,6 +38,10 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     from serving.webapp.backend import BackendError
 
     params = load_params(args.params)
+    if args.model is None and args.class_name not in params.data.classes:  # before loading anything
+        print(f"error: --class: unknown class {args.class_name!r} (known: {', '.join(params.data.classes)})",
+              file=sys.stderr)  # fmt: skip
+        return 2
     cfg = params.webapp
     tile = args.tile or cfg.tile_size
     stride = args.stride or cfg.tile_stride

@@ -20,16 +20,18 @@ folder under ``webapp.temp_dir`` removed at exit, so nothing is written anywhere
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import logging
 import shutil
+import signal
 import tempfile
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -355,24 +357,10 @@ def _filename(value: str | None) -> str:
 
 
 def create_app(params: Params, backend: Backend) -> FastAPI:
-    """The FastAPI app around ``backend``. The process's temporary files go to a private folder removed at exit."""
+    """The FastAPI app around ``backend`` (:func:`serve` runs it inside :func:`private_tempdir`)."""
     state = WebApp(params, backend)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> Any:
-        base = params.webapp.temp_dir
-        if base:
-            Path(base).mkdir(parents=True, exist_ok=True)
-        private = tempfile.mkdtemp(prefix="emassist-web-", dir=base)
-        previous = tempfile.tempdir
-        tempfile.tempdir = private  # anything a library spools goes here
-        try:
-            yield
-        finally:
-            tempfile.tempdir = previous
-            shutil.rmtree(private, ignore_errors=True)
-
-    app = FastAPI(title="Electron Microscope Assistant", lifespan=lifespan, docs_url="/api/docs", redoc_url=None)
+    app = FastAPI(title="Electron Microscope Assistant", docs_url="/api/docs", redoc_url=None)
     app.state.webapp = state
 
     @app.exception_handler(HttpError)
@@ -451,8 +439,37 @@ def _int_param(value: str | None, default: int, name: str) -> int:
         raise HttpError(400, f"{name}: must be a whole number of pixels, got {value!r}") from exc
 
 
-def serve(params: Params, backend: Backend, host: str, port: int) -> None:
+@contextlib.contextmanager
+def private_tempdir(base: str | None) -> Iterator[Path]:
+    """A private folder under ``base`` (None: the system's) that becomes this process's temporary folder (the
+    model MLflow downloads, anything a library spools) and is removed on the way out."""
+    if base:
+        Path(base).mkdir(parents=True, exist_ok=True)
+    private = tempfile.mkdtemp(prefix="emassist-web-", dir=base)
+    previous = tempfile.tempdir
+    tempfile.tempdir = private
+    try:
+        yield Path(private)
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def serve(
+    params: Params, host: str, port: int, *, model_uri: str | None = None, endpoint_url: str | None = None
+) -> None:
+    """Load the model (``webapp.source``, or ``model_uri`` / ``endpoint_url``) and serve the page until stopped."""
     import uvicorn
 
-    app = create_app(params, backend)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    from serving.webapp.backend import load_backend
+
+    # uvicorn re-raises SIGTERM after its graceful shutdown; as SystemExit it lets the temporary folder go too.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    with private_tempdir(params.webapp.temp_dir):
+        backend = load_backend(params, model_uri=model_uri, endpoint_url=endpoint_url)
+        log.warning("model: %s; page at http://%s:%d/", backend.info.label, host, port)
+        uvicorn.run(create_app(params, backend), host=host, port=port, log_level="info", access_log=False)
