@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -149,7 +150,7 @@ def test_batch_csv_and_gradcam_over_http(server: str, images: dict[str, Path]) -
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
+def browser() -> Iterator[Any]:
     if not CHROMIUM.exists():
         pytest.skip("/usr/bin/chromium is missing (scripts/test.sh installs Debian's chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -163,8 +164,8 @@ def browser() -> Iterator[object]:
 
 
 @pytest.fixture
-def page(browser: object, server: str) -> Iterator[object]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900})  # type: ignore[attr-defined]
+def page(browser: Any, server: str) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
     pg = context.new_page()
     pg.set_default_timeout(60_000)
     pg.goto(server)
@@ -175,10 +176,10 @@ def page(browser: object, server: str) -> Iterator[object]:
         context.close()
 
 
-def _drop_file(page: object, path: Path, selector: str = "#dropzone") -> None:
+def _drop_file(page: Any, path: Path, selector: str = "#dropzone") -> None:
     """Drag and drop ``path`` onto the drop zone (a real DataTransfer with a File, as a browser makes one)."""
     payload = base64.b64encode(path.read_bytes()).decode("ascii")
-    handle = page.evaluate_handle(  # type: ignore[attr-defined]
+    handle = page.evaluate_handle(
         """([data, name]) => {
             const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
             const dt = new DataTransfer();
@@ -187,83 +188,89 @@ def _drop_file(page: object, path: Path, selector: str = "#dropzone") -> None:
         }""",
         [payload, path.name],
     )
-    page.dispatch_event(selector, "drop", {"dataTransfer": handle})  # type: ignore[attr-defined]
+    page.dispatch_event(selector, "drop", {"dataTransfer": handle})
 
 
 def test_page_classifies_shows_bars_toggles_gradcam_and_reports_errors(
-    page: object, images: dict[str, Path], champion: ws.Champion
+    page: Any, images: dict[str, Path], champion: ws.Champion
 ) -> None:
     pg = page
-    assert f"version {champion.version}" in pg.inner_text("#model-info")  # type: ignore[attr-defined]
-    assert "champion" in pg.inner_text("#model-info")  # type: ignore[attr-defined]
+    assert f"version {champion.version}" in pg.inner_text("#model-info")
+    assert "champion" in pg.inner_text("#model-info")
     _drop_file(pg, images["fibres"])
-    pg.set_input_files("#file-input", [str(images["particles"])])  # type: ignore[attr-defined]
-    pg.wait_for_function("document.querySelectorAll('[data-testid=result]').length === 2")  # type: ignore[attr-defined]
-    cards = pg.locator("[data-testid=result]")  # type: ignore[attr-defined]
-    labels = sorted(cards.locator("[data-testid=label]").all_inner_texts())
-    assert labels == [ws.LEFT, ws.RIGHT]
-    first = cards.first
-    assert first.locator("[data-testid=bar]").count() == 2  # top-3 of a two-class model
-    widths = first.locator(".bar-fill").evaluate_all("els => els.map(e => parseFloat(e.style.width))")
-    assert widths[0] >= widths[1] and widths[0] > 50
-    low = first.locator("[data-testid=low-confidence]").count()
-    confidence = float(first.locator(".bar-value").first.inner_text().rstrip(" %")) / 100
-    assert bool(low) == (confidence < champion.params.webapp.low_confidence)
-    assert not pg.locator("#download-csv.disabled").count()  # type: ignore[attr-defined]
-    pg.screenshot(path=str(SCREENSHOTS / "01-classified.png"), full_page=True)  # type: ignore[attr-defined]
+    pg.set_input_files("#file-input", [str(images["particles"]), str(images["composite"])])
+    pg.wait_for_function("document.querySelectorAll('[data-testid=result]').length === 3")
+    cards = pg.locator("[data-testid=result]")
+    by_name = {c.locator(".filename").inner_text(): c for c in cards.all()}
+    assert by_name["fibres.png"].locator("[data-testid=label]").inner_text() == ws.LEFT
+    assert by_name["particles.png"].locator("[data-testid=label]").inner_text() == ws.RIGHT
+    threshold = champion.params.webapp.low_confidence
+    for card in by_name.values():
+        assert card.locator("[data-testid=bar]").count() == 2  # top-3 of a two-class model
+        widths = card.locator(".bar-fill").evaluate_all("els => els.map(e => parseFloat(e.style.width))")
+        assert widths[0] >= widths[1] and widths[0] >= 50
+        confidence = float(card.locator(".bar-value").first.inner_text().rstrip(" %")) / 100
+        flagged = card.locator("[data-testid=low-confidence]").count() == 1
+        assert flagged == (confidence < threshold), (confidence, threshold)
+        if flagged:
+            assert "Low confidence: check this one" in card.inner_text()
+    first = by_name["fibres.png"]
+    assert not pg.locator("#download-csv.disabled").count()
+    pg.screenshot(path=str(SCREENSHOTS / "01-classified.png"), full_page=True)
 
     thumb = first.locator("[data-testid=thumb]")
     before = thumb.get_attribute("src")
-    pg.check("#toggle-gradcam")  # type: ignore[attr-defined]
-    pg.wait_for_function(  # type: ignore[attr-defined]
+    pg.check("#toggle-gradcam")
+    pg.wait_for_function(
         "[...document.querySelectorAll('[data-testid=thumb]')].every(i => i.dataset.mode === 'gradcam')"
     )
     after = thumb.get_attribute("src")
     assert after != before and after.startswith("data:image/png;base64,")
-    pg.screenshot(path=str(SCREENSHOTS / "02-gradcam.png"), full_page=True)  # type: ignore[attr-defined]
-    pg.uncheck("#toggle-gradcam")  # type: ignore[attr-defined]
+    pg.screenshot(path=str(SCREENSHOTS / "02-gradcam.png"), full_page=True)
+    pg.uncheck("#toggle-gradcam")
     assert thumb.get_attribute("src") == before
 
-    pg.set_input_files("#file-input", [str(images["text"])])  # type: ignore[attr-defined]
-    error = pg.wait_for_selector("[data-testid=error]")  # type: ignore[attr-defined]
+    pg.set_input_files("#file-input", [str(images["text"])])
+    error = pg.wait_for_selector("[data-testid=error]")
     assert "notes.png: not an image (content is text)" in error.inner_text()
-    assert cards.count() == 2  # no card for the bad file
-    pg.screenshot(path=str(SCREENSHOTS / "03-error.png"), full_page=True)  # type: ignore[attr-defined]
+    assert cards.count() == 3  # no card for the bad file
+    pg.screenshot(path=str(SCREENSHOTS / "03-error.png"), full_page=True)
 
-    with pg.expect_download() as dl:  # type: ignore[attr-defined]
-        pg.click("#download-csv")  # type: ignore[attr-defined]
+    with pg.expect_download() as dl:
+        pg.click("#download-csv")
     rows = list(csv.DictReader(io.StringIO(Path(dl.value.path()).read_text())))
-    assert sorted(r["label"] for r in rows) == [ws.LEFT, ws.RIGHT]
+    labels = {r["filename"]: r["label"] for r in rows}
+    assert labels["fibres.png"] == ws.LEFT and labels["particles.png"] == ws.RIGHT and len(labels) == 3
 
 
-def test_page_tile_scan_heat_is_higher_where_the_class_is(page: object, images: dict[str, Path]) -> None:
+def test_page_tile_scan_heat_is_higher_where_the_class_is(page: Any, images: dict[str, Path]) -> None:
     import json
 
     from PIL import Image
 
     pg = page
-    pg.click("#tab-scan")  # type: ignore[attr-defined]
-    pg.set_input_files("#scan-file", [str(images["composite"])])  # type: ignore[attr-defined]
-    pg.select_option("#scan-class", ws.RIGHT)  # type: ignore[attr-defined]
-    pg.fill("#scan-tile", "128")  # type: ignore[attr-defined]
-    pg.fill("#scan-stride", "64")  # type: ignore[attr-defined]
-    pg.click("#scan-run")  # type: ignore[attr-defined]
-    pg.wait_for_selector("#scan-result:not(.hidden)")  # type: ignore[attr-defined]
-    pg.screenshot(path=str(SCREENSHOTS / "04-tile-scan.png"), full_page=True)  # type: ignore[attr-defined]
-    assert "49 tiles (7×7) of 128 px every 64 px" in pg.inner_text("#scan-meta")  # type: ignore[attr-defined]
-    grid = np.array(json.loads(pg.get_attribute("#scan-result", "data-grid")))  # type: ignore[attr-defined]
+    pg.click("#tab-scan")
+    pg.set_input_files("#scan-file", [str(images["composite"])])
+    pg.select_option("#scan-class", ws.RIGHT)
+    pg.fill("#scan-tile", "128")
+    pg.fill("#scan-stride", "64")
+    pg.click("#scan-run")
+    pg.wait_for_selector("#scan-result:not(.hidden)")
+    pg.screenshot(path=str(SCREENSHOTS / "04-tile-scan.png"), full_page=True)
+    assert "49 tiles (7×7) of 128 px every 64 px" in pg.inner_text("#scan-meta")
+    grid = np.array(json.loads(pg.get_attribute("#scan-result", "data-grid")))
     assert grid.shape == (7, 7)
     left, right = grid[:, :3].mean(), grid[:, 4:].mean()
     assert right > left + 0.5, grid.round(2)
     # the picture itself: the heat colour is brighter on the right
-    src = pg.get_attribute("#scan-heatmap", "src")  # type: ignore[attr-defined]
+    src = pg.get_attribute("#scan-heatmap", "src")
     heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"), dtype=float)
     w = heat.shape[1]
     assert heat[:, 3 * w // 4 :].mean() > heat[:, : w // 4].mean() + 20
     # redraw for the other class without rescanning
-    pg.select_option("#scan-reclass", ws.LEFT)  # type: ignore[attr-defined]
-    pg.wait_for_function(f"document.getElementById('scan-heatmap').dataset.cls === '{ws.LEFT}'")  # type: ignore[attr-defined]
-    grid2 = np.array(json.loads(pg.get_attribute("#scan-result", "data-grid")))  # type: ignore[attr-defined]
+    pg.select_option("#scan-reclass", ws.LEFT)
+    pg.wait_for_function(f"document.getElementById('scan-heatmap').dataset.cls === '{ws.LEFT}'")
+    grid2 = np.array(json.loads(pg.get_attribute("#scan-result", "data-grid")))
     assert grid2[:, :3].mean() > grid2[:, 4:].mean() + 0.5
 
 
