@@ -96,6 +96,7 @@ class GradCam:
             isinstance(head, keras.layers.Dense) and getattr(head.activation, "__name__", "") == "softmax"
         )
         self._head = head
+        self._cam_fn: Any = None
         if len(target.path) == 1:
             outputs = [target.layer.output, head.input if self._logit_head else model.outputs[0]]
             self._fn = keras.Model(model.inputs, outputs)
@@ -149,6 +150,28 @@ class GradCam:
             scores = pre
         return features, scores
 
+    def _build_cam(self) -> Any:
+        import tensorflow as tf
+
+        size = self.image_size
+
+        @tf.function(
+            input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32), tf.TensorSpec([], tf.int32)],
+            reduce_retracing=True,
+        )
+        def cam_fn(x: Any, k: Any) -> tuple[Any, Any]:
+            with tf.GradientTape() as tape:
+                tape.watch(x)  # records the forward pass even where the weights are frozen
+                features, scores = self._features_and_scores(x)
+                k = tf.where(k < 0, tf.argmax(scores[0], output_type=tf.int32), k)
+                score = tf.gather(scores, k, axis=1)
+            grads = tf.cast(tape.gradient(score, features), tf.float32)
+            weights = tf.reduce_mean(grads, axis=(1, 2))  # [1, C]: one weight per feature channel
+            cam = tf.nn.relu(tf.reduce_sum(tf.cast(features, tf.float32) * weights[:, None, None, :], axis=-1))[0]
+            return cam, k
+
+        return cam_fn
+
     def __call__(self, gray: np.ndarray, class_index: int | None = None) -> tuple[np.ndarray, int]:
         """Grad-CAM of one standardized uint8 grayscale image ``[H, W]``; returns (map ``[H, W]`` in 0..1, class).
 
@@ -161,24 +184,18 @@ class GradCam:
         g = np.asarray(gray)
         if g.ndim != 2:
             raise ValueError(f"Grad-CAM expects one 2-D grayscale image, got shape {g.shape}")
+        n_classes = int(self.model.outputs[0].shape[-1])
+        if class_index is not None and not 0 <= int(class_index) < n_classes:
+            raise ValueError(f"class index {class_index} out of range for {n_classes} classes")
+        if self._cam_fn is None:
+            self._cam_fn = self._build_cam()
         x = to_model_input(g[None, ..., None].astype(np.uint8), self.image_size)
-        with tf.GradientTape() as tape:
-            tape.watch(x)  # records the forward pass even where the weights are frozen
-            features, scores = self._features_and_scores(x)
-            k = int(tf.argmax(scores[0])) if class_index is None else int(class_index)
-            if not 0 <= k < int(scores.shape[-1]):
-                raise ValueError(f"class index {k} out of range for {int(scores.shape[-1])} classes")
-            score = scores[:, k]
-        grads = tape.gradient(score, features)
-        if grads is None:
-            raise GradCamError(f"no gradient from the class score to {self.layer_name}")
-        weights = tf.reduce_mean(tf.cast(grads, tf.float32), axis=(1, 2))  # [1, C]
-        cam = tf.nn.relu(tf.reduce_sum(tf.cast(features, tf.float32) * weights[:, None, None, :], axis=-1))[0]
+        cam, k = self._cam_fn(x, tf.constant(-1 if class_index is None else int(class_index), tf.int32))
         cam_np = np.asarray(cam, dtype=np.float32)
         peak = float(cam_np.max())
         cam_np = cam_np / peak if peak > 0 else np.zeros_like(cam_np)
         resized = tf.image.resize(cam_np[..., None], g.shape, method="bilinear")[..., 0]
-        return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0), k
+        return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0), int(k)
 
 
 def colorize(heat: np.ndarray, cmap: str = "inferno") -> np.ndarray:
