@@ -63,7 +63,7 @@ def params_dict(root: Path, tracking_uri: str, **webapp: Any) -> dict[str, Any]:
         "train": {"model": "compact_cnn", "image_size": IMAGE_SIZE},
         "mlflow": {"tracking_uri": tracking_uri, "experiment": "webapp-tests", "registered_model": MODEL_NAME},
         "webapp": {"temp_dir": str(root / "webtmp"), "max_upload_bytes": 2_000_000, "max_pixels": 4_000_000,
-                   "tile_size": 128, "tile_stride": 64, "low_confidence": 0.9, **webapp},
+                   "tile_size": 128, "tile_stride": 64, "low_confidence": 0.97, **webapp},
     }  # fmt: skip
 
 
