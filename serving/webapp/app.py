@@ -353,7 +353,7 @@ async def read_body(request: Request, limit: int, filename: str) -> bytes:
 
 def _filename(value: str | None) -> str:
     name = Path(str(value or "upload")).name.strip() or "upload"
-    return "".join(ch for ch in name if ch.isprintable())[:200]
+    return "".join(ch for ch in name if ch.isprintable() and ch not in '"\\')[:200]
 
 
 def create_app(params: Params, backend: Backend) -> FastAPI:
