@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     from emassist.cli_models import add_commands
 
     add_commands(sub)
+    from emassist.cli_web import add_commands as add_web_commands
+
+    add_web_commands(sub)
     return parser  # fmt: skip
 
 

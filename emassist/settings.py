@@ -242,6 +242,49 @@ class MlflowParams:
         return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
 
 
+WEBAPP_SOURCES = ("registry", "endpoint")
+
+
+@dataclass(frozen=True)
+class WebappParams:
+    """The web page (``emassist web``) and the tile scan (``emassist scan``)."""
+
+    source: str = "registry"  # registry: load models:/<mlflow.registered_model>@<alias> | endpoint: call endpoint_url
+    alias: str = "champion"
+    endpoint_url: str = "http://127.0.0.1:5001"  # a running `mlflow models serve` (source: endpoint)
+    endpoint_timeout_s: float = 60.0
+    low_confidence: float = 0.5  # top-1 confidence below this is flagged "low confidence: check this one"
+    max_upload_bytes: int = 50_000_000
+    max_pixels: int = 64_000_000  # of one uploaded image (declared size, checked before decoding)
+    max_files: int = 50  # per batch on the page
+    tile_size: int = 256  # tile scan defaults (pixels of the full-resolution image)
+    tile_stride: int = 128
+    tile_batch: int = 32
+    max_tiles: int = 20000
+    temp_dir: str | None = None  # where uploads are kept for the session; null: the system temporary folder
+
+    def check(self) -> None:
+        _one_of("webapp.source", self.source, WEBAPP_SOURCES)
+        if not self.alias.strip():
+            raise ParamsError("webapp.alias: must not be empty")
+        if not self.endpoint_url.startswith(("http://", "https://")):
+            raise ParamsError(f"webapp.endpoint_url: must be an http(s) URL, got {self.endpoint_url!r}")
+        _positive("webapp.endpoint_timeout_s", self.endpoint_timeout_s)
+        _fraction("webapp.low_confidence", self.low_confidence)
+        _at_least("webapp.max_upload_bytes", self.max_upload_bytes, 1024)
+        _at_least("webapp.max_pixels", self.max_pixels, 256)
+        _at_least("webapp.max_files", self.max_files, 1)
+        _at_least("webapp.tile_size", self.tile_size, 16)
+        _at_least("webapp.tile_stride", self.tile_stride, 1)
+        if self.tile_stride > self.tile_size:
+            raise ParamsError(
+                f"webapp.tile_stride: {self.tile_stride} is larger than webapp.tile_size {self.tile_size} "
+                "(parts of the image would never be looked at)"
+            )
+        _at_least("webapp.tile_batch", self.tile_batch, 1)
+        _at_least("webapp.max_tiles", self.max_tiles, 1)
+
+
 @dataclass(frozen=True)
 class OrchestrationParams:
     """Prefect: deployments, schedules and how long to wait (pipelines/)."""
@@ -283,6 +326,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
     orchestration: OrchestrationParams = field(default_factory=OrchestrationParams)
+    webapp: WebappParams = field(default_factory=WebappParams)
 
     def check(self) -> None:
         for f in dataclasses.fields(self):

@@ -1,0 +1,1 @@
+"""The web page for microscopists (``emassist web``): FastAPI app, model backends and the static page."""

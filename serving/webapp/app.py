@@ -1,0 +1,475 @@
+"""The microscopist's page: upload SEM images, see the top-3 classes, a Grad-CAM overlay, and scan a large
+overview image for one class. FastAPI, one static page (``static/``), no build step.
+
+HTTP API (every error is JSON ``{"error": "<one line>"}`` with a 4xx/5xx status; the server keeps answering):
+
+* ``GET  /api/info`` — model name, version, alias and source; classes; limits; tile defaults.
+* ``POST /api/classify?filename=NAME`` — body: the image file. → label, top-3, all probabilities, the
+  low-confidence flag, a PNG preview of what the model saw (data bar cropped).
+* ``GET  /api/gradcam/{id}?class=NAME`` — Grad-CAM overlay (PNG data URL) for a classified image.
+* ``GET  /api/results.csv?ids=a,b`` — the batch as CSV (all results of this server when ``ids`` is absent).
+* ``POST /api/scan?filename=NAME&class=C&tile=256&stride=128`` — body: the overview image. → heat map overlay
+  of class C, the score grid, the tile count and time. ``GET /api/scan/{id}/heatmap?class=C`` redraws it for
+  another class; ``GET /api/scan/{id}/tiles.csv`` gives every tile's scores.
+
+Uploads are held in memory (bounded by ``webapp.max_upload_bytes`` and ``webapp.max_pixels``) and types are
+decided by content (``imaging.decode_image``), never by the name. The process's temporary folder is a private
+folder under ``webapp.temp_dir`` removed at exit, so nothing is written anywhere else.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import csv
+import io
+import logging
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from emassist.settings import Params
+from serving.webapp.backend import Backend, BackendError
+
+log = logging.getLogger("emassist.webapp")
+
+STATIC_DIR = Path(__file__).parent / "static"
+MAX_RESULTS = 1000  # classified images remembered (for Grad-CAM and the CSV); the oldest are forgotten
+MAX_SCANS = 3  # overview images remembered (they can be large)
+PREVIEW_SIDE = 384
+TOP_K = 3
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Result:
+    id: str
+    filename: str
+    width: int
+    height: int
+    format: str
+    gray: np.ndarray  # standardized (what the model saw)
+    aspect: float  # width / height of the image after the data-bar crop
+    proba: np.ndarray
+    databar_rows: int
+    created: float
+
+
+@dataclass
+class ScanRecord:
+    id: str
+    filename: str
+    gray: np.ndarray  # full resolution
+    result: Any  # emassist.tilescan.TileScan
+
+
+def reject_status(reason: str) -> int:
+    """HTTP status for an ``ImageRejected`` reason."""
+    if reason.startswith("decompression bomb"):
+        return 413
+    if reason.startswith(("not an image", "corrupt image header")):
+        return 415
+    return 422
+
+
+def _data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _preview(gray: np.ndarray, aspect: float) -> np.ndarray:
+    """The standardized (square) image stretched back to the original aspect ratio, at most PREVIEW_SIDE."""
+    from PIL import Image
+
+    if aspect >= 1:
+        w, h = PREVIEW_SIDE, max(1, round(PREVIEW_SIDE / aspect))
+    else:
+        w, h = max(1, round(PREVIEW_SIDE * aspect)), PREVIEW_SIDE
+    resample = Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(np.ascontiguousarray(gray)).resize((w, h), resample))
+
+
+class WebApp:
+    """State and logic behind the routes (kept apart from FastAPI so tests and benchmarks can call it)."""
+
+    def __init__(self, params: Params, backend: Backend) -> None:
+        self.params = params
+        self.cfg = params.webapp
+        self.backend = backend
+        self.results: OrderedDict[str, Result] = OrderedDict()
+        self.scans: OrderedDict[str, ScanRecord] = OrderedDict()
+        self._lock = threading.Lock()
+        self._gradcam: Any = None
+        self._gradcam_error = ""
+
+    # --------------------------------------------------------------------------------------------- helpers
+
+    def info(self) -> dict[str, Any]:
+        b = self.backend
+        return {
+            "model": {**b.info.as_dict(), "label": b.info.label},
+            "classes": list(b.classes),
+            "low_confidence": self.cfg.low_confidence,
+            "limits": {
+                "max_upload_bytes": self.cfg.max_upload_bytes,
+                "max_pixels": self.cfg.max_pixels,
+                "max_files": self.cfg.max_files,
+                "max_tiles": self.cfg.max_tiles,
+            },
+            "tile": {"size": self.cfg.tile_size, "stride": self.cfg.tile_stride},
+            "formats": ["TIFF", "PNG", "JPEG", "BMP", "GIF", "WEBP"],
+        }
+
+    def decode(self, data: bytes, filename: str) -> Any:
+        from emassist.imaging import ImageRejected, decode_image
+
+        if not data:
+            raise HttpError(400, f"{filename}: empty upload (zero bytes)")
+        try:
+            return decode_image(data, max_pixels=self.cfg.max_pixels, min_side=self.params.ingest.min_side)
+        except ImageRejected as exc:
+            raise HttpError(reject_status(exc.reason), f"{filename}: {exc.reason}") from exc
+
+    def _remember(self, store: OrderedDict[str, Any], key: str, value: Any, limit: int) -> None:
+        with self._lock:
+            store[key] = value
+            while len(store) > limit:
+                store.popitem(last=False)
+
+    # --------------------------------------------------------------------------------------------- classify
+
+    def classify(self, data: bytes, filename: str) -> dict[str, Any]:
+        from emassist.imaging import standardize
+
+        started = time.perf_counter()
+        decoded = self.decode(data, filename)
+        gray, bar_rows = standardize(
+            decoded.gray, cache_size=self.backend.cache_size, crop_databar=self.backend.crop_databar
+        )
+        try:
+            proba = self.backend.classify_file(data, gray)
+        except BackendError as exc:
+            raise HttpError(502, str(exc)) from exc
+        visible_h = max(1, decoded.height - bar_rows)
+        result = Result(
+            id=uuid.uuid4().hex[:12],
+            filename=filename,
+            width=decoded.width,
+            height=decoded.height,
+            format=decoded.format,
+            gray=gray,
+            aspect=decoded.width / visible_h,
+            proba=np.asarray(proba, dtype=np.float32),
+            databar_rows=int(bar_rows),
+            created=time.time(),
+        )
+        self._remember(self.results, result.id, result, MAX_RESULTS)
+        out = self.result_json(result)
+        out["preview"] = _data_url(self._png(_preview(gray, result.aspect)))
+        out["seconds"] = round(time.perf_counter() - started, 4)
+        return out
+
+    def result_json(self, r: Result) -> dict[str, Any]:
+        classes = self.backend.classes
+        order = np.argsort(-r.proba)
+        top = [{"class": classes[int(k)], "p": round(float(r.proba[int(k)]), 6)} for k in order[:TOP_K]]
+        confidence = float(r.proba[int(order[0])])
+        return {
+            "id": r.id,
+            "filename": r.filename,
+            "width": r.width,
+            "height": r.height,
+            "format": r.format,
+            "databar_rows": r.databar_rows,
+            "label": top[0]["class"],
+            "confidence": round(confidence, 6),
+            "low_confidence": confidence < self.cfg.low_confidence,
+            "top": top,
+            "probabilities": {c: round(float(p), 6) for c, p in zip(classes, r.proba, strict=True)},
+            "model": self.backend.info.as_dict(),
+        }
+
+    @staticmethod
+    def _png(image: np.ndarray) -> bytes:
+        from emassist.gradcam import png_bytes
+
+        return png_bytes(image)
+
+    # --------------------------------------------------------------------------------------------- Grad-CAM
+
+    def gradcam(self, result_id: str, class_name: str | None) -> dict[str, Any]:
+        from emassist.gradcam import GradCam, GradCamError, overlay
+
+        r = self.results.get(result_id)
+        if r is None:
+            raise HttpError(404, f"no classified image with id {result_id!r} (the server may have restarted)")
+        classes = self.backend.classes
+        if class_name and class_name not in classes:
+            raise HttpError(400, f"unknown class {class_name!r} (the model knows: {', '.join(classes)})")
+        with self._lock:
+            if self._gradcam is None and not self._gradcam_error:
+                try:
+                    model, size = self.backend.keras_model()
+                    self._gradcam = GradCam(model, size)
+                except (BackendError, GradCamError) as exc:
+                    self._gradcam_error = str(exc)
+            cam = self._gradcam
+        if cam is None:
+            raise HttpError(503, f"Grad-CAM is not available: {self._gradcam_error}")
+        k = classes.index(class_name) if class_name else int(np.argmax(r.proba))
+        with self._lock:  # TensorFlow's tape on two cores: one at a time
+            heat, k = cam(r.gray, k)
+        image = overlay(_preview(r.gray, r.aspect), heat)
+        return {"id": r.id, "class": classes[k], "layer": cam.layer_name, "overlay": _data_url(self._png(image))}
+
+    # --------------------------------------------------------------------------------------------- CSV
+
+    def results_csv(self, ids: list[str] | None) -> str:
+        classes = self.backend.classes
+        with self._lock:
+            chosen = list(self.results.values()) if not ids else [self.results[i] for i in ids if i in self.results]
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        info = self.backend.info
+        writer.writerow(["filename", "label", "confidence", "low_confidence", "top2", "top3", *classes,
+                         "model", "model_version", "model_alias", "width", "height", "format"])  # fmt: skip
+        for r in chosen:
+            j = self.result_json(r)
+            tops = [t["class"] for t in j["top"]] + ["", ""]
+            writer.writerow(
+                [r.filename, j["label"], f"{j['confidence']:.6f}", j["low_confidence"], tops[1], tops[2]]
+                + [f"{float(p):.6f}" for p in r.proba]
+                + [info.name, info.version, info.alias, r.width, r.height, r.format]
+            )
+        return buf.getvalue()
+
+    # --------------------------------------------------------------------------------------------- tile scan
+
+    def scan(self, data: bytes, filename: str, class_name: str, tile: int, stride: int) -> dict[str, Any]:
+        from emassist import tilescan
+
+        classes = self.backend.classes
+        if class_name not in classes:
+            raise HttpError(400, f"unknown class {class_name!r} (the model knows: {', '.join(classes)})")
+        try:
+            tilescan.check_options(tile, stride)
+        except tilescan.ScanError as exc:
+            raise HttpError(400, str(exc)) from exc
+        decoded = self.decode(data, filename)
+        try:
+            result = tilescan.scan(
+                decoded.gray,
+                self.backend.probabilities,
+                classes,
+                tile=tile,
+                stride=stride,
+                cache_size=self.backend.cache_size,
+                crop_databar=self.backend.crop_databar,
+                batch_size=self.cfg.tile_batch,
+                max_tiles=self.cfg.max_tiles,
+            )
+        except tilescan.ScanError as exc:
+            raise HttpError(400, str(exc)) from exc
+        except BackendError as exc:
+            raise HttpError(502, str(exc)) from exc
+        record = ScanRecord(uuid.uuid4().hex[:12], filename, decoded.gray, result)
+        self._remember(self.scans, record.id, record, MAX_SCANS)
+        return self.scan_json(record, class_name)
+
+    def _scan(self, scan_id: str) -> ScanRecord:
+        record = self.scans.get(scan_id)
+        if record is None:
+            raise HttpError(404, f"no tile scan with id {scan_id!r} (only the last {MAX_SCANS} are kept)")
+        return record
+
+    def scan_json(self, record: ScanRecord, class_name: str) -> dict[str, Any]:
+        from emassist import tilescan
+
+        res = record.result
+        try:
+            k = res.class_index(class_name)
+        except tilescan.ScanError as exc:
+            raise HttpError(400, str(exc)) from exc
+        grid = res.scores[:, :, k]
+        peak = np.unravel_index(int(np.argmax(grid)), grid.shape)
+        image = tilescan.heatmap_overlay(record.gray, res, class_name)
+        return {
+            "id": record.id,
+            "filename": record.filename,
+            "class": class_name,
+            "tile": res.tile,
+            "stride": res.stride,
+            "rows": len(res.ys),
+            "cols": len(res.xs),
+            "n_tiles": res.n_tiles,
+            "width": res.width,
+            "height": res.height,
+            "databar_rows": res.databar_rows,
+            "seconds": round(res.seconds, 3),
+            "grid": [[round(float(v), 5) for v in row] for row in grid],
+            "max": round(float(grid.max()), 6),
+            "mean": round(float(grid.mean()), 6),
+            "peak": {"row": int(peak[0]), "col": int(peak[1]), "x": res.xs[int(peak[1])], "y": res.ys[int(peak[0])]},
+            "heatmap": _data_url(self._png(image)),
+            "model": self.backend.info.as_dict(),
+        }
+
+
+# ------------------------------------------------------------------------------------------------ FastAPI
+
+
+async def read_body(request: Request, limit: int, filename: str) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HttpError(413, f"{filename}: file too large ({int(declared):,} bytes; the limit is {limit:,})")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HttpError(413, f"{filename}: file too large (over {limit:,} bytes; the limit is {limit:,})")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _filename(value: str | None) -> str:
+    name = Path(str(value or "upload")).name.strip() or "upload"
+    return "".join(ch for ch in name if ch.isprintable() and ch not in '"\\')[:200]
+
+
+def create_app(params: Params, backend: Backend) -> FastAPI:
+    """The FastAPI app around ``backend`` (:func:`serve` runs it inside :func:`private_tempdir`)."""
+    state = WebApp(params, backend)
+
+    app = FastAPI(title="Electron Microscope Assistant", docs_url="/api/docs", redoc_url=None)
+    app.state.webapp = state
+
+    @app.exception_handler(HttpError)
+    async def http_error(request: Request, exc: HttpError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/api/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/api/info")
+    def info() -> dict[str, Any]:
+        return state.info()
+
+    @app.post("/api/classify")
+    async def classify(request: Request, filename: str | None = None) -> JSONResponse:
+        name = _filename(filename)
+        data = await read_body(request, params.webapp.max_upload_bytes, name)
+        from starlette.concurrency import run_in_threadpool
+
+        return JSONResponse(await run_in_threadpool(state.classify, data, name))
+
+    @app.get("/api/gradcam/{result_id}")
+    def gradcam(result_id: str, request: Request) -> dict[str, Any]:
+        return state.gradcam(result_id, request.query_params.get("class") or None)
+
+    @app.get("/api/results.csv")
+    def results_csv(ids: str | None = None) -> Response:
+        chosen = [i for i in (ids or "").split(",") if i]
+        text = state.results_csv(chosen or None)
+        headers = {"Content-Disposition": 'attachment; filename="sem-predictions.csv"'}
+        return Response(text, media_type="text/csv", headers=headers)
+
+    @app.post("/api/scan")
+    async def scan(request: Request, filename: str | None = None) -> JSONResponse:
+        name = _filename(filename)
+        q = request.query_params
+        class_name = q.get("class") or ""
+        tile = _int_param(q.get("tile"), params.webapp.tile_size, "tile")
+        stride = _int_param(q.get("stride"), params.webapp.tile_stride, "stride")
+        data = await read_body(request, params.webapp.max_upload_bytes, name)
+        from starlette.concurrency import run_in_threadpool
+
+        return JSONResponse(await run_in_threadpool(state.scan, data, name, class_name, tile, stride))
+
+    @app.get("/api/scan/{scan_id}/heatmap")
+    def scan_heatmap(scan_id: str, request: Request) -> dict[str, Any]:
+        return state.scan_json(state._scan(scan_id), request.query_params.get("class") or "")
+
+    @app.get("/api/scan/{scan_id}/tiles.csv")
+    def scan_csv(scan_id: str) -> Response:
+        record = state._scan(scan_id)
+        stem = Path(record.filename).stem or "scan"
+        headers = {"Content-Disposition": f'attachment; filename="{stem}-tiles.csv"'}
+        return Response(record.result.csv_text(), media_type="text/csv", headers=headers)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _int_param(value: str | None, default: int, name: str) -> int:
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise HttpError(400, f"{name}: must be a whole number of pixels, got {value!r}") from exc
+
+
+@contextlib.contextmanager
+def private_tempdir(base: str | None) -> Iterator[Path]:
+    """A private folder under ``base`` (None: the system's) that becomes this process's temporary folder (the
+    model MLflow downloads, anything a library spools) and is removed on the way out."""
+    if base:
+        Path(base).mkdir(parents=True, exist_ok=True)
+    private = tempfile.mkdtemp(prefix="emassist-web-", dir=base)
+    previous = tempfile.tempdir
+    tempfile.tempdir = private
+    try:
+        yield Path(private)
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def serve(
+    params: Params, host: str, port: int, *, model_uri: str | None = None, endpoint_url: str | None = None
+) -> None:
+    """Load the model (``webapp.source``, or ``model_uri`` / ``endpoint_url``) and serve the page until stopped."""
+    import uvicorn
+
+    from serving.webapp.backend import load_backend
+
+    # uvicorn re-raises SIGTERM after its graceful shutdown; as SystemExit it lets the temporary folder go too.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    with private_tempdir(params.webapp.temp_dir):
+        backend = load_backend(params, model_uri=model_uri, endpoint_url=endpoint_url)
+        log.warning("model: %s; page at http://%s:%d/", backend.info.label, host, port)
+        uvicorn.run(create_app(params, backend), host=host, port=port, log_level="info", access_log=False)

@@ -1,0 +1,261 @@
+"use strict";
+// The page talks to the JSON API of serving/webapp/app.py; no framework, no build step.
+
+const state = { info: null, results: [], gradcam: false, scanId: null };
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs = {}, children = []) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c);
+  return node;
+}
+
+function bytes(n) {
+  if (n >= 1e6) return (n / 1e6).toFixed(n >= 1e7 ? 0 : 1) + " MB";
+  if (n >= 1e3) return (n / 1e3).toFixed(0) + " kB";
+  return n + " B";
+}
+
+async function api(url, options = {}) {
+  let resp;
+  try {
+    resp = await fetch(url, options);
+  } catch (err) {
+    throw new Error("the server cannot be reached (" + err.message + ")");
+  }
+  let body = null;
+  try { body = await resp.json(); } catch (_) { /* not JSON */ }
+  if (!resp.ok) throw new Error((body && body.error) || `HTTP ${resp.status}`);
+  return body;
+}
+
+function showError(container, message) {
+  container.append(el("div", { class: "error", role: "alert", "data-testid": "error", text: message }));
+}
+
+// ------------------------------------------------------------------------------------------------ info
+
+async function loadInfo() {
+  try {
+    const info = await api("/api/info");
+    state.info = info;
+    const m = info.model;
+    const box = $("model-info");
+    box.textContent = "";
+    box.append("Model ", el("b", { text: m.name }));
+    if (m.version) box.append(" · version ", el("b", { text: m.version, "data-testid": "model-version" }));
+    if (m.alias) box.append(" · alias ", el("b", { text: m.alias }));
+    box.append(" · " + m.source);
+    box.title = m.uri;
+    const lim = info.limits;
+    $("limits").textContent = `TIFF, PNG or JPEG · up to ${lim.max_files} files at once, ${bytes(lim.max_upload_bytes)} ` +
+      `and ${(lim.max_pixels / 1e6).toFixed(0)} megapixels each · low-confidence flag below ${Math.round(info.low_confidence * 100)} %`;
+    for (const id of ["scan-class", "scan-reclass"]) {
+      const sel = $(id);
+      sel.textContent = "";
+      for (const c of info.classes) sel.append(el("option", { value: c, text: c.replaceAll("_", " ") }));
+    }
+    $("scan-tile").value = info.tile.size;
+    $("scan-stride").value = info.tile.stride;
+  } catch (err) {
+    $("model-info").textContent = "model unavailable: " + err.message;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ classify
+
+function bars(top) {
+  const box = el("div", { class: "bars", "data-testid": "bars" });
+  for (const t of top) {
+    const pct = Math.max(0, Math.min(100, t.p * 100));
+    const fill = el("div", { class: "bar-fill" });
+    fill.style.width = pct.toFixed(1) + "%";
+    box.append(el("div", { class: "bar-row", "data-testid": "bar" }, [
+      el("span", { class: "bar-name", title: t.class, text: t.class.replaceAll("_", " ") }),
+      el("div", { class: "bar-track" }, [fill]),
+      el("span", { class: "bar-value", text: pct.toFixed(1) + " %" }),
+    ]));
+  }
+  return box;
+}
+
+function pendingCard(file) {
+  return el("div", { class: "card pending" }, [
+    el("div", { class: "card-body" }, [
+      el("div", { class: "filename", text: file.name }),
+      el("div", {}, [el("span", { class: "spinner" }), "classifying…"]),
+    ]),
+  ]);
+}
+
+function resultCard(r) {
+  const img = el("img", { src: r.preview, alt: r.filename, "data-testid": "thumb" });
+  img.dataset.preview = r.preview;
+  const badge = el("span", { class: "badge", text: `${r.format} ${r.width}×${r.height}` });
+  const body = el("div", { class: "card-body" }, [
+    el("div", { class: "filename", title: r.filename, text: r.filename }),
+    el("div", { class: "label", "data-testid": "label", text: r.label.replaceAll("_", " ") }),
+  ]);
+  if (r.low_confidence) {
+    body.append(el("div", { class: "flag", "data-testid": "low-confidence",
+      text: `Low confidence: check this one (${(r.confidence * 100).toFixed(0)} %)` }));
+  }
+  body.append(bars(r.top));
+  const card = el("div", { class: "card" + (r.low_confidence ? " low" : ""), "data-testid": "result" },
+    [el("div", { class: "thumb" }, [img, badge]), body]);
+  card.dataset.id = r.id;
+  return card;
+}
+
+async function showGradcam(card, on) {
+  const img = card.querySelector("img");
+  if (!img) return;
+  if (!on) { img.src = img.dataset.preview; img.dataset.mode = "preview"; return; }
+  if (!img.dataset.gradcam) {
+    try {
+      const g = await api(`/api/gradcam/${card.dataset.id}`);
+      img.dataset.gradcam = g.overlay;
+      img.title = `Grad-CAM for ${g.class} (layer ${g.layer})`;
+    } catch (err) {
+      showError($("errors"), `Grad-CAM: ${err.message}`);
+      return;
+    }
+  }
+  if (state.gradcam) { img.src = img.dataset.gradcam; img.dataset.mode = "gradcam"; }
+}
+
+function updateBatch() {
+  const n = state.results.length;
+  const low = state.results.filter((r) => r.low_confidence).length;
+  $("batch-summary").textContent = n ? `${n} image${n > 1 ? "s" : ""}` + (low ? `, ${low} to check` : "") : "";
+  const link = $("download-csv");
+  link.classList.toggle("disabled", n === 0);
+  link.href = "/api/results.csv?ids=" + state.results.map((r) => r.id).join(",");
+}
+
+async function classifyFiles(files) {
+  const errors = $("errors");
+  errors.textContent = "";
+  const info = state.info;
+  let list = Array.from(files);
+  if (info && list.length > info.limits.max_files) {
+    showError(errors, `${list.length} files chosen; at most ${info.limits.max_files} at once. The first ` +
+      `${info.limits.max_files} are classified.`);
+    list = list.slice(0, info.limits.max_files);
+  }
+  for (const file of list) {
+    if (info && file.size > info.limits.max_upload_bytes) {
+      showError(errors, `${file.name}: file too large (${bytes(file.size)}; the limit is ${bytes(info.limits.max_upload_bytes)})`);
+      continue;
+    }
+    const placeholder = pendingCard(file);
+    $("results").prepend(placeholder);
+    try {
+      const r = await api("/api/classify?filename=" + encodeURIComponent(file.name),
+        { method: "POST", body: file, headers: { "Content-Type": "application/octet-stream" } });
+      state.results.push(r);
+      const card = resultCard(r);
+      placeholder.replaceWith(card);
+      if (state.gradcam) showGradcam(card, true);
+    } catch (err) {
+      placeholder.remove();
+      showError(errors, err.message.startsWith(file.name) ? err.message : `${file.name}: ${err.message}`);
+    }
+    updateBatch();
+  }
+}
+
+function setupClassify() {
+  const zone = $("dropzone");
+  $("file-input").addEventListener("change", (e) => { classifyFiles(e.target.files); e.target.value = ""; });
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    if (e.dataTransfer && e.dataTransfer.files.length) classifyFiles(e.dataTransfer.files);
+  });
+  $("toggle-gradcam").addEventListener("change", (e) => {
+    state.gradcam = e.target.checked;
+    for (const card of document.querySelectorAll("#results .card[data-id]")) showGradcam(card, state.gradcam);
+  });
+  $("clear").addEventListener("click", () => {
+    state.results = [];
+    $("results").textContent = "";
+    $("errors").textContent = "";
+    updateBatch();
+  });
+}
+
+// ------------------------------------------------------------------------------------------------ tile scan
+
+function showScan(s) {
+  state.scanId = s.id;
+  $("scan-result").classList.remove("hidden");
+  const img = $("scan-heatmap");
+  img.src = s.heatmap;
+  img.dataset.cls = s.class;
+  $("scan-reclass").value = s.class;
+  $("scan-caption").textContent = `Heat = mean ${s.class.replaceAll("_", " ")} score of the tiles covering each ` +
+    `pixel (dark: low, bright: high). Peak ${(s.max * 100).toFixed(0)} % at x=${s.peak.x}, y=${s.peak.y}.`;
+  $("scan-meta").textContent = `${s.filename}: ${s.n_tiles} tiles (${s.cols}×${s.rows}) of ${s.tile} px every ` +
+    `${s.stride} px over ${s.width}×${s.height} px` + (s.databar_rows ? ` (data bar of ${s.databar_rows} rows cropped)` : "") +
+    ` in ${s.seconds.toFixed(1)} s.`;
+  $("scan-csv").href = `/api/scan/${s.id}/tiles.csv`;
+  $("scan-result").dataset.grid = JSON.stringify(s.grid);
+}
+
+function setupScan() {
+  $("scan-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const errors = $("scan-error");
+    errors.textContent = "";
+    const file = $("scan-file").files[0];
+    if (!file) { showError(errors, "Choose an image to scan first."); return; }
+    const params = new URLSearchParams({ filename: file.name, class: $("scan-class").value,
+      tile: $("scan-tile").value, stride: $("scan-stride").value });
+    const button = $("scan-run");
+    button.disabled = true;
+    button.textContent = "Scanning…";
+    try {
+      showScan(await api("/api/scan?" + params, { method: "POST", body: file,
+        headers: { "Content-Type": "application/octet-stream" } }));
+    } catch (err) {
+      showError(errors, err.message);
+    } finally {
+      button.disabled = false;
+      button.textContent = "Scan";
+    }
+  });
+  $("scan-reclass").addEventListener("change", async (e) => {
+    if (!state.scanId) return;
+    try {
+      showScan(await api(`/api/scan/${state.scanId}/heatmap?class=` + encodeURIComponent(e.target.value)));
+    } catch (err) {
+      showError($("scan-error"), err.message);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------ tabs
+
+function setupTabs() {
+  for (const tab of document.querySelectorAll(".tab")) {
+    tab.addEventListener("click", () => {
+      for (const t of document.querySelectorAll(".tab")) {
+        t.classList.toggle("active", t === tab);
+        $(t.dataset.panel).classList.toggle("hidden", t !== tab);
+      }
+    });
+  }
+}
+
+setupTabs();
+setupClassify();
+setupScan();
+loadInfo();
