@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     from emassist.cli_models import add_commands
 
     add_commands(sub)
+
+    from emassist import cli_s3
+
+    cli_s3.add_commands(sub)
     return parser  # fmt: skip
 
 
