@@ -91,9 +91,11 @@ def describe_endpoint(client: S3Client) -> str:
 
 def _explain(exc: Exception, client: S3Client, bucket: str) -> S3Error:
     """A one-line, actionable message for a failed S3 call (never including credentials)."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    from botocore.exceptions import ClientError, EndpointConnectionError, FlexibleChecksumError, NoCredentialsError
 
     endpoint = describe_endpoint(client)
+    if isinstance(exc, FlexibleChecksumError):
+        return S3Error(f"checksum mismatch against the checksum the store keeps: {exc}")
     if isinstance(exc, EndpointConnectionError):
         return S3Error(f"cannot reach the S3 endpoint {endpoint}: {exc} (check s3.endpoint_url and the network)")
     if isinstance(exc, NoCredentialsError):
@@ -191,7 +193,8 @@ def plan_download(
     plan = Plan()
     candidates: list[S3Object] = []
     for obj in objects:
-        if obj.rel.endswith("/") and obj.size == 0 and refuse_reason(obj.rel.rstrip("/"), class_set) is None:
+        is_folder = obj.rel == "" or (obj.rel.endswith("/") and refuse_reason(f"{obj.rel}x", class_set) is None)
+        if obj.size == 0 and is_folder:
             plan.folder_markers += 1
             continue
         reason = refuse_reason(obj.rel, class_set)
@@ -433,8 +436,12 @@ def pull(
             except cf.CancelledError:
                 failures.append((obj.key, "not attempted (the endpoint stopped answering)"))
             except Exception as exc:
-                failures.append((obj.key, str(_explain(exc, client, s3.bucket)) if not isinstance(exc, _Mismatch)
-                                 else f"{exc} after {s3.retries + 1} attempts"))  # fmt: skip
+                why = (
+                    f"{exc} (checked against the listing and ETag)"
+                    if isinstance(exc, _Mismatch)
+                    else str(_explain(exc, client, s3.bucket))
+                )
+                failures.append((obj.key, f"{why}, after {s3.retries + 1} attempts" if _retryable(exc) else why))
                 if len(failures) == 1 and _is_connection_error(exc):
                     for f in futures:
                         f.cancel()  # the endpoint is gone: do not wait for every object to time out
