@@ -30,14 +30,18 @@ def fake_secret() -> str:
     return f"emassist-fake-secret-{uuid.uuid4().hex}"
 
 
-def aws_env(secret: str, **extra: str) -> dict[str, str]:
-    """Fake credentials through the standard AWS chain (environment variables) and nothing else."""
+def aws_env(secret: str, home: Path, **extra: str) -> dict[str, str]:
+    """Fake credentials through the standard AWS chain (environment variables) and nothing else: the config and
+    credentials files point at empty files under ``home`` so that a developer's ~/.aws cannot interfere."""
+    home.mkdir(parents=True, exist_ok=True)
+    for name in ("config", "credentials"):
+        (home / name).touch()
     return {
         "AWS_ACCESS_KEY_ID": "AKIAEMASSISTTEST0000",
         "AWS_SECRET_ACCESS_KEY": secret,
         "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_CONFIG_FILE": str(home / "config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials"),
         "AWS_EC2_METADATA_DISABLED": "true",
         **extra,
     }

@@ -63,8 +63,8 @@ OUTSIDE = {"other/Fibres/not-listed.png": image("png", 5)}  # outside the prefix
 
 
 @pytest.fixture(scope="module")
-def env() -> Iterator[dict[str, str]]:
-    values = aws_env(fake_secret())
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    values = aws_env(fake_secret(), tmp_path_factory.mktemp("aws"))
     with patched_environ(values):
         yield values
 
@@ -253,6 +253,16 @@ def test_cli_pull_and_acquire_stage(tmp_path: Path, moto: Any, bucket: dict[str,
     assert (tmp_path / "cli" / sorted(GOOD)[0]).read_bytes() == bucket[sorted(GOOD)[0]]
     assert main(["--params", str(params_file), "s3", "pull", "--bucket", "Bad_Bucket"]) == 2
     assert "s3.bucket" in capsys.readouterr().err
+
+    assert main(["--params", str(params_file), "s3", "mlflow-server", "--print", "--port", "5123"]) == 0
+    out = capsys.readouterr().out
+    assert f"MLFLOW_S3_ENDPOINT_URL={moto.url} mlflow server" in out
+    assert f"--artifacts-destination s3://{BUCKET}/mlartifacts" in out and "--port 5123" in out
+    assert main(["--params", str(params_file), "s3", "dvc-remote", "--print", "--default"]) == 0
+    out = capsys.readouterr().out
+    assert f"dvc remote add --local --force s3 s3://{BUCKET}/dvcstore" in out
+    assert f"endpointurl {moto.url}" in out and "dvc remote default --local s3" in out
+    assert load_env_secret() not in out
 
     from emassist.settings import load_params
 
