@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import http.server
+import json
 import os
 import subprocess
 import threading
@@ -92,8 +93,30 @@ def start_moto(tmp: Path, env: dict[str, str], port: int | None = None, recordin
     return Moto(url, port, proc, log_file)
 
 
-def replay_recording(moto: Moto) -> None:
-    requests.post(f"{moto.url}/moto-api/recorder/replay-recording", timeout=120).raise_for_status()
+def repair_recording(path: Path) -> int:
+    """moto's recorder appends from several threads: two entries can share a line (one written before the other's
+    newline), and a kill can cut the last one short. Rewrite one entry per line; return how many were unreadable."""
+    decoder = json.JSONDecoder()
+    entries, broken = [], 0
+    for line in path.read_text().splitlines():
+        pos = 0
+        while pos < len(line):
+            try:
+                entry, end = decoder.raw_decode(line, pos)
+            except json.JSONDecodeError:
+                broken += 1
+                break
+            entries.append(entry)
+            pos = end
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    return broken
+
+
+def replay_recording(moto: Moto, recording: Path) -> int:
+    """Give a restarted moto back what it had stored: replay the repaired request recording."""
+    broken = repair_recording(recording)
+    requests.post(f"{moto.url}/moto-api/recorder/replay-recording", timeout=300).raise_for_status()
+    return broken
 
 
 @contextlib.contextmanager
