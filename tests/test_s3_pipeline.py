@@ -303,7 +303,7 @@ def test_endpoint_killed_mid_push_then_retry_completes(built: World) -> None:
     assert len(built.keys("dvcstore/")) == before + n_extra + 1  # the new files + the folder's .dir object
 
     clone = built.clone("clone-after-kill")
-    ok(built.dvc("pull-after-kill", clone, "pull"))
+    ok(built.dvc("pull-after-kill", clone, "pull", *DVC_DATA, "data/extra"))
     for rel in (*DVC_DATA, "data/extra"):
         assert sha_tree(clone / rel) == sha_tree(repo / rel), rel
 
