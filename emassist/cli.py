@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     from emassist.cli_models import add_commands
 
     add_commands(sub)
+
+    from emassist import cli_s3
+
+    cli_s3.add_commands(sub)
+
     from emassist.cli_web import add_commands as add_web_commands
 
     add_web_commands(sub)

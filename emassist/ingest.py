@@ -48,6 +48,9 @@ REJECTED_COLUMNS: tuple[str, ...] = ("source_path", "label", "reason")
 MANIFEST_FILE = "manifest.parquet"
 REJECTED_FILE = "rejected.csv"
 IMAGES_DIR = "images"
+#: Refused upstream (e.g. S3 keys that would escape the data root), written by the acquirer at the top of raw_dir
+#: with the columns of rejected.csv; ingest moves its rows into rejected.csv so every object lands somewhere.
+UPSTREAM_REJECTED_FILE = "_rejected_upstream.csv"
 
 _INT_COLUMNS = ("width", "height", "bit_depth", "file_size", "n_frames", "databar_rows")
 _FLOAT_COLUMNS = ("pixel_size_nm", "magnification", "hv_kv", "wd_mm")
@@ -398,6 +401,14 @@ def _write_outputs(out: Path, manifest: pd.DataFrame, rejected: pd.DataFrame) ->
     rejected.to_csv(out / REJECTED_FILE, index=False)
 
 
+def read_upstream_rejected(path: Path) -> list[dict[str, str]]:
+    """Rows of an acquirer's quarantine list (``UPSTREAM_REJECTED_FILE``), in rejected.csv's columns."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [{c: str(row.get(c) or "") for c in REJECTED_COLUMNS} for row in csv.DictReader(fh)]
+
+
 def run_ingest(
     raw_dir: Path,
     out_dir: Path,
@@ -432,6 +443,9 @@ def run_ingest(
     tasks: list[_Task] = []
     rejected_rows: list[dict[str, Any]] = []
     for path in _scan(raw_dir):
+        if path.parent == raw_dir and path.name == UPSTREAM_REJECTED_FILE and path.is_file():
+            rejected_rows.extend(read_upstream_rejected(path))
+            continue
         task, rejection = _classify(path, raw_dir, raw_real, class_set, known)
         if task is not None:
             tasks.append(task)

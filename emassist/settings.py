@@ -32,7 +32,7 @@ class DataParams:
     classes: tuple[str, ...] = CLASSES
 
     def check(self) -> None:
-        _one_of("data.source", self.source, ("demo", "nffa"))
+        _one_of("data.source", self.source, ("demo", "nffa", "s3"))
         check_class_names("data.classes", self.classes)
         if len(set(self.classes)) < 2:
             raise ParamsError(f"data.classes: need at least two distinct classes, got {list(self.classes)}")
@@ -314,6 +314,66 @@ class OrchestrationParams:
         _positive("orchestration.connect_timeout_s", self.connect_timeout_s)
 
 
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_REMOTE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class S3Params:
+    """Where the data and artifacts live on S3 (or an S3-compatible store). Never credentials: those come only from
+    the standard AWS chain (environment, profile, instance role)."""
+
+    bucket: str | None = None  # required for data.source: s3 and the `emassist s3` commands
+    prefix: str = "raw"  # images under s3://bucket/prefix/<Class>/...
+    endpoint_url: str | None = None  # MinIO/moto/...; null: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS
+    region: str | None = None  # null: the AWS chain (AWS_DEFAULT_REGION, profile)
+    profile: str | None = None  # a named AWS profile; null: the default chain
+    workers: int = 16  # parallel transfers
+    retries: int = 5  # per object, exponential backoff
+    timeout_s: float = 60.0  # connect/read timeout per request
+    dvc_remote: str = "s3"  # name of the DVC remote written by `emassist s3 dvc-remote`
+    dvc_prefix: str = "dvcstore"  # DVC remote at s3://bucket/dvc_prefix
+    dvc_jobs: int = 0  # DVC transfer jobs for that remote; 0: DVC's default
+    mlflow_prefix: str = "mlartifacts"  # MLflow server artifacts at s3://bucket/mlflow_prefix
+
+    def check(self) -> None:
+        if self.bucket is not None:
+            if self.bucket.startswith("s3://"):
+                raise ParamsError(f"s3.bucket: give the bucket name only, without s3:// (got {self.bucket!r})")
+            if not _BUCKET_RE.match(self.bucket) or ".." in self.bucket:
+                raise ParamsError(
+                    f"s3.bucket: not a valid bucket name {self.bucket!r} (3-63 lowercase letters, digits, '.', '-')"
+                )
+        for key in ("prefix", "dvc_prefix", "mlflow_prefix"):
+            value: str = getattr(self, key)
+            parts = value.strip("/").split("/")
+            if value.strip("/") and ("\\" in value or any(p in ("", ".", "..") for p in parts)):
+                raise ParamsError(f"s3.{key}: must be a plain key prefix like 'raw' or 'sem/raw', got {value!r}")
+        if self.endpoint_url is not None:
+            if not self.endpoint_url.startswith(("http://", "https://")):
+                raise ParamsError(f"s3.endpoint_url: must be an http(s) URL, got {self.endpoint_url!r}")
+            if "@" in self.endpoint_url.split("://", 1)[1].split("/", 1)[0]:
+                raise ParamsError(
+                    "s3.endpoint_url: must not carry credentials; use the AWS credential chain "
+                    "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role)"
+                )
+        _at_least("s3.workers", self.workers, 1)
+        _at_least("s3.retries", self.retries, 0)
+        _positive("s3.timeout_s", self.timeout_s)
+        _at_least("s3.dvc_jobs", self.dvc_jobs, 0)
+        if not _REMOTE_NAME_RE.match(self.dvc_remote):
+            raise ParamsError(f"s3.dvc_remote: letters, digits, '_' and '-' only, got {self.dvc_remote!r}")
+
+    @property
+    def key_prefix(self) -> str:
+        """The prefix without surrounding slashes ('' for the whole bucket)."""
+        return self.prefix.strip("/")
+
+    def resolved_endpoint_url(self) -> str | None:
+        """params first, then the AWS SDKs' own variables, else None (AWS itself)."""
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 @dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
@@ -327,6 +387,7 @@ class Params:
     mlflow: MlflowParams = field(default_factory=MlflowParams)
     orchestration: OrchestrationParams = field(default_factory=OrchestrationParams)
     webapp: WebappParams = field(default_factory=WebappParams)
+    s3: S3Params = field(default_factory=S3Params)
 
     def check(self) -> None:
         for f in dataclasses.fields(self):
@@ -336,6 +397,8 @@ class Params:
                 f"ingest.cache_size: {self.ingest.cache_size} is below train.image_size {self.train.image_size}; "
                 "the cached images would be upscaled"
             )
+        if self.data.source == "s3" and not self.s3.bucket:
+            raise ParamsError("s3.bucket: data.source is s3 but no bucket is set")
 
 
 # --------------------------------------------------------------------------------------------- loading

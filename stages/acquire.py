@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from emassist.settings import Params
-from emassist.stagerun import run_stage
+from emassist.stagerun import StageError, run_stage
 
 
 def generate(params: Params, out_dir: Path, **overrides: Any) -> dict[str, int]:
@@ -44,11 +44,23 @@ def fetch(params: Params, out_dir: Path, classes: Sequence[str] | None = None) -
     )
 
 
+def pull_s3(params: Params, out_dir: Path, **kwargs: Any) -> Any:
+    """``s3://s3.bucket/s3.prefix/<Class>/...`` into out_dir (checked keys, verified, parallel, retried)."""
+    from emassist.s3 import S3Error, pull
+
+    try:
+        return pull(params.s3, out_dir, params.data.classes, **kwargs)
+    except S3Error as exc:
+        raise StageError(str(exc)) from exc
+
+
 def main(params: Params) -> None:
     raw_dir = Path(params.data.raw_dir)
     if params.data.source == "demo":
         counts = generate(params, raw_dir)
         print(f"generated {sum(counts.values())} demo images in {raw_dir}: {counts}")
+    elif params.data.source == "s3":
+        print(pull_s3(params, raw_dir))
     else:
         print(fetch(params, raw_dir).summary())
 
