@@ -30,19 +30,27 @@ def prefect_api_url() -> str | None:
     return os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value() or None
 
 
+def _check_health(server: str, url: str, shown: str, hint: str, timeout: float) -> None:
+    """GET ``url``/health: a one-line :class:`OrchestrationError` naming ``server`` unless it answers 200."""
+    try:
+        response = requests.get(f"{url.rstrip('/')}/health", timeout=timeout)
+    except requests.RequestException as exc:
+        raise OrchestrationError(f"{server} unreachable at {shown} ({type(exc).__name__}): {hint}") from exc
+    if response.status_code != 200:
+        raise OrchestrationError(f"{server} at {url} answered /health with HTTP {response.status_code}")
+
+
 def check_prefect_api(timeout: float) -> str | None:
     url = prefect_api_url()
     if not url:
         return None
-    try:
-        response = requests.get(f"{url.rstrip('/')}/health", timeout=timeout)
-    except requests.RequestException as exc:
-        raise OrchestrationError(
-            f"Prefect server unreachable at PREFECT_API_URL={url} ({type(exc).__name__}): start it with "
-            "`prefect server start` or unset PREFECT_API_URL to run on a temporary local server"
-        ) from exc
-    if response.status_code != 200:
-        raise OrchestrationError(f"Prefect server at {url} answered /health with HTTP {response.status_code}")
+    _check_health(
+        "Prefect server",
+        url,
+        f"PREFECT_API_URL={url}",
+        "start it with `prefect server start` or unset PREFECT_API_URL to run on a temporary local server",
+        timeout,
+    )
     return url
 
 
@@ -54,15 +62,13 @@ def check_mlflow(params: Params, timeout: float) -> str:
     uri = params.mlflow.resolved_tracking_uri()
     if not is_remote_tracking(uri):
         return uri
-    try:
-        response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
-    except requests.RequestException as exc:
-        raise OrchestrationError(
-            f"MLflow tracking server unreachable at {uri} ({type(exc).__name__}): start it (see mlflow/README.md) "
-            "or point MLFLOW_TRACKING_URI / mlflow.tracking_uri at a running one"
-        ) from exc
-    if response.status_code != 200:
-        raise OrchestrationError(f"MLflow tracking server at {uri} answered /health with HTTP {response.status_code}")
+    _check_health(
+        "MLflow tracking server",
+        uri,
+        uri,
+        "start it (see mlflow/README.md) or point MLFLOW_TRACKING_URI / mlflow.tracking_uri at a running one",
+        timeout,
+    )
     return uri
 
 
