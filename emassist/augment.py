@@ -33,11 +33,13 @@ POLICY_KEYS: tuple[str, ...] = (
     "shear",
     "zoom",
     "flip",
+    "rot90",
     "brightness",
     "contrast",
 )
 REQUIRED_COLUMNS: tuple[str, ...] = ("sha256", "label", "image_path")
 AUGMENTED_FROM = "augmented_from"
+_SWITCHES = ("flip", "rot90")  # the on/off keys of a policy; the others are fractions
 _SUPPORTED_MODES = ("L", "RGB")
 _MIN_VIEW = 0.1  # smallest zoom view (fraction of the image); keeps the affine invertible for zoom=1
 
@@ -52,6 +54,7 @@ class Policy:
     shear: float = 0.0  # shear coefficient of the affine (x += shear * y)
     zoom: float = 0.0  # ± fraction of the visible field
     flip: bool = False  # random horizontal and vertical flips (each with p = 0.5)
+    rot90: bool = False  # a random multiple of 90° (SEM images have no preferred orientation)
     brightness: float = 0.0  # ± fraction of the 0..255 range added
     contrast: float = 0.0  # contrast factor drawn from [1 - contrast, 1 + contrast]
 
@@ -62,10 +65,10 @@ class Policy:
             raise ValueError(f"{prefix}: unknown key(s) {unknown} (known: {', '.join(POLICY_KEYS)})")
         values: dict[str, float | bool] = {}
         for key in POLICY_KEYS:
-            value = policy.get(key, False if key == "flip" else 0.0)
-            if key == "flip":
+            value = policy.get(key, False if key in _SWITCHES else 0.0)
+            if key in _SWITCHES:
                 if not isinstance(value, bool | np.bool_):
-                    raise ValueError(f"{prefix}.flip: must be true or false, got {value!r}")
+                    raise ValueError(f"{prefix}.{key}: must be true or false, got {value!r}")
                 values[key] = bool(value)
                 continue
             if isinstance(value, bool | np.bool_):
@@ -88,7 +91,7 @@ def copy_id(source_sha256: str, copy_index: int, seed: int) -> str:
 def augment_image(image: Image.Image, policy: Policy, rng: np.random.Generator) -> Image.Image:
     """One random augmentation of ``image`` (same size and mode); parameters drawn from ``rng``.
 
-    The geometric part (rotation, shear, zoom, shift, flips) is a single affine map sampled with bicubic
+    The geometric part (rotation, quarter turns, shear, zoom, shift, flips) is a single affine map sampled with bicubic
     interpolation from a symmetrically padded copy, so corners are filled with mirrored content
     (Keras' ``fill_mode="reflect"``) rather than black. A zero policy returns the pixels unchanged.
     """
@@ -97,9 +100,10 @@ def augment_image(image: Image.Image, policy: Policy, rng: np.random.Generator) 
     # Always draw the same numbers in the same order, so one key's value never reshuffles the others.
     u_rot, u_wx, u_hy, u_shear, u_zoom, u_bright, u_contrast = rng.uniform(-1.0, 1.0, size=7)
     flip_h, flip_v = rng.random(2) < 0.5
+    quarter_turns = int(rng.integers(4))
 
     width, height = image.size
-    theta = u_rot * policy.rotation * 2.0 * math.pi
+    theta = u_rot * policy.rotation * 2.0 * math.pi + (quarter_turns * math.pi / 2.0 if policy.rot90 else 0.0)
     shear = u_shear * policy.shear
     view = max(1.0 + u_zoom * policy.zoom, _MIN_VIEW)  # > 1: zoom out (see more), < 1: zoom in
     shift = np.array([u_wx * policy.width_shift * width, u_hy * policy.height_shift * height])

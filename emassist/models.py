@@ -30,6 +30,8 @@ XCEPTION_BASE = "xception_base"
 XCEPTION_BLOCKS = 14
 XCEPTION_MIN_SIZE = 71  # smallest input keras.applications.Xception accepts
 SIMPLE_CNN_MIN_SIZE = 8
+COMPACT_CNN_FILTERS = (32, 64, 128, 256)
+COMPACT_CNN_MIN_SIZE = 32  # a stride-2 stem and four 2× poolings leave 1×1 at 32 px
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
 SGD_MOMENTUM = 0.9
@@ -66,8 +68,9 @@ def build_model(
     if name in ("simple_cnn", "compact_cnn"):
         if weights is not None:
             raise ValueError(f"train.weights must be null for {name} (it has no pretrained weights), got {weights!r}")
-        if image_size < SIMPLE_CNN_MIN_SIZE:
-            raise ValueError(f"train.image_size must be >= {SIMPLE_CNN_MIN_SIZE} for {name}, got {image_size}")
+        smallest = COMPACT_CNN_MIN_SIZE if name == "compact_cnn" else SIMPLE_CNN_MIN_SIZE
+        if image_size < smallest:
+            raise ValueError(f"train.image_size must be >= {smallest} for {name}, got {image_size}")
         if name == "compact_cnn":
             return _compact_cnn(num_classes, image_size, dropout, seed)
         return _simple_cnn(num_classes, image_size, seed)
@@ -121,21 +124,24 @@ def _simple_cnn(num_classes: int, image_size: int, seed: int) -> keras.Model:
 
 
 def _compact_cnn(num_classes: int, image_size: int, dropout: float, seed: int) -> keras.Model:
-    """A small modern CNN trained from scratch: four Conv-BN-ReLU / SeparableConv stages, global pooling.
+    """A small, fast CNN trained from scratch: a stride-2 stem, four Conv-BN-ReLU-MaxPool stages, global pooling.
 
-    ~0.2 M parameters: fast on a CPU and far less prone to over-fitting than simple_cnn's 8.7 M-parameter Dense
-    layer. The CPU default for the demo; xception with ImageNet weights is the model for the real data.
+    Filters 32 / 32-64-128-256, ~0.4 M parameters. The stride-2 stem and plain 3×3 convolutions (which oneDNN runs
+    far faster on a CPU than depthwise-separable ones) make it ~3× faster per image than the earlier
+    SeparableConv design at the same size, so the demo can train on more images for more epochs. The CPU default
+    for the demo; xception with ImageNet weights is the model for the real data. Needs ``image_size`` >= 32.
     """
     inputs = keras.Input((image_size, image_size, 3), dtype="float32", name=INPUT_NAME)
     x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
-    for i, filters in enumerate((32, 64, 96, 128)):
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=_init(seed + 2 * i),
+    x = keras.layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, kernel_initializer=_init(seed),
+                            name="stem_conv")(x)  # fmt: skip
+    x = keras.layers.BatchNormalization(momentum=0.9, name="stem_bn")(x)
+    x = keras.layers.ReLU(name="stem_relu")(x)
+    for i, filters in enumerate(COMPACT_CNN_FILTERS):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=_init(seed + 1 + i),
                                 name=f"stage{i}_conv")(x)  # fmt: skip
-        x = keras.layers.BatchNormalization(momentum=0.9, name=f"stage{i}_bn1")(x)
-        x = keras.layers.ReLU(name=f"stage{i}_relu1")(x)
-        x = keras.layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"stage{i}_sep")(x)
-        x = keras.layers.BatchNormalization(momentum=0.9, name=f"stage{i}_bn2")(x)
-        x = keras.layers.ReLU(name=f"stage{i}_relu2")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"stage{i}_bn")(x)
+        x = keras.layers.ReLU(name=f"stage{i}_relu")(x)
         x = keras.layers.MaxPooling2D(2, name=f"stage{i}_pool")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     x = keras.layers.Dropout(dropout, seed=seed + 10, name="dropout")(x)
@@ -230,24 +236,63 @@ def _prod(shape: tuple[int, ...]) -> int:
     return n
 
 
-def compile_model(model: keras.Model, *, optimizer: str, learning_rate: float, jit_compile: bool = False) -> None:
+@keras.saving.register_keras_serializable(package="emassist")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Cross-entropy of integer labels against smoothed one-hot targets (Keras' sparse loss has no smoothing)."""
+
+    def __init__(self, label_smoothing: float = 0.1, name: str = "smoothed_sparse_crossentropy", **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        labels = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
+        one_hot = keras.ops.one_hot(labels, y_pred.shape[-1], dtype=y_pred.dtype)
+        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def compile_model(
+    model: keras.Model,
+    *,
+    optimizer: str,
+    learning_rate: float,
+    jit_compile: bool = False,
+    decay_steps: int | None = None,
+    label_smoothing: float = 0.0,
+) -> None:
     """Compile for integer labels: sparse categorical cross-entropy; metrics ``accuracy`` and ``top3``.
 
-    ``optimizer``: ``rmsprop`` | ``adam`` | ``sgd`` (momentum 0.9, no Nesterov).
+    ``optimizer``: ``rmsprop`` | ``adam`` | ``sgd`` (momentum 0.9, no Nesterov). ``decay_steps``: when given, the
+    rate follows a cosine decay from ``learning_rate`` to 0 over that many optimizer steps (``train.lr_schedule:
+    cosine``); otherwise it stays constant (and ReduceLROnPlateau may lower it). ``label_smoothing`` > 0 mixes
+    that share of a uniform distribution into the one-hot targets (:class:`SmoothedSparseCrossentropy`).
     """
-    if optimizer == "rmsprop":
-        opt: keras.optimizers.Optimizer = keras.optimizers.RMSprop(learning_rate=learning_rate)
-    elif optimizer == "adam":
-        opt = keras.optimizers.Adam(learning_rate=learning_rate)
-    elif optimizer == "sgd":
-        opt = keras.optimizers.SGD(learning_rate=learning_rate, momentum=SGD_MOMENTUM)
-    else:
-        raise ValueError(f"train.optimizer: unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"train.label_smoothing must be in [0, 1), got {label_smoothing!r}")
     if not learning_rate > 0:
         raise ValueError(f"train.learning_rate must be > 0, got {learning_rate!r}")
+    rate: float | keras.optimizers.schedules.LearningRateSchedule = learning_rate
+    if decay_steps is not None:
+        if isinstance(decay_steps, bool) or not isinstance(decay_steps, int) or decay_steps < 1:
+            raise ValueError(f"decay_steps must be a positive integer, got {decay_steps!r}")
+        rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
+    if optimizer == "rmsprop":
+        opt: keras.optimizers.Optimizer = keras.optimizers.RMSprop(learning_rate=rate)
+    elif optimizer == "adam":
+        opt = keras.optimizers.Adam(learning_rate=rate)
+    elif optimizer == "sgd":
+        opt = keras.optimizers.SGD(learning_rate=rate, momentum=SGD_MOMENTUM)
+    else:
+        raise ValueError(f"train.optimizer: unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     model.compile(
         optimizer=opt,
-        loss=keras.losses.SparseCategoricalCrossentropy(),
+        loss=(
+            SmoothedSparseCrossentropy(label_smoothing)
+            if label_smoothing > 0
+            else keras.losses.SparseCategoricalCrossentropy()
+        ),
         metrics=[
             keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
             keras.metrics.SparseTopKCategoricalAccuracy(k=3, name="top3"),
@@ -277,15 +322,47 @@ class ClipToRange(keras.layers.Layer):
         return {**super().get_config(), "low": self.low, "high": self.high}
 
 
+class RandomRot90(keras.layers.Layer):
+    """Turn each image of a square batch ``[B, S, S, C]`` by its own random multiple of 90° (training only).
+
+    Exact (no interpolation, no fill), so it is as cheap as a flip; with flips it covers all eight symmetries of
+    the square. TensorFlow ops: it runs inside the ``tf.data`` input pipeline, never inside the saved model.
+    """
+
+    def __init__(self, seed: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seed = seed
+
+    def call(self, inputs: Any, training: bool = True) -> Any:
+        import tensorflow as tf
+
+        if not training:
+            return inputs
+        x = tf.convert_to_tensor(inputs)
+        turns = tf.random.uniform(tf.shape(x)[:1], 0, 4, dtype=tf.int32, seed=self.seed)
+        options = [x]
+        for _ in range(3):
+            options.append(tf.reverse(tf.transpose(options[-1], (0, 2, 1, 3)), axis=[1]))  # +90° each
+        stacked = tf.stack(options, axis=1)  # [B, 4, S, S, C]
+        return tf.gather(stacked, turns, axis=1, batch_dims=1)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "seed": self.seed}
+
+
 def build_augmentation(policy: Mapping[str, float | bool], seed: int) -> keras.Sequential:
     """Keras preprocessing layers for training batches (float32 [B, S, S, 3] in 0..255, inside ``tf.data``).
 
     Same keys and fractions as the offline augmentation (``augment.policy``): rotation (of a full turn),
-    height/width shift, shear (along x, as offline), zoom, flip (horizontal and vertical), brightness (of 255),
-    contrast. A 0 / false value leaves its layer out. Geometric layers fill with mirrored content
-    (``fill_mode="reflect"``, as offline). Identity when called with ``training=False``; output clipped to 0..255.
+    height/width shift, shear (along x, as offline), zoom, flip (horizontal and vertical), rot90 (a random number
+    of quarter turns per image), brightness (of 255), contrast. A 0 / false value leaves its layer out. Geometric
+    layers fill with mirrored content (``fill_mode="reflect"``, as offline). Identity when called with
+    ``training=False``; output clipped to 0..255.
     """
-    known = {"rotation", "width_shift", "height_shift", "shear", "zoom", "flip", "brightness", "contrast"}
+    known = {"rotation", "width_shift", "height_shift", "shear", "zoom", "flip", "rot90", "brightness", "contrast"}
     unknown = sorted(set(policy) - known)
     if unknown:
         raise ValueError(f"augment.policy: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -318,11 +395,14 @@ def build_augmentation(policy: Mapping[str, float | bool], seed: int) -> keras.S
         )
     if value("zoom"):
         layers.append(keras.layers.RandomZoom(value("zoom"), fill_mode="reflect", seed=s(), name="zoom"))
-    flip = policy.get("flip", False)
-    if not isinstance(flip, bool):
-        raise ValueError(f"augment.policy.flip must be true or false, got {flip!r}")
-    if flip:
+    switches = {key: policy.get(key, False) for key in ("flip", "rot90")}
+    for key, on in switches.items():
+        if not isinstance(on, bool):
+            raise ValueError(f"augment.policy.{key} must be true or false, got {on!r}")
+    if switches["flip"]:
         layers.append(keras.layers.RandomFlip("horizontal_and_vertical", seed=s(), name="flip"))
+    if switches["rot90"]:
+        layers.append(RandomRot90(seed=s(), name="rot90"))
     if value("brightness"):
         layers.append(
             keras.layers.RandomBrightness(value("brightness"), value_range=(0, 255), seed=s(), name="brightness")

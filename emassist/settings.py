@@ -141,6 +141,7 @@ class PolicyParams:
     shear: float = 0.1
     zoom: float = 0.1
     flip: bool = True
+    rot90: bool = False  # a random multiple of 90° (not in the study's policy)
     brightness: float = 0.1
     contrast: float = 0.1
 
@@ -158,15 +159,18 @@ class PolicyParams:
 class AugmentParams:
     target_per_class: int = 100  # rare classes of the train split are grown to this many images
     seed: int = 42
-    online: bool = True  # also apply the policy on the fly (Keras preprocessing layers) while training
-    policy: PolicyParams = field(default_factory=PolicyParams)
+    online: bool = True  # also augment training batches on the fly (Keras preprocessing layers) with online_policy
+    policy: PolicyParams = field(default_factory=PolicyParams)  # offline copies of the rare classes
+    online_policy: PolicyParams = field(default_factory=PolicyParams)  # training batches (same keys and fractions)
 
     def check(self) -> None:
         _at_least("augment.target_per_class", self.target_per_class, 0)
         self.policy.check()
+        self.online_policy.check("augment.online_policy")
 
 
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
+LR_SCHEDULES = ("plateau", "cosine")
 MODELS = ("simple_cnn", "compact_cnn", "xception")
 
 
@@ -178,6 +182,8 @@ class TrainParams:
     epochs: int = 10  # phase 1 (xception: head only, base frozen)
     learning_rate: float = 0.001
     optimizer: str = "adam"
+    lr_schedule: str = "plateau"  # plateau: ReduceLROnPlateau | cosine: cosine decay to 0 over each phase
+    label_smoothing: float = 0.0  # of the cross-entropy targets (0: off)
     dropout: float = 0.3
     weights: str | None = None  # imagenet | path to a local weights file | null
     finetune_epochs: int = 0  # phase 2 (xception only): top blocks unfrozen
@@ -197,7 +203,10 @@ class TrainParams:
     def check(self) -> None:
         _one_of("train.model", self.model, MODELS)
         _one_of("train.optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _at_least("train.image_size", self.image_size, 16)
+        if self.model == "compact_cnn" and self.image_size < 32:
+            raise ParamsError(f"train.image_size: compact_cnn needs at least 32 pixels, got {self.image_size}")
         if self.model == "xception" and self.image_size < 71:
             raise ParamsError(f"train.image_size: Xception needs at least 71 pixels, got {self.image_size}")
         _at_least("train.batch_size", self.batch_size, 1)
@@ -206,6 +215,9 @@ class TrainParams:
         _positive("train.learning_rate", self.learning_rate)
         _positive("train.finetune_learning_rate", self.finetune_learning_rate)
         _fraction("train.dropout", self.dropout)
+        _fraction("train.label_smoothing", self.label_smoothing)
+        if self.label_smoothing >= 1:
+            raise ParamsError(f"train.label_smoothing: must be below 1, got {self.label_smoothing}")
         if self.dropout >= 1:
             raise ParamsError(f"train.dropout: must be below 1, got {self.dropout}")
         _at_least("train.finetune_blocks", self.finetune_blocks, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -58,18 +59,24 @@ def _epoch_logger(offset: list[int]) -> Any:
 
 
 def _callbacks(params: Params, offset: list[int]) -> list[Any]:
+    """Early stopping (best weights restored), ReduceLROnPlateau unless the rate follows a cosine schedule, and
+    the per-epoch MLflow logger."""
     import keras
 
     t = params.train
-    return [
+    callbacks: list[Any] = [
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=t.early_stopping_patience, restore_best_weights=True, verbose=1
-        ),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=t.reduce_lr_factor, patience=t.reduce_lr_patience, verbose=1
-        ),
-        _epoch_logger(offset),
+        )
     ]
+    if t.lr_schedule == "plateau":
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=t.reduce_lr_factor, patience=t.reduce_lr_patience, verbose=1
+            )
+        )
+    callbacks.append(_epoch_logger(offset))
+    return callbacks
 
 
 def _strategy() -> Any:
@@ -103,7 +110,8 @@ def train(params: Params) -> TrainResult:
     keras.utils.set_random_seed(t.seed)
     if t.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
-    augmentation = build_augmentation(params.augment.policy.as_dict(), seed=t.seed) if params.augment.online else None
+    online = params.augment.online_policy.as_dict()
+    augmentation = build_augmentation(online, seed=t.seed) if params.augment.online else None
     common = {"image_size": t.image_size, "batch_size": t.batch_size, "cache": t.cache, "seed": t.seed}
     train_ds = make_dataset(
         train_split, training=True, shuffle_buffer=t.shuffle_buffer, augmentation=augmentation, **common
@@ -136,7 +144,11 @@ def train(params: Params) -> TrainResult:
         offset = [0]
         for phase, epochs, lr in phases:
             set_phase(model, phase, finetune_blocks=t.finetune_blocks)
-            compile_model(model, optimizer=t.optimizer, learning_rate=lr, jit_compile=t.xla)
+            steps = epochs * math.ceil(len(train_split) / t.batch_size) if t.lr_schedule == "cosine" else None
+            compile_model(
+                model, optimizer=t.optimizer, learning_rate=lr, jit_compile=t.xla, decay_steps=steps,
+                label_smoothing=t.label_smoothing,
+            )  # fmt: skip
             trainable, frozen = count_params(model)
             log.info(
                 "phase %s: %d epochs at lr %g; %d trainable / %d frozen params", phase, epochs, lr, trainable, frozen

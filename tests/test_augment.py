@@ -175,6 +175,21 @@ def test_flip_only_gives_flipped_or_identical_copies(workspace):
         assert any(np.array_equal(got, c) for c in candidates)
 
 
+def test_rot90_only_gives_quarter_turns_of_the_source(workspace):
+    root, train = workspace
+    result = _run(root, train, policy={"rot90": True})
+    sources = train.set_index("sha256")["image_path"]
+    turns = set()
+    for row in result[result["augmented_from"] != ""].itertuples():
+        got = _pixels(root / row.image_path).astype(int)
+        src = _pixels(root / sources[row.augmented_from]).astype(int)
+        errors = [int(np.abs(got - np.rot90(src, k)).max()) if got.shape == np.rot90(src, k).shape else 999
+                  for k in range(4)]  # fmt: skip
+        assert min(errors) <= 1, errors  # exact up to the interpolation's rounding
+        turns.add(int(np.argmin(errors)))
+    assert len(turns) >= 2, turns  # the number of turns is drawn per copy
+
+
 def test_rotation_fills_corners_with_image_content(workspace):
     root, train = workspace
     white = np.full((SIZE, SIZE), 200, dtype=np.uint8)
@@ -198,7 +213,7 @@ def test_negative_target_is_refused(workspace):
     assert not (root / "data" / "augmented").exists()
 
 
-@pytest.mark.parametrize("policy", [{"rotation": -0.1}, {"zoom": 1.5}, {"flip": "yes"}, {"rotaton": 0.1}])
+@pytest.mark.parametrize("policy", [{"rotation": -0.1}, {"zoom": 1.5}, {"flip": "yes"}, {"rot90": 1}, {"rotaton": 0.1}])
 def test_bad_policy_is_refused(workspace, policy):
     root, train = workspace
     with pytest.raises(ValueError, match=r"augment\.policy"):

@@ -28,7 +28,7 @@ def _noise(side: int, seed: int = 0) -> np.ndarray:
     ("name", "size", "layer"),
     [
         ("simple_cnn", 32, "conv2"),
-        ("compact_cnn", 32, "stage3_relu2"),
+        ("compact_cnn", 32, "stage3_relu"),
         ("xception", 71, "xception_base/block14_sepconv2_act"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,23 @@ def test_compile_model(optimizer: str) -> None:
     assert isinstance(model.loss, keras.losses.SparseCategoricalCrossentropy)
 
 
+def test_cosine_schedule_decays_to_zero_over_decay_steps() -> None:
+    model = build("compact_cnn")
+    compile_model(model, optimizer="adam", learning_rate=0.01, decay_steps=4)
+    schedule = model.optimizer._learning_rate
+    assert isinstance(schedule, keras.optimizers.schedules.CosineDecay)
+    rates = [float(schedule(step)) for step in range(5)]
+    assert rates[0] == pytest.approx(0.01)
+    assert all(a > b for a, b in itertools.pairwise(rates)), rates
+    assert rates[-1] == pytest.approx(0.0, abs=1e-9)
+    x, y = images(8, SIZES["compact_cnn"]), np.arange(8) % 5
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)  # two optimizer steps
+    assert float(model.optimizer.learning_rate) == pytest.approx(rates[2], rel=1e-5)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="decay_steps"):
+            compile_model(model, optimizer="adam", learning_rate=0.01, decay_steps=bad)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_weights_round_trip(name: str, tmp_path: Path) -> None:
     model = build(name, seed=1)
@@ -206,6 +224,8 @@ def test_bad_params_name_the_param(tmp_path: Path) -> None:
         build_model("xception", num_classes=3, image_size=70)
     with pytest.raises(ValueError, match=r"train\.image_size"):
         build_model("simple_cnn", num_classes=3, image_size=4)
+    with pytest.raises(ValueError, match=r"train\.image_size must be >= 32 for compact_cnn"):
+        build_model("compact_cnn", num_classes=3, image_size=24)
     with pytest.raises(ValueError, match=r"train\.dropout"):
         build_model("xception", num_classes=3, image_size=71, dropout=1.0)
     model = build("simple_cnn")
@@ -217,6 +237,40 @@ def test_bad_params_name_the_param(tmp_path: Path) -> None:
         build_augmentation({"rotatoin": 0.1}, seed=0)
     with pytest.raises(ValueError, match=r"augment\.policy\.zoom"):
         build_augmentation({"zoom": 1.5}, seed=0)
+
+
+def test_rot90_turns_each_image_of_a_batch_on_its_own() -> None:
+    import tensorflow as tf
+
+    aug = build_augmentation({"rot90": True}, seed=0)
+    assert [layer.name for layer in aug.layers] == ["rot90", "clip"]
+    x = images(16, 32)
+    out = next(iter(tf.data.Dataset.from_tensors(x).map(lambda b: aug(b, training=True)))).numpy()
+    turns = []
+    for src, got in zip(x, out, strict=True):
+        matches = [k for k in range(4) if np.array_equal(got, np.rot90(src, k, axes=(0, 1)))]
+        assert len(matches) == 1  # exactly a quarter-turn multiple of its own source (no interpolation)
+        turns.append(matches[0])
+    assert len(set(turns)) >= 2, turns  # drawn per image, not once per batch
+    np.testing.assert_array_equal(aug(x, training=False), x)
+    with pytest.raises(ValueError, match=r"augment\.policy\.rot90"):
+        build_augmentation({"rot90": 1}, seed=0)
+
+
+def test_label_smoothing_loss_matches_keras_categorical() -> None:
+    from emassist.models import SmoothedSparseCrossentropy
+
+    y = np.array([0, 2, 1])
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3]], np.float32)
+    expected = keras.losses.CategoricalCrossentropy(label_smoothing=0.1)(np.eye(3)[y], p)
+    assert float(SmoothedSparseCrossentropy(0.1)(y, p)) == pytest.approx(float(expected), rel=1e-6)
+    plain = keras.losses.SparseCategoricalCrossentropy()(y, p)
+    assert float(SmoothedSparseCrossentropy(0.1)(y, p)) > float(plain)  # smoothing penalises confident hits
+    model = build("compact_cnn")
+    compile_model(model, optimizer="adam", learning_rate=0.01, label_smoothing=0.1)
+    assert isinstance(model.loss, SmoothedSparseCrossentropy) and model.loss.label_smoothing == 0.1
+    with pytest.raises(ValueError, match=r"train\.label_smoothing"):
+        compile_model(model, optimizer="adam", learning_rate=0.01, label_smoothing=1.0)
 
 
 def test_finetune_blocks_range() -> None:

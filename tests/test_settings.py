@@ -35,6 +35,12 @@ def test_repo_params_load() -> None:
         ({"validate": {"max_rejected_fraction": 2}}, "validate.max_rejected_fraction"),
         ({"demo": {"min_per_class": 500}}, "demo.n_images"),
         ({"split": {"typo_key": 1}}, "split.typo_key"),
+        ({"train": {"lr_schedule": "step"}}, "train.lr_schedule"),
+        ({"train": {"model": "compact_cnn", "image_size": 24}}, "train.image_size"),
+        ({"augment": {"online_policy": {"zoom": 1.5}}}, "augment.online_policy.zoom"),
+        ({"augment": {"online_policy": {"mixup": 0.2}}}, "augment.online_policy.mixup"),
+        ({"augment": {"online_policy": {"rot90": "yes"}}}, "augment.online_policy.rot90"),
+        ({"train": {"label_smoothing": 1.0}}, "train.label_smoothing"),
     ],
 )
 def test_bad_values_name_the_key(overrides: dict, key: str) -> None:

@@ -120,6 +120,22 @@ def test_train_and_evaluate_track_everything_in_mlflow(project: Path) -> None:
     assert {"confusion_matrix.png", "metrics.json", "confused_pairs.csv"} <= evaluation
 
 
+def test_cosine_schedule_replaces_reduce_on_plateau(project: Path) -> None:
+    import mlflow
+
+    from emassist.training import _callbacks, train
+
+    params = tiny_params(model="compact_cnn", lr_schedule="cosine", epochs=3)
+    assert not any(type(c).__name__ == "ReduceLROnPlateau" for c in _callbacks(params, [0]))
+    assert any(type(c).__name__ == "ReduceLROnPlateau" for c in _callbacks(tiny_params(lr_schedule="plateau"), [0]))
+    result = train(params)
+    mlflow.set_tracking_uri("sqlite:///mlflow.db")
+    rates = [m.value for m in mlflow.MlflowClient().get_metric_history(result.run_id, "learning_rate")]
+    assert len(rates) == 3 and rates[0] > rates[1] > rates[2] >= 0, rates  # 0 after the last step
+    assert rates[0] < params.train.learning_rate  # already decayed by the first epoch's steps
+    assert mlflow.get_run(result.run_id).data.params["train.lr_schedule"] == "cosine"
+
+
 @pytest.mark.parametrize(
     ("train", "key"),
     [

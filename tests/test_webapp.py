@@ -142,7 +142,7 @@ def test_batch_csv_and_gradcam_over_http(server: str, images: dict[str, Path]) -
     assert [(row["filename"], row["label"]) for row in rows] == [("fibres.png", ws.LEFT), ("particles.png", ws.RIGHT)]
     assert rows[0]["model"] == ws.MODEL_NAME and rows[0]["model_alias"] == "champion"
     g = requests.get(f"{server}/api/gradcam/{ids[1]}", timeout=60).json()
-    assert g["class"] == ws.RIGHT and g["layer"] == "stage3_relu2"
+    assert g["class"] == ws.RIGHT and g["layer"] == "stage3_relu"
     assert g["overlay"].startswith("data:image/png;base64,")
 
 
