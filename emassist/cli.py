@@ -15,8 +15,16 @@ from emassist.settings import ParamsError, load_params
 def _cmd_demo(args: argparse.Namespace) -> int:
     from stages.acquire import generate
 
-    counts = generate(load_params(args.params), args.out, n_images=args.n, width=args.width, height=args.height,
-                      seed=args.seed)  # fmt: skip
+    params = load_params(args.params)
+    floor = args.min_per_class
+    if floor is None and args.n is not None:
+        # A smaller --n than the params' floor allows (floor × classes) lowers the floor to what fits, not an error.
+        fits = max(1, args.n // len(params.data.classes))
+        if params.demo.min_per_class > fits:
+            floor = fits
+            print(f"note: --n {args.n} is below demo.min_per_class × classes; using a floor of {floor} per class")
+    counts = generate(params, args.out, n_images=args.n, width=args.width, height=args.height, seed=args.seed,
+                      min_per_class=floor)  # fmt: skip
     print(f"wrote {sum(counts.values())} images to {args.out}")
     for name, n in counts.items():
         print(f"  {name:<30} {n:>6}")
@@ -61,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="image width (default: demo.width)")
     p.add_argument("--height", type=int, help="image height (default: demo.height)")
     p.add_argument("--seed", type=int, help="random seed (default: demo.seed)")
+    p.add_argument(
+        "--min-per-class",
+        type=int,
+        help="floor of images per class (default: demo.min_per_class, lowered to what fits a smaller --n)",
+    )
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(

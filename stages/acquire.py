@@ -12,7 +12,7 @@ from emassist.stagerun import StageError, run_stage
 
 
 def generate(params: Params, out_dir: Path, **overrides: Any) -> dict[str, int]:
-    """Demo images from ``params.demo``; keyword overrides (n_images, width, height, seed) win."""
+    """Demo images from ``params.demo``; keyword overrides (n_images, width, height, seed, min_per_class) win."""
     from emassist.demo import generate_demo
 
     d = params.demo

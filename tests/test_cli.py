@@ -34,7 +34,19 @@ def test_demo_then_ingest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     manifest = pd.read_parquet(interim / "manifest.parquet")
     rejected = pd.read_csv(interim / "rejected.csv")
     assert len(manifest) == 400 and rejected["source_path"].tolist() == ["Tips/broken.png"]
-    assert "wrote 400 images" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote 400 images" in out
+    assert "using a floor of 40 per class" in out  # params' floor (330) × 10 classes does not fit 400
+
+
+def test_demo_floor_option_and_a_floor_that_does_not_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = tmp_path / "raw"
+    args = ["--params", str(PARAMS), "demo", "--out", str(raw), "--width", "32", "--height", "32"]
+    assert main([*args, "--n", "60", "--min-per-class", "5"]) == 0
+    counts = {d.name: sum(1 for _ in d.iterdir()) for d in raw.iterdir()}
+    assert sum(counts.values()) == 60 and min(counts.values()) == 5
+    assert main([*args, "--n", "60", "--min-per-class", "7"]) == 1  # 7 × 10 classes > 60: said, not lowered
+    assert "min_per_class" in capsys.readouterr().err
 
 
 def test_bad_params_exit_2_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
