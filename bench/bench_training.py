@@ -6,7 +6,7 @@ windows taken after a warm-up (the first epoch of the input pipeline, the first 
 are never timed):
 
 * **input**: ``make_dataset(training=True, cache=False, augmentation=<params.yaml policy>)`` iterated on its own,
-  so every window pays PNG decode + resize + online augmentation, as in the first epoch of a real run;
+  so every window pays PNG decode + resize + online augmentation (``--policy``), as in the first epoch of a real run;
 * **train**: ``model.train_on_batch`` on batches pulled from that same pipeline (augmentation on), for
   ``simple_cnn`` and ``compact_cnn`` at the smallest size and ``xception`` (``weights=None``; the ``head`` phase,
   then the ``finetune`` phase with ``--finetune-blocks`` blocks unfrozen) at every size; at sizes >= 224 px
@@ -359,7 +359,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--params",
         type=Path,
         default=Path("params.yaml"),
-        help="params file whose augment.policy is used (built-in defaults if it does not exist)",
+        help="params file whose augmentation policy is used (built-in defaults if it does not exist)",
+    )
+    parser.add_argument(
+        "--policy",
+        choices=("online", "offline"),
+        default="online",
+        help="online: augment.online_policy (what training applies to its batches); offline: augment.policy",
     )
     parser.add_argument("--seed", type=int, default=42, help="seed of the demo data, shuffling, augmentation, models")
     parser.add_argument(
@@ -389,18 +395,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def load_policy(path: Path) -> tuple[dict[str, Any], str]:
+def load_policy(path: Path, which: str = "online") -> tuple[dict[str, Any], str]:
     from emassist.settings import PolicyParams, load_params
 
     if path.is_file():
-        return load_params(path).augment.policy.as_dict(), str(path)
+        augment = load_params(path).augment
+        policy = augment.online_policy if which == "online" else augment.policy
+        key = "augment.online_policy" if which == "online" else "augment.policy"
+        return policy.as_dict(), f"{key} of {path}"
     return PolicyParams().as_dict(), "built-in defaults"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    policy, policy_source = load_policy(args.params)
+    policy, policy_source = load_policy(args.params, args.policy)
 
     import keras
     import tensorflow as tf
