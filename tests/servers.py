@@ -20,6 +20,25 @@ import requests
 VENV_BIN = Path(sys.executable).parent
 
 
+@contextlib.contextmanager
+def tracking_uri_env(uri: str) -> Iterator[None]:
+    """Point this process's MLflow at ``uri`` for a while (env and the global), then restore both."""
+    import mlflow
+
+    old_env = os.environ.get("MLFLOW_TRACKING_URI")
+    old_uri = mlflow.get_tracking_uri()
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
+        mlflow.set_tracking_uri(old_uri)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -8,9 +8,7 @@ run through it and registered with ``emassist.registry.log_and_register``, then 
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
-import os
 import struct
 import time
 import zlib
@@ -28,29 +26,10 @@ pytest.importorskip("keras")
 
 pytestmark = pytest.mark.slow
 
-from tests.servers import mlflow_tracking_server, model_server  # noqa: E402
+from tests.servers import mlflow_tracking_server, model_server, tracking_uri_env  # noqa: E402
 
 CLASSES = ["Fibres", "Particles", "Tips"]
 MODEL_NAME = "sem-test"
-
-
-@contextlib.contextmanager
-def tracking_uri_env(uri: str) -> Iterator[None]:
-    """Point this process's MLflow at ``uri`` for a while (env and the global), then restore both."""
-    import mlflow
-
-    old_env = os.environ.get("MLFLOW_TRACKING_URI")
-    old_uri = mlflow.get_tracking_uri()
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        if old_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_env
-        mlflow.set_tracking_uri(old_uri)
 
 
 def make_params(tmp: Path, tracking_uri: str, **mlflow_extra: Any) -> Any:

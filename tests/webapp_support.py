@@ -8,7 +8,6 @@ right) its tile scores separate the halves cleanly. Registered in a local sqlite
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from tests.servers import free_port, server_env, stop_process, wait_http
+from tests.servers import free_port, server_env, stop_process, tracking_uri_env, wait_http
 
 LEFT, RIGHT = "Fibres", "Particles"
 CLASSES = [LEFT, RIGHT]
@@ -101,23 +100,13 @@ def register_champion(root: Path) -> Champion:
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     model_file = train_model(root / "model.keras")
-    old_env = os.environ.get("MLFLOW_TRACKING_URI")
-    old_uri = mlflow.get_tracking_uri()
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
+    with tracking_uri_env(tracking_uri):
         mlflow.create_experiment("webapp-tests", artifact_location=(root / "artifacts").as_uri())
         mlflow.set_experiment("webapp-tests")
         with mlflow.start_run() as run:
             mlflow.set_tags({"data_version": "web-test", "model": "compact_cnn"})
         mv = log_and_register(params, run.info.run_id, model_file=model_file)
         promote(MODEL_NAME, mv.version, client=mlflow.MlflowClient())
-    finally:
-        if old_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_env
-        mlflow.set_tracking_uri(old_uri)
     return Champion(root, params_file, params, tracking_uri, model_file, str(mv.version))
 
 
