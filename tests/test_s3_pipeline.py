@@ -181,7 +181,7 @@ def built(world: World) -> World:
     from emassist.registry import register_and_gate
     from emassist.settings import load_params
     from emassist.training import train
-    from tests.test_serving import tracking_uri_env
+    from tests.servers import tracking_uri_env
 
     cwd = Path.cwd()
     os.chdir(repo)
@@ -223,7 +223,7 @@ def test_repro_ingests_the_bucket_and_logs_artifacts_to_s3(built: World) -> None
 def test_registered_model_loads_back_and_serves_from_s3(built: World) -> None:
     import mlflow
 
-    from tests.test_serving import tracking_uri_env
+    from tests.servers import tracking_uri_env
 
     image = next((built.repo / "data/raw/Tips").glob("*.*")).read_bytes()
     frame = pd.DataFrame({"image": [base64.b64encode(image).decode("ascii")]})
@@ -314,7 +314,7 @@ def test_secret_is_in_no_file_written(built: World) -> None:
     site caches, moto's logs, command outputs, and every object in the bucket (data, DVC store, MLflow artifacts)."""
     import mlflow
 
-    from tests.test_serving import tracking_uri_env
+    from tests.servers import tracking_uri_env
 
     needle = built.secret.encode()
     assert built.env["AWS_SECRET_ACCESS_KEY"] == built.secret
