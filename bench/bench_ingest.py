@@ -1,6 +1,6 @@
 """Benchmark the ingest stage against the floor of a bare Pillow decode loop.
 
-Generates ``--n`` synthetic SEM images (``emassist.demo.generate_demo`` when available, else a small built-in
+Generates ``--n`` synthetic SEM images (``emassist.data.demo.generate_demo`` when available, else a small built-in
 JPEG generator), then measures, each as the median of ``--repeats`` runs:
 
 * floor: ``PIL.Image.open(p).load()`` over every file, one process;
@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from emassist.classes import CLASSES
-from emassist.imaging import decode_image, dhash, find_databar, standardize
-from emassist.ingest import _cpu_count, run_ingest
+from emassist.config.classes import CLASSES
+from emassist.data.imaging import decode_image, dhash, find_databar, standardize
+from emassist.data.ingest import _cpu_count, run_ingest
 
 STAGES = ("read", "decode", "hash", "standardize", "write")
 
@@ -56,7 +56,7 @@ def _fallback_generate(out: Path, n: int, width: int, height: int, seed: int) ->
 
 def generate(out: Path, n: int, width: int, height: int, seed: int) -> str:
     try:
-        from emassist.demo import generate_demo
+        from emassist.data.demo import generate_demo
     except ImportError:
         _fallback_generate(out, n, width, height, seed)
         return "built-in JPEG generator"
@@ -71,7 +71,7 @@ def generate(out: Path, n: int, width: int, height: int, seed: int) -> str:
         databar_fraction=0.8,
         progress=True,
     )
-    return "emassist.demo.generate_demo (jpg/png/16-bit tif)"
+    return "emassist.data.demo.generate_demo (jpg/png/16-bit tif)"
 
 
 def list_files(raw: Path) -> list[Path]:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from emassist.classes import CLASSES
+from emassist.config.classes import CLASSES
 from tests.s3_support import aws_env, patched_environ, start_moto
 from tests.servers import stop_process
 
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, tmp: Path, env: dict[str, str], endpoint: str, rows: list) -> None:
-    from emassist.s3 import pull, push
-    from emassist.settings import S3Params
+    from emassist.config.settings import S3Params
+    from emassist.data.s3 import pull, push
 
     n = args.n
     repo = tmp / "repo"

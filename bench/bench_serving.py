@@ -54,7 +54,7 @@ def stand_in_model(path: Path, image_size: int, n_classes: int) -> Path:
     import keras
 
     try:
-        from emassist.models import build_model  # type: ignore[import-not-found]
+        from emassist.model.builders import build_model  # type: ignore[import-not-found]
 
         model = build_model("simple_cnn", num_classes=n_classes, image_size=image_size, weights=None, dropout=0.3)
     except Exception:
@@ -224,8 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import mlflow
     import requests
 
-    from emassist import registry
-    from emassist.settings import load_params, params_from_dict
+    from emassist.config.settings import load_params, params_from_dict
+    from emassist.model import registry
 
     base = load_params(args.params) if args.params.is_file() else params_from_dict({})
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp_name:
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_file = stand_in_model(tmp / "model.keras", base.train.image_size, len(base.data.classes))
             what = "stand-in CNN (no models/model.keras)"
         log(f"registering {model_file} in a temporary store ...")
-        from emassist.tracking import setup_mlflow
+        from emassist.model.tracking import setup_mlflow
 
         setup_mlflow(params)
         with mlflow.start_run() as run:

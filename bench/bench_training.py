@@ -1,7 +1,7 @@
 """Training benchmark: the tf.data input pipeline alone against the training step it has to feed.
 
-Builds a throw-away dataset in a temp folder (``emassist.demo.generate_demo`` → ``run_ingest`` → a
-:class:`~emassist.dataset.SplitData` of the manifest) and measures, in images/s, the median of ``--repeats`` timed
+Builds a throw-away dataset in a temp folder (``emassist.data.demo.generate_demo`` → ``run_ingest`` → a
+:class:`~emassist.data.dataset.SplitData` of the manifest) and measures, in images/s, the median of ``--repeats`` timed
 windows taken after a warm-up (the first epoch of the input pipeline, the first training step with its trace,
 are never timed):
 
@@ -38,14 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emassist.classes import CLASSES
+from emassist.config.classes import CLASSES
 
 if TYPE_CHECKING:
-    from emassist.dataset import SplitData
+    from emassist.data.dataset import SplitData
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported (lazily, below)
 
-MODEL_NAMES = ("simple_cnn", "compact_cnn", "xception")  # emassist.models.MODEL_NAMES, without importing Keras
+MODEL_NAMES = ("simple_cnn", "compact_cnn", "xception")  # emassist.model.builders.MODEL_NAMES, without importing Keras
 
 GOAL_RATIO = 3.0
 LARGE_SIZE = 224  # xception at this size or above uses --large-batch-size / --large-steps
@@ -79,9 +79,9 @@ def build_split(work: Path, *, n_images: int, side: int, seed: int) -> SplitData
     """generate_demo → run_ingest (cache_size = ``side``) → one SplitData over every accepted image."""
     import pandas as pd
 
-    from emassist.dataset import SplitData
-    from emassist.demo import generate_demo
-    from emassist.ingest import run_ingest
+    from emassist.data.dataset import SplitData
+    from emassist.data.demo import generate_demo
+    from emassist.data.ingest import run_ingest
 
     raw, interim = work / "raw", work / "interim"
     t0 = time.perf_counter()
@@ -122,8 +122,8 @@ def build_split(work: Path, *, n_images: int, side: int, seed: int) -> SplitData
 
 def training_dataset(split: SplitData, size: int, batch: int, policy: dict[str, Any], seed: int) -> Any:
     """An endless make_dataset(training=True, cache=False, augmentation on)."""
-    from emassist.dataset import make_dataset
-    from emassist.models import build_augmentation
+    from emassist.data.dataset import make_dataset
+    from emassist.model.builders import build_augmentation
 
     return make_dataset(
         split,
@@ -210,7 +210,7 @@ def train_rows(
     import keras
     import tensorflow as tf
 
-    from emassist.models import build_model, compile_model, set_phase
+    from emassist.model.builders import build_model, compile_model, set_phase
 
     keras.backend.clear_session()
     gc.collect()
@@ -396,7 +396,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_policy(path: Path, which: str = "online") -> tuple[dict[str, Any], str]:
-    from emassist.settings import PolicyParams, load_params
+    from emassist.config.settings import PolicyParams, load_params
 
     if path.is_file():
         augment = load_params(path).augment

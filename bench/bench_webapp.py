@@ -30,15 +30,15 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from emassist.settings import load_params  # noqa: E402
+from emassist.config.settings import load_params  # noqa: E402
 from tests.servers import free_port, server_env, stop_process, wait_http  # noqa: E402
 
 
 def demo_png(path: Path, width: int, height: int, index: int = 0, databar: bool = True) -> Path:
     from PIL import Image
 
-    from emassist.classes import CLASSES
-    from emassist.demo.generate import Job, render_image
+    from emassist.config.classes import CLASSES
+    from emassist.data.demo.generate import Job, render_image
 
     img, _ = render_image(Job("", CLASSES.index("Particles"), index, "x.png", databar, width, height, 42))
     Image.fromarray((img * 255.0 + 0.5).astype(np.uint8)).save(path, format="PNG")
@@ -49,8 +49,8 @@ def overview_png(path: Path, side: int = 4096, block: int = 1024) -> Path:
     """A ``side``² overview made of demo images of several classes (rendering one huge scene would be slow)."""
     from PIL import Image
 
-    from emassist.classes import CLASSES
-    from emassist.demo.generate import Job, render_image
+    from emassist.config.classes import CLASSES
+    from emassist.data.demo.generate import Job, render_image
 
     n = side // block
     canvas = np.zeros((side, side), dtype=np.uint8)
@@ -64,7 +64,7 @@ def overview_png(path: Path, side: int = 4096, block: int = 1024) -> Path:
 
 
 def untrained_model(params_file: Path, path: Path) -> Path:
-    from emassist.models import build_model, save_serving_copy
+    from emassist.model.builders import build_model, save_serving_copy
 
     params = load_params(params_file)
     model = build_model(params.train.model, num_classes=len(params.data.classes), image_size=params.train.image_size)
@@ -100,7 +100,7 @@ def main() -> int:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log_file = tmp / "web.log"
-        cmd = [sys.executable, "-m", "emassist.cli", "--params", str(args.params.resolve()), "web", "--host",
+        cmd = [sys.executable, "-m", "emassist.cli.main", "--params", str(args.params.resolve()), "web", "--host",
                "127.0.0.1", "--port", str(port), "--model", model]  # fmt: skip
         started = time.perf_counter()
         with open(log_file, "wb") as fh:

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from emassist.settings import Params, ParamsError, load_params
+from emassist.config.settings import Params, ParamsError, load_params
 from pipelines.preflight import (
     PIPELINE_DEPLOYMENT,
     RETRAIN_DEPLOYMENT,

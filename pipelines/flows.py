@@ -45,10 +45,10 @@ import stages.register
 import stages.split
 import stages.train
 import stages.validate
-from emassist.dataset import DatasetError
-from emassist.registry import RegistryError
-from emassist.settings import Params, ParamsError, load_params, params_from_dict
-from emassist.stagerun import StageError
+from emassist.config.settings import Params, ParamsError, load_params, params_from_dict
+from emassist.data.dataset import DatasetError
+from emassist.model.registry import RegistryError
+from emassist.pipeline.stagerun import StageError
 from pipelines import artifacts, dvc_io, faults
 from pipelines.preflight import (
     TRAIN_DEPLOYMENT,
@@ -170,8 +170,8 @@ def fetch_task(params: Params, train_flow_run_id: str) -> str:
     """The model a worker trained, from the MLflow tracking server (never from the worker's disk)."""
     import mlflow
 
-    from emassist.tracking import setup_mlflow
-    from emassist.training import CURVES_FILE, HISTORY_FILE, MODEL_FILE
+    from emassist.model.tracking import setup_mlflow
+    from emassist.model.training import CURVES_FILE, HISTORY_FILE, MODEL_FILE
 
     faults.maybe_fail("fetch-training")
     uri = setup_mlflow(params)

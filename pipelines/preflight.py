@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from emassist.settings import Params
+from emassist.config.settings import Params
 
 #: Deployment names (``flow-name/deployment-name``), shared by pipelines/deploy.py and prefect.yaml.
 PIPELINE_DEPLOYMENT = "sem-pipeline/pipeline"

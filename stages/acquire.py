@@ -7,13 +7,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from emassist.settings import Params
-from emassist.stagerun import StageError, run_stage
+from emassist.config.settings import Params
+from emassist.pipeline.stagerun import StageError, run_stage
 
 
 def generate(params: Params, out_dir: Path, **overrides: Any) -> dict[str, int]:
     """Demo images from ``params.demo``; keyword overrides (n_images, width, height, seed, min_per_class) win."""
-    from emassist.demo import generate_demo
+    from emassist.data.demo import generate_demo
 
     d = params.demo
     settings = {
@@ -31,7 +31,7 @@ def generate(params: Params, out_dir: Path, **overrides: Any) -> dict[str, int]:
 
 def fetch(params: Params, out_dir: Path, classes: Sequence[str] | None = None) -> Any:
     """The real dataset per ``params.nffa`` (resumable, MD5-verified, safely extracted)."""
-    from emassist.fetch import fetch_nffa
+    from emassist.data.fetch import fetch_nffa
 
     n = params.nffa
     return fetch_nffa(
@@ -46,7 +46,7 @@ def fetch(params: Params, out_dir: Path, classes: Sequence[str] | None = None) -
 
 def pull_s3(params: Params, out_dir: Path, **kwargs: Any) -> Any:
     """``s3://s3.bucket/s3.prefix/<Class>/...`` into out_dir (checked keys, verified, parallel, retried)."""
-    from emassist.s3 import S3Error, pull
+    from emassist.data.s3 import S3Error, pull
 
     try:
         return pull(params.s3, out_dir, params.data.classes, **kwargs)

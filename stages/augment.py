@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from emassist.settings import Params
-from emassist.stagerun import run_stage
+from emassist.config.settings import Params
+from emassist.pipeline.stagerun import run_stage
 
 
 def main(params: Params) -> None:
-    from emassist.augment import write_augmented
+    from emassist.data.augment import write_augmented
 
     a = params.augment
     splits = Path(params.data.splits_dir)

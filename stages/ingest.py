@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from emassist.ingest import run_ingest
-from emassist.settings import Params
-from emassist.stagerun import StageError, run_stage
+from emassist.config.settings import Params
+from emassist.data.ingest import run_ingest
+from emassist.pipeline.stagerun import StageError, run_stage
 
 
 def ingest(params: Params, raw_dir: Path, out_dir: Path) -> Any:

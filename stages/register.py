@@ -6,15 +6,15 @@ import json
 import sys
 from pathlib import Path
 
-from emassist.atomic import atomic_open
-from emassist.settings import Params
-from emassist.stagerun import StageError, run_stage
+from emassist.config.settings import Params
+from emassist.core.atomic import atomic_open
+from emassist.pipeline.stagerun import StageError, run_stage
 
 REPORT = Path("reports/registry.json")
 
 
 def main(params: Params) -> None:
-    from emassist.registry import RegistryError, register_and_gate
+    from emassist.model.registry import RegistryError, register_and_gate
 
     try:
         mv, decision = register_and_gate(params)

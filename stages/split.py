@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from emassist.atomic import atomic_open
-from emassist.settings import Params
-from emassist.splitting import split_manifest
-from emassist.stagerun import run_stage
+from emassist.config.settings import Params
+from emassist.core.atomic import atomic_open
+from emassist.data.splitting import split_manifest
+from emassist.pipeline.stagerun import run_stage
 
 REPORT = Path("reports/split.json")
 COLUMNS = ["sha256", "label", "image_path", "source_path", "group"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from emassist.settings import Params
-from emassist.stagerun import run_stage
+from emassist.config.settings import Params
+from emassist.pipeline.stagerun import run_stage
 
 
 def main(params: Params) -> None:
-    from emassist.training import train
+    from emassist.model.training import train
 
     result = train(params)
     print(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from emassist.settings import Params
-from emassist.stagerun import StageError, run_stage
-from emassist.validation import build_tables, load_ingest_outputs, validate_tables
+from emassist.config.settings import Params
+from emassist.data.validation import build_tables, load_ingest_outputs, validate_tables
+from emassist.pipeline.stagerun import StageError, run_stage
 
 REPORT_DIR = Path("reports/validation")
 

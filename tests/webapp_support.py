@@ -41,8 +41,8 @@ class Champion:
 
 def demo_image(cls: str, index: int, size: int = 128, seed: int = 7) -> np.ndarray:
     """One demo SEM image (no data bar) as uint8 grayscale, rendered in memory."""
-    from emassist.classes import CLASSES as ALL
-    from emassist.demo.generate import Job, render_image
+    from emassist.config.classes import CLASSES as ALL
+    from emassist.data.demo.generate import Job, render_image
 
     img, _ = render_image(Job("", ALL.index(cls), index, "x.png", False, size, size, seed))
     return (img * 255.0 + 0.5).astype(np.uint8)
@@ -69,9 +69,9 @@ def params_dict(root: Path, tracking_uri: str, **webapp: Any) -> dict[str, Any]:
 def train_model(path: Path) -> Path:
     import keras
 
-    from emassist.imaging import standardize
-    from emassist.models import build_model, compile_model, save_serving_copy
-    from emassist.preprocess import to_model_input
+    from emassist.data.imaging import standardize
+    from emassist.data.preprocess import to_model_input
+    from emassist.model.builders import build_model, compile_model, save_serving_copy
 
     images, labels = [], []
     for i in range(N_PER_CLASS):
@@ -90,8 +90,8 @@ def register_champion(root: Path) -> Champion:
     """Train, log into a run of a local sqlite store (artifacts under ``root``), register, promote to champion."""
     import mlflow
 
-    from emassist.registry import log_and_register, promote
-    from emassist.settings import params_from_dict
+    from emassist.config.settings import params_from_dict
+    from emassist.model.registry import log_and_register, promote
 
     root.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -122,7 +122,7 @@ def web_server(champion: Champion, params_file: Path | None = None, *extra: str)
     """``emassist web`` as a real process on 127.0.0.1 (cwd: the champion's folder); stopped with its group."""
     port = free_port()
     log_file = champion.root / f"web-{port}.log"
-    cmd = [sys.executable, "-m", "emassist.cli", "--params", str(params_file or champion.params_file), "web",
+    cmd = [sys.executable, "-m", "emassist.cli.main", "--params", str(params_file or champion.params_file), "web",
            "--host", "127.0.0.1", "--port", str(port), *extra]  # fmt: skip
     env = server_env(MLFLOW_TRACKING_URI=champion.tracking_uri, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     with open(log_file, "wb") as fh:

@@ -41,8 +41,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from emassist.settings import Params
-from serving.webapp.backend import Backend, BackendError
+from emassist.config.settings import Params
+from emassist.serve.backend import Backend, BackendError
 
 log = logging.getLogger("emassist.webapp")
 
@@ -79,7 +79,7 @@ class ScanRecord:
     id: str
     filename: str
     gray: np.ndarray  # full resolution
-    result: Any  # emassist.tilescan.TileScan
+    result: Any  # emassist.serve.tilescan.TileScan
 
 
 def reject_status(reason: str) -> int:
@@ -139,7 +139,7 @@ class WebApp:
         }
 
     def decode(self, data: bytes, filename: str) -> Any:
-        from emassist.imaging import ImageRejected, decode_image
+        from emassist.data.imaging import ImageRejected, decode_image
 
         if not data:
             raise HttpError(400, f"{filename}: empty upload (zero bytes)")
@@ -157,7 +157,7 @@ class WebApp:
     # --------------------------------------------------------------------------------------------- classify
 
     def classify(self, data: bytes, filename: str) -> dict[str, Any]:
-        from emassist.imaging import standardize
+        from emassist.data.imaging import standardize
 
         started = time.perf_counter()
         decoded = self.decode(data, filename)
@@ -209,14 +209,14 @@ class WebApp:
 
     @staticmethod
     def _png(image: np.ndarray) -> bytes:
-        from emassist.gradcam import png_bytes
+        from emassist.serve.gradcam import png_bytes
 
         return png_bytes(image)
 
     # --------------------------------------------------------------------------------------------- Grad-CAM
 
     def gradcam(self, result_id: str, class_name: str | None) -> dict[str, Any]:
-        from emassist.gradcam import GradCam, GradCamError, overlay
+        from emassist.serve.gradcam import GradCam, GradCamError, overlay
 
         r = self.results.get(result_id)
         if r is None:
@@ -264,7 +264,7 @@ class WebApp:
     # --------------------------------------------------------------------------------------------- tile scan
 
     def scan(self, data: bytes, filename: str, class_name: str, tile: int, stride: int) -> dict[str, Any]:
-        from emassist import tilescan
+        from emassist.serve import tilescan
 
         classes = self.backend.classes
         if class_name not in classes:
@@ -301,7 +301,7 @@ class WebApp:
         return record
 
     def scan_json(self, record: ScanRecord, class_name: str) -> dict[str, Any]:
-        from emassist import tilescan
+        from emassist.serve import tilescan
 
         res = record.result
         try:
@@ -465,7 +465,7 @@ def serve(
     """Load the model (``webapp.source``, or ``model_uri`` / ``endpoint_url``) and serve the page until stopped."""
     import uvicorn
 
-    from serving.webapp.backend import load_backend
+    from emassist.serve.backend import load_backend
 
     # uvicorn re-raises SIGTERM after its graceful shutdown; as SystemExit it lets the temporary folder go too.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)

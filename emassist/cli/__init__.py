@@ -1,0 +1,1 @@
+"""Command-line entry point (`emassist ...`): parses arguments, calls the library layers below."""

@@ -1,0 +1,185 @@
+"""``emassist predict | promote | rollback | models list``: batch prediction and the model registry's aliases.
+
+Wired into ``emassist.cli.main`` with ``add_commands(sub)``; each command reads ``args.params``
+and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from emassist.config.settings import Params, load_params
+
+CHAMPION_URI = "models:/{name}@champion"
+
+
+def _registry_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Registry failures (unknown version, unreachable server, ...) as one line and exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        from mlflow.exceptions import MlflowException
+
+        from emassist.model.registry import RegistryError
+
+        try:
+            return func(args)
+        except (MlflowException, RegistryError) as exc:
+            print(f"error: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
+            return 1
+
+    return wrapper
+
+
+def _tracking(params: Params) -> Any:
+    """An MlflowClient on the configured tracking URI (MLFLOW_TRACKING_URI wins); creates no experiment."""
+    import mlflow
+
+    mlflow.set_tracking_uri(params.mlflow.resolved_tracking_uri())
+    return mlflow.MlflowClient()
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from emassist.serve.predict import predict_paths, top_k
+
+    params = load_params(args.params)
+    _tracking(params)
+    model = args.model or CHAMPION_URI.format(name=params.mlflow.registered_model)
+    try:
+        frame = predict_paths(
+            args.paths,
+            model,
+            params=params,
+            out=args.out,
+            batch_size=args.batch_size,
+            progress=False if args.no_progress else None,
+        )
+    except MlflowException as exc:
+        print(f"error: cannot load model {model}: {exc.message}", file=sys.stderr)
+        return 1
+    classes = [c for c in params.data.classes if c in frame.columns] or [
+        c for c in frame.columns if c not in ("path", "label", "confidence", "error")
+    ]
+    if args.top_k > 0:
+        for line in top_k(frame, classes, args.top_k):
+            print(line)
+    n_bad = int(frame["error"].astype(bool).sum())
+    print(f"{len(frame) - n_bad} predicted, {n_bad} failed; wrote {args.out}", file=sys.stderr)
+    if len(frame) == 0 or n_bad == len(frame):
+        return 1
+    return 3 if n_bad else 0
+
+
+@_registry_errors
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from emassist.model.registry import promote
+
+    params = load_params(args.params)
+    client = _tracking(params)
+    name = params.mlflow.registered_model
+    previous = promote(name, str(args.version), client=client)
+    print(f"{name}: champion is now version {args.version} (was {previous or 'none'})")
+    return 0
+
+
+@_registry_errors
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from emassist.model.registry import rollback
+
+    params = load_params(args.params)
+    client = _tracking(params)
+    name = params.mlflow.registered_model
+    current, previous = rollback(name, client=client)
+    print(f"{name}: champion rolled back from version {current or 'none'} to {previous}")
+    return 0
+
+
+@_registry_errors
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from emassist.model.registry import list_versions
+
+    params = load_params(args.params)
+    client = _tracking(params)
+    name = params.mlflow.registered_model
+    frame = list_versions(name, client=client)
+    if frame.empty:
+        print(f"{name}: no registered versions (run `dvc repro register`)")
+        return 0
+    if args.format == "csv":
+        frame.to_csv(sys.stdout, index=False)
+    elif args.format == "json":
+        print(frame.to_json(orient="records", date_format="iso", indent=2))
+    else:
+        shown = frame.assign(created=frame["created"].dt.strftime("%Y-%m-%d %H:%M"), run_id=frame["run_id"].str[:12])
+        print(shown.to_string(index=False, na_rep="-"))
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``predict``, ``promote``, ``rollback`` and ``models`` to an ``add_subparsers()`` object."""
+    p = sub.add_parser(
+        "predict",
+        help="classify image files, folders (recursive) or globs with the champion model; write a CSV",
+        description=(
+            "Classify SEM images with a registered model (default: the champion) through the same decode → "
+            "data-bar crop → resize path as training and serving. Unreadable or non-image files get a row with "
+            "an error instead of stopping the run."
+        ),
+        epilog=(
+            "Exit codes: 0 all files predicted; 3 some files failed (see the error column); 1 none predicted. "
+            "Example: emassist predict data/new/ 'scans/**/*.tif' --out preds.csv --top-k 3"
+        ),
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
+    p.add_argument(
+        "--model",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, a model folder or a .keras file "
+        "(default: models:/<mlflow.registered_model>@champion)",
+    )
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=3, help="classes printed per image; 0 prints nothing (default: 3)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser(
+        "promote",
+        help="make a registered version the champion (the one served)",
+        description=(
+            "Point the 'champion' alias of mlflow.registered_model at VERSION, bypassing the gate. "
+            "The replaced champion is remembered, so `emassist rollback` undoes this."
+        ),
+    )
+    p.add_argument("--version", required=True, type=int, metavar="N", help="model version to promote")
+    p.set_defaults(func=_cmd_promote)
+
+    p = sub.add_parser(
+        "rollback",
+        help="move the champion back to the previous champion",
+        description=(
+            "Point 'champion' at the version it pointed to before its last move (model tag previous_champion). "
+            "Rolling back twice returns to where you started."
+        ),
+    )
+    p.set_defaults(func=_cmd_rollback)
+
+    p = sub.add_parser(
+        "models",
+        help="inspect the model registry (models list)",
+        description="Inspect the registered versions of mlflow.registered_model.",
+    )
+    models_sub = p.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
+    q = models_sub.add_parser(
+        "list",
+        help="list versions with aliases, test macro-F1 and gate decision",
+        description="List every registered version, newest first: aliases, test macro-F1, gate decision, run.",
+    )
+    q.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (default: table)")
+    q.set_defaults(func=_cmd_models_list)

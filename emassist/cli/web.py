@@ -1,0 +1,148 @@
+"""``emassist web`` (the page for microscopists) and ``emassist scan`` (a tile scan of one large image).
+
+Wired into ``emassist.cli.main`` with ``add_commands(sub)``; each command reads ``args.params``
+and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from emassist.config.settings import load_params
+
+
+def _backend(args: argparse.Namespace, params: Any) -> Any:
+    from emassist.serve.backend import load_backend
+
+    return load_backend(params, model_uri=args.model, endpoint_url=args.endpoint)
+
+
+def _cmd_web(args: argparse.Namespace) -> int:
+    from emassist.serve.backend import BackendError
+    from serving.webapp.app import serve
+
+    params = load_params(args.params)
+    try:
+        serve(params, args.host, args.port, model_uri=args.model, endpoint_url=args.endpoint)
+    except BackendError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from emassist.data.imaging import ImageRejected, decode_image
+    from emassist.serve import tilescan
+    from emassist.serve.backend import BackendError
+
+    params = load_params(args.params)
+    if args.model is None and args.class_name not in params.data.classes:  # before loading anything
+        print(f"error: --class: unknown class {args.class_name!r} (known: {', '.join(params.data.classes)})",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    cfg = params.webapp
+    tile = args.tile or cfg.tile_size
+    stride = args.stride or cfg.tile_stride
+    try:
+        tilescan.check_options(tile, stride)
+    except tilescan.ScanError as exc:
+        print(f"error: --{exc}", file=sys.stderr)
+        return 2
+    try:
+        decoded = decode_image(args.image, max_pixels=max(cfg.max_pixels, params.ingest.max_pixels),
+                               min_side=params.ingest.min_side)  # fmt: skip
+    except ImageRejected as exc:
+        print(f"error: {args.image}: {exc.reason}", file=sys.stderr)
+        return 1
+    try:
+        backend = _backend(args, params)
+    except BackendError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.class_name not in backend.classes:
+        print(f"error: --class: unknown class {args.class_name!r} (the model knows: {', '.join(backend.classes)})",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        result = tilescan.scan(
+            decoded.gray,
+            backend.probabilities,
+            backend.classes,
+            tile=tile,
+            stride=stride,
+            cache_size=backend.cache_size,
+            crop_databar=backend.crop_databar,
+            batch_size=args.batch_size or cfg.tile_batch,
+            max_tiles=cfg.max_tiles,
+            progress=False if args.no_progress else None,
+        )
+    except tilescan.ScanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BackendError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    tilescan.write_outputs(decoded.gray, result, args.class_name, args.out, args.csv)
+    k = result.class_index(args.class_name)
+    grid = result.scores[:, :, k]
+    r, c = divmod(int(grid.argmax()), grid.shape[1])
+    print(
+        f"{args.image}: {result.n_tiles} tiles ({len(result.xs)}x{len(result.ys)}) of {result.tile} px, stride "
+        f"{stride}, in {result.seconds:.1f} s with {backend.info.label}; {args.class_name}: max {grid.max():.3f} "
+        f"at x={result.xs[c]} y={result.ys[r]}, mean {grid.mean():.3f}; wrote {args.out}"
+        + (f" and {args.csv}" if args.csv else "")
+    )
+    return 0
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        help="use this model instead of webapp.source: models:/NAME@ALIAS, models:/NAME/VERSION, a model folder "
+        "or a .keras file",
+    )
+    p.add_argument(
+        "--endpoint", metavar="URL", help="call this running `mlflow models serve` (webapp.source: endpoint)"
+    )
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``web`` and ``scan`` to an ``add_subparsers()`` object."""
+    p = sub.add_parser(
+        "web",
+        help="start the web page: upload, classify, explain (Grad-CAM), scan a large image",
+        description=(
+            "Serve the microscopist's page. The model comes from webapp.source in params.yaml: 'registry' loads "
+            "models:/<mlflow.registered_model>@<webapp.alias> (MLFLOW_TRACKING_URI wins over mlflow.tracking_uri), "
+            "'endpoint' calls a running `mlflow models serve` at webapp.endpoint_url."
+        ),
+        epilog="Example: emassist web --port 8000, then open http://127.0.0.1:8000/",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    _model_options(p)
+    p.set_defaults(func=_cmd_web)
+
+    p = sub.add_parser(
+        "scan",
+        help="classify overlapping tiles of a large image; write a heat map PNG of one class and a CSV of tiles",
+        description=(
+            "Needle in a haystack: cut IMAGE (data bar cropped) into TILE-pixel tiles every STRIDE pixels, classify "
+            "each through the serving path, and write a heat map of CLASS over the image and every tile's scores."
+        ),
+        epilog="Example: emassist scan overview.tif --class Particles --tile 256 --stride 128 --out heat.png "
+        "--csv tiles.csv",
+    )
+    p.add_argument("image", type=Path, metavar="IMAGE", help="the overview image (TIFF, PNG, JPEG, ...)")
+    p.add_argument("--class", dest="class_name", required=True, metavar="CLASS", help="class to map, e.g. Particles")
+    p.add_argument("--tile", type=int, help="tile side in pixels (default: webapp.tile_size)")
+    p.add_argument("--stride", type=int, help="pixels between tiles (default: webapp.tile_stride)")
+    p.add_argument("--out", type=Path, default=Path("heatmap.png"), help="heat map PNG (default: %(default)s)")
+    p.add_argument("--csv", type=Path, help="CSV of tile scores (default: none)")
+    p.add_argument("--batch-size", type=int, help="tiles per forward pass (default: webapp.tile_batch)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _model_options(p)
+    p.set_defaults(func=_cmd_scan)

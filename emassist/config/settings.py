@@ -1,0 +1,520 @@
+"""params.yaml → typed, validated settings. Every error names the offending key."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from emassist.config.classes import CLASSES
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A value in params.yaml is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = "demo"
+    raw_dir: str = "data/raw"
+    interim_dir: str = "data/interim"
+    splits_dir: str = "data/splits"
+    classes: tuple[str, ...] = CLASSES
+
+    def check(self) -> None:
+        _one_of("data.source", self.source, ("demo", "nffa", "s3"))
+        check_class_names("data.classes", self.classes)
+        if len(set(self.classes)) < 2:
+            raise ParamsError(f"data.classes: need at least two distinct classes, got {list(self.classes)}")
+
+
+@dataclass(frozen=True)
+class DemoParams:
+    seed: int = 42
+    n_images: int = 1000
+    width: int = 256
+    height: int = 256
+    min_per_class: int = 40
+    tif_fraction: float = 0.1
+    databar_fraction: float = 0.8
+
+    def check(self) -> None:
+        _at_least("demo.n_images", self.n_images, 10)
+        _at_least("demo.width", self.width, 32)
+        _at_least("demo.height", self.height, 32)
+        _at_least("demo.min_per_class", self.min_per_class, 1)
+        _fraction("demo.tif_fraction", self.tif_fraction)
+        _fraction("demo.databar_fraction", self.databar_fraction)
+        if self.n_images < self.min_per_class * len(CLASSES):
+            raise ParamsError(
+                f"demo.n_images: {self.n_images} is less than demo.min_per_class × {len(CLASSES)} classes "
+                f"= {self.min_per_class * len(CLASSES)}"
+            )
+
+
+@dataclass(frozen=True)
+class NffaParams:
+    base_url: str = "https://b2share.eudat.eu/api/records/862nr-cn036/files"
+    download_dir: str = "data/downloads"
+    retries: int = 5
+    timeout_s: float = 60.0
+
+    def check(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ParamsError(f"nffa.base_url: must be an http(s) URL, got {self.base_url!r}")
+        _at_least("nffa.retries", self.retries, 0)
+        _positive("nffa.timeout_s", self.timeout_s)
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    cache_size: int = 256
+    max_pixels: int = 100_000_000
+    min_side: int = 16
+    crop_databar: bool = True
+    workers: int = 0
+
+    def check(self) -> None:
+        _at_least("ingest.cache_size", self.cache_size, 16)
+        _at_least("ingest.max_pixels", self.max_pixels, 1)
+        _at_least("ingest.min_side", self.min_side, 1)
+        _at_least("ingest.workers", self.workers, 0)
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    min_per_class: int = 20
+    max_rejected_fraction: float = 0.05
+    min_side: int = 16
+    max_side: int = 20000
+
+    def check(self) -> None:
+        _at_least("validate.min_per_class", self.min_per_class, 1)
+        _fraction("validate.max_rejected_fraction", self.max_rejected_fraction)
+        _at_least("validate.min_side", self.min_side, 1)
+        if self.max_side < self.min_side:
+            raise ParamsError(f"validate.max_side: {self.max_side} is below validate.min_side {self.min_side}")
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    seed: int = 42
+    train: float = 0.7
+    val: float = 0.2
+    test: float = 0.1
+    near_dup_distance: int = 4
+
+    def check(self) -> None:
+        for name in ("train", "val", "test"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise ParamsError(f"split.{name}: must be a ratio between 0 and 1 (exclusive), got {value}")
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ParamsError(f"split.train + split.val + split.test must sum to 1, got {total:g}")
+        _at_least("split.near_dup_distance", self.near_dup_distance, 0)
+        if self.near_dup_distance > 32:
+            raise ParamsError(f"split.near_dup_distance: at most 32 of 64 hash bits, got {self.near_dup_distance}")
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+
+@dataclass(frozen=True)
+class PolicyParams:
+    """Augmentation policy (fractions as in Keras' preprocessing layers), shared by offline and online use."""
+
+    rotation: float = 0.1
+    width_shift: float = 0.1
+    height_shift: float = 0.1
+    shear: float = 0.1
+    zoom: float = 0.1
+    flip: bool = True
+    rot90: bool = False  # a random multiple of 90° (not in the study's policy)
+    brightness: float = 0.1
+    contrast: float = 0.1
+
+    def check(self, prefix: str = "augment.policy") -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, bool):
+                _fraction(f"{prefix}.{f.name}", value)
+
+    def as_dict(self) -> dict[str, float | bool]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    target_per_class: int = 100  # rare classes of the train split are grown to this many images
+    seed: int = 42
+    online: bool = True  # also augment training batches on the fly (Keras preprocessing layers) with online_policy
+    policy: PolicyParams = field(default_factory=PolicyParams)  # offline copies of the rare classes
+    online_policy: PolicyParams = field(default_factory=PolicyParams)  # training batches (same keys and fractions)
+
+    def check(self) -> None:
+        _at_least("augment.target_per_class", self.target_per_class, 0)
+        self.policy.check()
+        self.online_policy.check("augment.online_policy")
+
+
+OPTIMIZERS = ("rmsprop", "adam", "sgd")
+LR_SCHEDULES = ("plateau", "cosine")
+MODELS = ("simple_cnn", "compact_cnn", "xception")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    model: str = "simple_cnn"
+    image_size: int = 96
+    batch_size: int = 32
+    epochs: int = 10  # phase 1 (xception: head only, base frozen)
+    learning_rate: float = 0.001
+    optimizer: str = "adam"
+    lr_schedule: str = "plateau"  # plateau: ReduceLROnPlateau | cosine: cosine decay to 0 over each phase
+    label_smoothing: float = 0.0  # of the cross-entropy targets (0: off)
+    dropout: float = 0.3
+    weights: str | None = None  # imagenet | path to a local weights file | null
+    finetune_epochs: int = 0  # phase 2 (xception only): top blocks unfrozen
+    finetune_learning_rate: float = 0.0001
+    finetune_blocks: int = 2
+    class_weights: bool = True  # balanced class weights
+    early_stopping_patience: int = 4
+    reduce_lr_patience: int = 2
+    reduce_lr_factor: float = 0.5
+    mixed_precision: bool = False
+    xla: bool = False
+    cache: bool = True
+    shuffle_buffer: int = 2048
+    seed: int = 42
+    work_pool: str | None = None  # Prefect work pool for the train step (e.g. gpu); null: run in-process
+
+    def check(self) -> None:
+        _one_of("train.model", self.model, MODELS)
+        _one_of("train.optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _at_least("train.image_size", self.image_size, 16)
+        if self.model == "compact_cnn" and self.image_size < 32:
+            raise ParamsError(f"train.image_size: compact_cnn needs at least 32 pixels, got {self.image_size}")
+        if self.model == "xception" and self.image_size < 71:
+            raise ParamsError(f"train.image_size: Xception needs at least 71 pixels, got {self.image_size}")
+        _at_least("train.batch_size", self.batch_size, 1)
+        _at_least("train.epochs", self.epochs, 1)
+        _at_least("train.finetune_epochs", self.finetune_epochs, 0)
+        _positive("train.learning_rate", self.learning_rate)
+        _positive("train.finetune_learning_rate", self.finetune_learning_rate)
+        _fraction("train.dropout", self.dropout)
+        _fraction("train.label_smoothing", self.label_smoothing)
+        if self.label_smoothing >= 1:
+            raise ParamsError(f"train.label_smoothing: must be below 1, got {self.label_smoothing}")
+        if self.dropout >= 1:
+            raise ParamsError(f"train.dropout: must be below 1, got {self.dropout}")
+        _at_least("train.finetune_blocks", self.finetune_blocks, 0)
+        if self.finetune_blocks > 14:
+            raise ParamsError(f"train.finetune_blocks: Xception has 14 blocks, got {self.finetune_blocks}")
+        _at_least("train.early_stopping_patience", self.early_stopping_patience, 0)
+        _at_least("train.reduce_lr_patience", self.reduce_lr_patience, 0)
+        _fraction("train.reduce_lr_factor", self.reduce_lr_factor)
+        _at_least("train.shuffle_buffer", self.shuffle_buffer, 1)
+        if self.model != "xception" and self.weights is not None:
+            raise ParamsError(f"train.weights: {self.model} trains from scratch; set train.weights to null")
+        if self.weights not in (None, "imagenet") and not Path(self.weights).is_file():
+            raise ParamsError(
+                f"train.weights: weights file {self.weights!r} does not exist "
+                "(use imagenet, null, or the path of a local .h5 weights file)"
+            )
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI overrides this
+    experiment: str = "sem-classifier"
+    registered_model: str = "sem-classifier"
+    promotion_margin: float = 0.0  # challenger's test macro-F1 must beat the champion's by more than this
+
+    def check(self) -> None:
+        _fraction("mlflow.promotion_margin", self.promotion_margin)
+        if not self.experiment.strip():
+            raise ParamsError("mlflow.experiment: must not be empty")
+        if not self.registered_model.strip():
+            raise ParamsError("mlflow.registered_model: must not be empty")
+
+    def resolved_tracking_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+
+
+WEBAPP_SOURCES = ("registry", "endpoint")
+
+
+@dataclass(frozen=True)
+class WebappParams:
+    """The web page (``emassist web``) and the tile scan (``emassist scan``)."""
+
+    source: str = "registry"  # registry: load models:/<mlflow.registered_model>@<alias> | endpoint: call endpoint_url
+    alias: str = "champion"
+    endpoint_url: str = "http://127.0.0.1:5001"  # a running `mlflow models serve` (source: endpoint)
+    endpoint_timeout_s: float = 60.0
+    low_confidence: float = 0.5  # top-1 confidence below this is flagged "low confidence: check this one"
+    max_upload_bytes: int = 50_000_000
+    max_pixels: int = 64_000_000  # of one uploaded image (declared size, checked before decoding)
+    max_files: int = 50  # per batch on the page
+    tile_size: int = 256  # tile scan defaults (pixels of the full-resolution image)
+    tile_stride: int = 128
+    tile_batch: int = 32
+    max_tiles: int = 20000
+    temp_dir: str | None = None  # where uploads are kept for the session; null: the system temporary folder
+
+    def check(self) -> None:
+        _one_of("webapp.source", self.source, WEBAPP_SOURCES)
+        if not self.alias.strip():
+            raise ParamsError("webapp.alias: must not be empty")
+        if not self.endpoint_url.startswith(("http://", "https://")):
+            raise ParamsError(f"webapp.endpoint_url: must be an http(s) URL, got {self.endpoint_url!r}")
+        _positive("webapp.endpoint_timeout_s", self.endpoint_timeout_s)
+        _fraction("webapp.low_confidence", self.low_confidence)
+        _at_least("webapp.max_upload_bytes", self.max_upload_bytes, 1024)
+        _at_least("webapp.max_pixels", self.max_pixels, 256)
+        _at_least("webapp.max_files", self.max_files, 1)
+        _at_least("webapp.tile_size", self.tile_size, 16)
+        _at_least("webapp.tile_stride", self.tile_stride, 1)
+        if self.tile_stride > self.tile_size:
+            raise ParamsError(
+                f"webapp.tile_stride: {self.tile_stride} is larger than webapp.tile_size {self.tile_size} "
+                "(parts of the image would never be looked at)"
+            )
+        _at_least("webapp.tile_batch", self.tile_batch, 1)
+        _at_least("webapp.max_tiles", self.max_tiles, 1)
+
+
+@dataclass(frozen=True)
+class OrchestrationParams:
+    """Prefect: deployments, schedules and how long to wait (pipelines/)."""
+
+    retrain_cron: str = "0 3 * * 1"  # scheduled retraining (weekly, Monday 03:00)
+    timezone: str = "UTC"
+    pipeline_pool: str = "cpu"  # process work pool that runs the pipeline and retraining deployments
+    retries: int = 2  # retries of the steps where a retry can help (acquire, DVC push/pull, dispatch, register)
+    retry_delay_s: float = 10.0
+    train_timeout_s: float = 21600.0  # how long the pipeline waits for a training sent to train.work_pool
+    connect_timeout_s: float = 5.0  # reachability checks of the Prefect API and the MLflow server
+
+    def check(self) -> None:
+        fields = self.retrain_cron.split()
+        if len(fields) != 5 or not all(re.fullmatch(r"[0-9A-Za-z*/,\-?]+", f) for f in fields):
+            raise ParamsError(
+                f"orchestration.retrain_cron: need a 5-field cron expression (minute hour day month weekday), "
+                f"got {self.retrain_cron!r}"
+            )
+        if not self.pipeline_pool.strip():
+            raise ParamsError("orchestration.pipeline_pool: must not be empty")
+        if not self.timezone.strip():
+            raise ParamsError("orchestration.timezone: must not be empty")
+        _at_least("orchestration.retries", self.retries, 0)
+        _at_least("orchestration.retry_delay_s", self.retry_delay_s, 0)
+        _positive("orchestration.train_timeout_s", self.train_timeout_s)
+        _positive("orchestration.connect_timeout_s", self.connect_timeout_s)
+
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_REMOTE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class S3Params:
+    """Where the data and artifacts live on S3 (or an S3-compatible store). Never credentials: those come only from
+    the standard AWS chain (environment, profile, instance role)."""
+
+    bucket: str | None = None  # required for data.source: s3 and the `emassist s3` commands
+    prefix: str = "raw"  # images under s3://bucket/prefix/<Class>/...
+    endpoint_url: str | None = None  # MinIO/moto/...; null: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS
+    region: str | None = None  # null: the AWS chain (AWS_DEFAULT_REGION, profile)
+    profile: str | None = None  # a named AWS profile; null: the default chain
+    workers: int = 16  # parallel transfers
+    retries: int = 5  # per object, exponential backoff
+    timeout_s: float = 60.0  # connect/read timeout per request
+    dvc_remote: str = "s3"  # name of the DVC remote written by `emassist s3 dvc-remote`
+    dvc_prefix: str = "dvcstore"  # DVC remote at s3://bucket/dvc_prefix
+    dvc_jobs: int = 0  # DVC transfer jobs for that remote; 0: DVC's default
+    mlflow_prefix: str = "mlartifacts"  # MLflow server artifacts at s3://bucket/mlflow_prefix
+
+    def check(self) -> None:
+        if self.bucket is not None:
+            if self.bucket.startswith("s3://"):
+                raise ParamsError(f"s3.bucket: give the bucket name only, without s3:// (got {self.bucket!r})")
+            if not _BUCKET_RE.match(self.bucket) or ".." in self.bucket:
+                raise ParamsError(
+                    f"s3.bucket: not a valid bucket name {self.bucket!r} (3-63 lowercase letters, digits, '.', '-')"
+                )
+        for key in ("prefix", "dvc_prefix", "mlflow_prefix"):
+            value: str = getattr(self, key)
+            parts = value.strip("/").split("/")
+            if value.strip("/") and ("\\" in value or any(p in ("", ".", "..") for p in parts)):
+                raise ParamsError(f"s3.{key}: must be a plain key prefix like 'raw' or 'sem/raw', got {value!r}")
+        if self.endpoint_url is not None:
+            if not self.endpoint_url.startswith(("http://", "https://")):
+                raise ParamsError(f"s3.endpoint_url: must be an http(s) URL, got {self.endpoint_url!r}")
+            if "@" in self.endpoint_url.split("://", 1)[1].split("/", 1)[0]:
+                raise ParamsError(
+                    "s3.endpoint_url: must not carry credentials; use the AWS credential chain "
+                    "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role)"
+                )
+        _at_least("s3.workers", self.workers, 1)
+        _at_least("s3.retries", self.retries, 0)
+        _positive("s3.timeout_s", self.timeout_s)
+        _at_least("s3.dvc_jobs", self.dvc_jobs, 0)
+        if not _REMOTE_NAME_RE.match(self.dvc_remote):
+            raise ParamsError(f"s3.dvc_remote: letters, digits, '_' and '-' only, got {self.dvc_remote!r}")
+
+    @property
+    def key_prefix(self) -> str:
+        """The prefix without surrounding slashes ('' for the whole bucket)."""
+        return self.prefix.strip("/")
+
+    def resolved_endpoint_url(self) -> str | None:
+        """params first, then the AWS SDKs' own variables, else None (AWS itself)."""
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    demo: DemoParams = field(default_factory=DemoParams)
+    nffa: NffaParams = field(default_factory=NffaParams)
+    ingest: IngestParams = field(default_factory=IngestParams)
+    validate: ValidateParams = field(default_factory=ValidateParams)
+    split: SplitParams = field(default_factory=SplitParams)
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
+    orchestration: OrchestrationParams = field(default_factory=OrchestrationParams)
+    webapp: WebappParams = field(default_factory=WebappParams)
+    s3: S3Params = field(default_factory=S3Params)
+
+    def check(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).check()
+        if self.ingest.cache_size < self.train.image_size:
+            raise ParamsError(
+                f"ingest.cache_size: {self.ingest.cache_size} is below train.image_size {self.train.image_size}; "
+                "the cached images would be upscaled"
+            )
+        if self.data.source == "s3" and not self.s3.bucket:
+            raise ParamsError("s3.bucket: data.source is s3 but no bucket is set")
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_params(path: str | os.PathLike[str] = DEFAULT_PARAMS) -> Params:
+    """Read and validate ``params.yaml``; raise :class:`ParamsError` naming the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found (run from the repository root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    return params_from_dict(raw)
+
+
+def params_from_dict(raw: dict[str, Any]) -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError("params: the top level must be a mapping of sections")
+    hints = typing.get_type_hints(Params)
+    sections: dict[str, Any] = {}
+    known = {f.name for f in dataclasses.fields(Params)}
+    for key in raw:
+        if key not in known:
+            raise ParamsError(f"{key}: unknown section (known: {', '.join(sorted(known))})")
+    for f in dataclasses.fields(Params):
+        sections[f.name] = _build(hints[f.name], raw.get(f.name) or {}, f.name)
+    params = Params(**sections)
+    params.check()
+    return params
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{prefix}: must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ParamsError(f"{prefix}.{key}: unknown key (known: {', '.join(sorted(names))})")
+    values = {}
+    for key, value in raw.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _build(hint, value or {}, f"{prefix}.{key}")
+        else:
+            values[key] = _coerce(f"{prefix}.{key}", hint, value)
+    return cls(**values)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, inner[0], value)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ParamsError(f"{key}: must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1]
+        return tuple(_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key}: must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key}: must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ParamsError(f"{key}: must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key}: must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ParamsError(f"{key}: must be >= {low}, got {value}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ParamsError(f"{key}: must be > 0, got {value}")
+
+
+def _fraction(key: str, value: float) -> None:
+    if not 0 <= value <= 1:
+        raise ParamsError(f"{key}: must be between 0 and 1, got {value}")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ParamsError(f"{key}: unknown value {value!r} (choose one of: {', '.join(allowed)})")
+
+
+def check_class_names(key: str, names: typing.Iterable[str]) -> None:
+    for name in names:
+        if name not in CLASSES:
+            raise ParamsError(f"{key}: unknown class name {name!r} (known: {', '.join(CLASSES)})")

@@ -1,0 +1,229 @@
+"""Driver: class counts, a deterministic per-image plan, parallel rendering, atomic output folder."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import numbers
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from emassist.core.atomic import atomic_path
+from emassist.config.classes import CLASSES, NFFA_COUNTS
+from emassist.data.demo import scenes
+from emassist.data.demo.sem_look import draw_databar, sem_image
+
+MIN_SIDE = 32
+MAX_SIDE = 8192
+EXTENSIONS = ("jpg", "png", "tif")
+JPG_SHARE = 0.75  # of the non-TIFF images; the rest are PNG
+
+# Seed-sequence tags keep the different random streams of one seed apart.
+_TAG_IMAGE = 1
+_TAG_PLAN = 2
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to render: everything a worker needs, picklable."""
+
+    out_dir: str
+    class_index: int
+    index: int
+    name: str
+    databar: bool
+    width: int
+    height: int
+    seed: int
+
+    @property
+    def class_name(self) -> str:
+        return CLASSES[self.class_index]
+
+    @property
+    def ext(self) -> str:
+        return self.name.rsplit(".", 1)[1]
+
+
+def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}: must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise ValueError(f"{name}: must be {bound}, got {value}")
+    return int(value)
+
+
+def _check_fraction(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name}: must be a number between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def class_counts(n_images: int, min_per_class: int) -> dict[str, int]:
+    """Images per class: proportional to the real dataset's counts, but at least ``min_per_class`` each.
+
+    Classes whose share falls below the floor are raised to it and the rest are re-apportioned among the
+    other (larger) classes; integer counts by largest remainder, so the total is exactly ``n_images``.
+    """
+    n_images = _check_int("n_images", n_images, len(CLASSES))
+    min_per_class = _check_int("min_per_class", min_per_class, 1)
+    if n_images < min_per_class * len(CLASSES):
+        raise ValueError(
+            f"n_images: {n_images} is less than min_per_class × {len(CLASSES)} classes = {min_per_class * len(CLASSES)}"
+        )
+    fixed: dict[str, int] = {}
+    while True:
+        free = [c for c in CLASSES if c not in fixed]
+        budget = n_images - min_per_class * len(fixed)
+        if not free:
+            break
+        weight = sum(NFFA_COUNTS[c] for c in free)
+        quota = {c: budget * NFFA_COUNTS[c] / weight for c in free}
+        low = [c for c in free if quota[c] < min_per_class]
+        if not low:
+            break
+        fixed.update(dict.fromkeys(low, min_per_class))
+    counts = dict(fixed)
+    if free:
+        counts.update({c: math.floor(quota[c]) for c in free})
+        left = budget - sum(counts[c] for c in free)
+        by_remainder = sorted(free, key=lambda c: (-(quota[c] - math.floor(quota[c])), CLASSES.index(c)))
+        for c in by_remainder[:left]:
+            counts[c] += 1
+    return {c: counts[c] for c in CLASSES}
+
+
+def image_name(seed: int, class_index: int, index: int, ext: str) -> str:
+    """``L2_<32 hex>.<ext>``, like the real dataset; derived from (seed, class, index)."""
+    state = np.random.SeedSequence([seed, _TAG_IMAGE, class_index, index]).generate_state(4)
+    return "L2_" + "".join(f"{int(v):08x}" for v in state) + "." + ext
+
+
+def plan(
+    out_dir: Path,
+    counts: dict[str, int],
+    *,
+    width: int,
+    height: int,
+    seed: int,
+    tif_fraction: float,
+    databar_fraction: float,
+) -> list[Job]:
+    """Every image's class, name, format and data-bar flag.
+
+    Per class, exactly round(n × fraction) images are TIFF and (independently) carry a data bar, so
+    neither format nor data bar says anything about the class.
+    """
+    jobs: list[Job] = []
+    for ci, cls in enumerate(CLASSES):
+        n = counts[cls]
+        rng = np.random.default_rng(np.random.SeedSequence([seed, _TAG_PLAN, ci]))
+        tif = set(rng.permutation(n)[: math.floor(n * tif_fraction + 0.5)].tolist())
+        bar = set(rng.permutation(n)[: math.floor(n * databar_fraction + 0.5)].tolist())
+        jpg = rng.random(n) < JPG_SHARE
+        for i in range(n):
+            ext = "tif" if i in tif else ("jpg" if jpg[i] else "png")
+            jobs.append(Job(str(out_dir), ci, i, image_name(seed, ci, i, ext), i in bar, width, height, seed))
+    return jobs
+
+
+def render_image(job: Job) -> tuple[np.ndarray, np.random.Generator]:
+    """The image of ``job`` as floats in [0, 1], and its random generator (for the encoder's choices)."""
+    rng = np.random.default_rng(np.random.SeedSequence([job.seed, _TAG_IMAGE, job.class_index, job.index]))
+    height_map, albedo = scenes.render_scene(job.class_name, rng, job.height, job.width)
+    img = sem_image(height_map, albedo, rng)
+    if job.databar:
+        img = draw_databar(img, rng)
+    return img, rng
+
+
+def write_image(job: Job) -> str:
+    """Render and write one image into ``job.out_dir/<class>/``; returns the class name."""
+    img, rng = render_image(job)
+    path = Path(job.out_dir) / job.class_name / job.name
+    if job.ext == "tif":
+        Image.fromarray((img * 65535.0 + 0.5).astype(np.uint16)).save(
+            path, format="TIFF", compression="tiff_adobe_deflate"
+        )
+    else:
+        pil = Image.fromarray((img * 255.0 + 0.5).astype(np.uint8))
+        if job.ext == "jpg":
+            pil.save(path, format="JPEG", quality=int(rng.integers(80, 96)))
+        else:
+            pil.save(path, format="PNG")
+    return job.class_name
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse to replace anything that is not an earlier demo output (or empty)."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise ValueError(f"out_dir: {out_dir} exists and is not a directory")
+    strangers = sorted(p.name for p in out_dir.iterdir() if not (p.is_dir() and p.name in CLASSES))
+    if strangers:
+        raise ValueError(
+            f"out_dir: {out_dir} holds entries that are not class folders ({', '.join(strangers[:5])}); "
+            "refusing to replace it"
+        )
+
+
+def generate_demo(
+    out_dir: Path,
+    *,
+    n_images: int,
+    width: int,
+    height: int,
+    seed: int,
+    min_per_class: int,
+    tif_fraction: float,
+    databar_fraction: float,
+    workers: int = 0,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Write a synthetic SEM dataset to ``out_dir/<Class>/L2_<hex>.<jpg|png|tif>``; returns images per class.
+
+    The output is a pure function of the arguments other than ``workers``/``progress`` (byte-identical
+    files for any worker count). ``out_dir`` is replaced atomically: a failed or killed run leaves it
+    as it was. An existing ``out_dir`` may only hold class folders (an earlier demo run).
+    """
+    out_dir = Path(out_dir)
+    width = _check_int("width", width, MIN_SIDE, MAX_SIDE)
+    height = _check_int("height", height, MIN_SIDE, MAX_SIDE)
+    seed = _check_int("seed", seed, 0)
+    workers = _check_int("workers", workers, 0)
+    tif_fraction = _check_fraction("tif_fraction", tif_fraction)
+    databar_fraction = _check_fraction("databar_fraction", databar_fraction)
+    counts = class_counts(n_images, min_per_class)
+    _check_out_dir(out_dir)
+    n_workers = min(workers or os.cpu_count() or 1, n_images)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for cls in CLASSES:
+            (tmp / cls).mkdir()
+        jobs = plan(
+            tmp,
+            counts,
+            width=width,
+            height=height,
+            seed=seed,
+            tif_fraction=tif_fraction,
+            databar_fraction=databar_fraction,
+        )
+        with tqdm(total=len(jobs), desc="demo images", unit="img", disable=not progress) as bar:
+            if n_workers == 1:
+                for job in jobs:
+                    write_image(job)
+                    bar.update()
+            else:
+                chunk = max(1, min(16, len(jobs) // (n_workers * 8)))
+                with multiprocessing.Pool(n_workers) as pool:
+                    for _ in pool.imap_unordered(write_image, jobs, chunksize=chunk):
+                        bar.update()
+    return counts

@@ -1,0 +1,40 @@
+"""Shared entry-point plumbing for ``python -m stages.<name>``: params loading and readable failures."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from emassist.config.settings import Params, ParamsError, load_params
+from emassist.data.dataset import DatasetError
+
+log = logging.getLogger("emassist")
+
+
+class StageError(RuntimeError):
+    """A stage cannot do its job; the message says why and what to do."""
+
+
+def run_stage(name: str, description: str, body: Callable[[Params], None], argv: list[str] | None = None) -> int:
+    """Parse ``--params``, load them (failing before any work on a bad value) and run ``body``."""
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("EMASSIST_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    try:
+        params = load_params(args.params)
+        body(params)
+    except ParamsError as exc:
+        print(f"error: bad parameter in {args.params}: {exc}", file=sys.stderr)
+        return 2
+    except (StageError, DatasetError, FileNotFoundError) as exc:
+        print(f"error: stage '{name}' failed: {exc}", file=sys.stderr)
+        return 1
+    log.info("stage %s finished in %.1f s", name, time.perf_counter() - started)
+    return 0

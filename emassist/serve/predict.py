@@ -1,0 +1,202 @@
+"""Batch prediction over files, folders and globs with a registered (or local) model; never crashes on a bad file.
+
+The images take the serving model's own path (``emassist/serve/pyfunc.py``: decode → standardize → model input),
+so a CSV written here agrees with what the HTTP server answers for the same files.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+GLOB_CHARS = frozenset("*?[")
+
+
+def expand_paths(items: Iterable[str | os.PathLike[str]]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files named by ``items`` (files; folders, recursively; globs, ``**`` allowed), in order, without repeats.
+
+    Returns (files, missing) where missing holds (item, reason) for items that matched nothing.
+    Hidden files and folders (a name starting with ".") inside a folder are skipped.
+    """
+    files: list[str] = []
+    seen: set[str] = set()
+    missing: list[tuple[str, str]] = []
+
+    def add(path: Path) -> None:
+        key = str(path)
+        if key not in seen:
+            seen.add(key)
+            files.append(key)
+
+    def walk(folder: Path) -> None:
+        for root, dirs, names in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(names):
+                if not name.startswith("."):
+                    add(Path(root) / name)
+
+    for item in items:
+        text = os.fspath(item)
+        path = Path(text)
+        if path.is_dir():
+            walk(path)
+        elif path.exists():
+            add(path)
+        elif GLOB_CHARS & set(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                missing.append((text, "no file matches this pattern"))
+            for match in matches:
+                m = Path(match)
+                if m.is_dir():
+                    walk(m)
+                elif m.is_file():
+                    add(m)
+        else:
+            missing.append((text, "not found"))
+    return files, missing
+
+
+def load_predictor(model: Any, params: Any = None) -> Any:
+    """A ``SemClassifier`` (or a generic pyfunc model) from a ``models:/`` URI, a model folder, a ``.keras`` file or
+    an already loaded model. A ``.keras`` file needs ``params`` for the classes and preprocessing settings."""
+    if not isinstance(model, str | os.PathLike):
+        return _unwrap(model)
+    text = os.fspath(model)
+    if text.endswith(".keras") and Path(text).is_file():
+        if params is None:
+            raise ValueError(f"{text}: a .keras file needs params (classes, image sizes) to be served")
+        from emassist.model.registry import serving_config
+        from emassist.serve.pyfunc import SemClassifier
+
+        return SemClassifier.from_files(text, serving_config(params))
+    import mlflow
+
+    return _unwrap(mlflow.pyfunc.load_model(text))
+
+
+def _unwrap(model: Any) -> Any:
+    inner = model.unwrap_python_model() if hasattr(model, "unwrap_python_model") else model
+    if hasattr(inner, "standardize_many") and hasattr(inner, "probabilities"):
+        return inner
+    return model
+
+
+def _error_row(path: str, error: str) -> dict[str, Any]:
+    return {"path": path, "label": "", "confidence": 0.0, "error": error}
+
+
+def predict_paths(
+    paths: Sequence[str | os.PathLike[str]],
+    model: Any,
+    *,
+    params: Any = None,
+    out: str | os.PathLike[str] | None = None,
+    batch_size: int = 32,
+    progress: bool | None = None,
+) -> pd.DataFrame:
+    """Predict every file under ``paths``; one row per file: path, label, confidence, <class>..., error.
+
+    ``model`` is a URI (``models:/sem-classifier@champion``), a model folder, a ``.keras`` file (with ``params``)
+    or a loaded model. Files that cannot be read or decoded get a row with ``error`` set and an empty label.
+    ``progress``: a tqdm bar on stderr (None: only when stderr is a terminal). Writes ``out`` (CSV) if given.
+    """
+    from tqdm import tqdm
+
+    files, missing = expand_paths(paths)
+    predictor = load_predictor(model, params)
+    rows: list[pd.DataFrame] = [pd.DataFrame([_error_row(p, reason) for p, reason in missing])] if missing else []
+    bar = tqdm(total=len(files), unit="img", disable=None if progress is None else not progress, desc="predict")
+    try:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start : start + batch_size]
+            rows.append(_predict_chunk(predictor, chunk))
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    frame = pd.concat([r for r in rows if not r.empty], ignore_index=True) if rows else pd.DataFrame()
+    if frame.empty:
+        frame = pd.DataFrame(columns=["path", "label", "confidence", "error"])
+    frame["error"] = frame["error"].fillna("").astype(str)
+    frame["label"] = frame["label"].fillna("").astype(str)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(out, index=False)
+    return frame
+
+
+def _predict_chunk(predictor: Any, chunk: Sequence[str]) -> pd.DataFrame:
+    if hasattr(predictor, "standardize_many"):
+        return _predict_chunk_native(predictor, chunk)
+    return _predict_chunk_pyfunc(predictor, chunk)
+
+
+def _predict_chunk_native(model: Any, chunk: Sequence[str]) -> pd.DataFrame:
+    errors: list[str] = []
+    images: list[np.ndarray] = []
+    good: list[int] = []
+    for i, (gray, error) in enumerate(model.standardize_many(list(chunk), files=True)):
+        errors.append(error)
+        if gray is not None:
+            images.append(gray)
+            good.append(i)
+    proba = np.zeros((len(chunk), len(model.classes)), dtype=np.float32)
+    if images:
+        proba[good] = model.probabilities(np.stack(images))
+    frame = model.result_frame(proba, errors)
+    frame.insert(0, "path", list(chunk))
+    return frame
+
+
+def _predict_chunk_pyfunc(model: Any, chunk: Sequence[str]) -> pd.DataFrame:
+    """Any pyfunc model taking the ``image`` column: per-file fallback when the whole chunk is refused."""
+    import base64
+
+    from mlflow.exceptions import MlflowException
+
+    def one_frame(paths: Sequence[str]) -> pd.DataFrame:
+        encoded = [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in paths]
+        frame = pd.DataFrame(model.predict(pd.DataFrame({"image": encoded})))
+        frame.insert(0, "path", list(paths))
+        return frame
+
+    try:
+        return one_frame(chunk)
+    except (MlflowException, OSError):
+        frames = []
+        for path in chunk:
+            try:
+                frames.append(one_frame([path]))
+            except OSError as exc:
+                frames.append(pd.DataFrame([_error_row(path, f"unreadable: {exc.strerror or exc}")]))
+            except MlflowException as exc:
+                frames.append(pd.DataFrame([_error_row(path, exc.message)]))
+        return pd.concat(frames, ignore_index=True)
+
+
+def top_k(frame: pd.DataFrame, classes: Sequence[str], k: int = 3) -> list[str]:
+    """One line per row: ``path: A 0.91, B 0.05, C 0.02`` (or ``path: ERROR reason``)."""
+    present = [c for c in classes if c in frame.columns]
+    lines = []
+    for _, row in frame.iterrows():
+        if row.get("error"):
+            lines.append(f"{row['path']}: ERROR {row['error']}")
+            continue
+        scores = sorted(((float(row[c]), c) for c in present), reverse=True)[: max(1, k)]
+        lines.append(f"{row['path']}: " + ", ".join(f"{c} {p:.3f}" for p, c in scores))
+    return lines
+
+
+def class_columns(frame: pd.DataFrame) -> list[str]:
+    """The per-class probability columns of a prediction frame (between ``confidence`` and ``error``)."""
+    skip = {"path", "label", "confidence", "error"}
+    return [c for c in frame.columns if c not in skip]

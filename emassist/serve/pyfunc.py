@@ -1,0 +1,269 @@
+"""The SEM classifier as an MLflow pyfunc model (``emassist/serve/model_code.py`` is the logged code).
+
+Request: a DataFrame with one string column ``image``: each value is a base64-encoded image file in any format
+ingest accepts (PNG, JPEG, 8/16-bit TIFF, BMP, ...; an optional ``data:...;base64,`` prefix is allowed).
+Every image takes THE path training took: ``emassist.data.imaging.decode_image`` → ``standardize`` (data bar
+cropped, cache size) → ``emassist.data.preprocess.to_model_input`` → the Keras model, in chunks of ``chunk_size``.
+
+Response: one row per input row: ``label``, ``confidence``, one probability column per class (named by the
+class) and ``error`` ("" when the row is fine).
+
+Bad requests (see serving/README.md):
+
+* no ``image`` column or no rows → HTTP 400 ``INVALID_PARAMETER_VALUE`` with a one-line message;
+* every row a bad image (not base64, not an image, too small, over ``max_pixels``, not a string, ...; always the
+  case for a one-image request) → HTTP 400 naming each bad row and why (the first 10);
+* some rows bad, others fine → HTTP 200; the bad rows have ``error`` set, ``label`` "" and all
+  probabilities (and ``confidence``) 0.0, so one broken file does not cost the rest of a batch;
+* a failure of our own (a bug) → HTTP 500 with a one-line message; the traceback goes to the server's log only.
+
+The scoring server rewrites a model's ``MlflowException`` message into ``Failed to predict data '<the whole
+input>'. Error: ...`` (an echo of the request's base64). :class:`BadRequest` keeps its own short message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
+log = logging.getLogger("emassist.serving")
+
+IMAGE_COLUMN = "image"
+ERROR_COLUMN = "error"
+DEFAULT_CHUNK_SIZE = 32
+MAX_LISTED_ERRORS = 10  # bad rows named in one error message
+
+
+class BadRequest(MlflowException):
+    """An ``MlflowException`` whose message the scoring server cannot prefix with an echo of the input."""
+
+    def __init__(self, message: str, error_code: int = INVALID_PARAMETER_VALUE) -> None:
+        super().__init__(message, error_code=error_code)
+
+    @property  # type: ignore[override]
+    def message(self) -> str:
+        return self._short_message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        # The first assignment (from __init__) wins; the server's "Failed to predict data '...'" rewrite is ignored.
+        if not hasattr(self, "_short_message"):
+            self._short_message = str(value)
+
+
+def decode_base64(value: Any) -> bytes:
+    """Bytes of one request cell; raises ``ImageRejected`` with a short reason."""
+    from emassist.data.imaging import ImageRejected
+
+    if not isinstance(value, str | bytes):
+        raise ImageRejected(f"expected a base64 string, got {type(value).__name__}")
+    try:  # fast path: plain standard base64, checked strictly in C
+        data = binascii.a2b_base64(value, strict_mode=True)
+        if data:
+            return data
+    except (binascii.Error, ValueError):
+        pass  # whitespace, a data: prefix, the URL-safe alphabet, missing padding, or not base64 at all
+    text = value.decode("ascii", errors="replace") if isinstance(value, bytes) else value
+    text = "".join(text.split())  # MIME base64 wraps lines
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    if not text:
+        raise ImageRejected("empty image string")
+    if "-" in text or "_" in text:
+        text = text.replace("-", "+").replace("_", "/")  # URL-safe alphabet
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageRejected(f"not valid base64 ({exc})") from exc
+    if not data:
+        raise ImageRejected("empty image string")
+    return data
+
+
+def describe_errors(errors: Sequence[str], n_rows: int) -> str:
+    bad = [(i, e) for i, e in enumerate(errors) if e]
+    shown = "; ".join(f"row {i}: {e}" for i, e in bad[:MAX_LISTED_ERRORS])
+    more = f"; and {len(bad) - MAX_LISTED_ERRORS} more" if len(bad) > MAX_LISTED_ERRORS else ""
+    what = "image rejected" if n_rows == 1 else f"all {n_rows} images rejected"
+    return f"{what}: {shown}{more}"
+
+
+class SemClassifier(mlflow.pyfunc.PythonModel):
+    """Keras SEM morphology classifier behind the ingest/training preprocessing."""
+
+    # The explicit signature logged with the model is the contract. MLflow's type-hint validation (and its
+    # warning that predict has no supported hint) would only switch the server to another request format.
+    _skip_type_hint_validation = True
+
+    classes: list[str]
+    image_size: int
+    cache_size: int
+    crop_databar: bool
+    max_pixels: int
+    min_side: int
+    chunk_size: int
+    decode_threads: int
+
+    def load_context(self, context: Any) -> None:
+        with open(context.artifacts["config"], encoding="utf-8") as fh:
+            config = json.load(fh)
+        self.load(context.artifacts["keras_model"], config)
+
+    @classmethod
+    def from_files(cls, keras_model: str | os.PathLike[str], config: dict[str, Any]) -> SemClassifier:
+        """The same model outside MLflow (a ``.keras`` file and the serving config), e.g. for ``emassist predict``."""
+        model = cls()
+        model.load(keras_model, config)
+        return model
+
+    def load(self, keras_model: str | os.PathLike[str], config: dict[str, Any]) -> None:
+        import keras
+        import tensorflow as tf
+
+        from emassist.data.preprocess import to_model_input
+
+        self.configure(config)
+        self.model = keras.models.load_model(keras_model, compile=False)
+        size = self.image_size
+        model = self.model
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.uint8)], reduce_retracing=True)
+        def forward(gray: Any) -> Any:
+            return model(to_model_input(gray, size), training=False)
+
+        self._forward = forward
+        # Trace once now, not on the first request.
+        self._forward(np.zeros((1, self.cache_size, self.cache_size, 1), dtype=np.uint8))
+
+    def configure(self, config: dict[str, Any]) -> None:
+        self.classes = [str(c) for c in config["classes"]]
+        self.image_size = int(config["image_size"])
+        self.cache_size = int(config["cache_size"])
+        self.crop_databar = bool(config["crop_databar"])
+        self.max_pixels = int(config["max_pixels"])
+        self.min_side = int(config["min_side"])
+        self.chunk_size = max(1, int(config.get("chunk_size", DEFAULT_CHUNK_SIZE)))
+        self.decode_threads = max(1, int(config.get("decode_threads", min(4, os.cpu_count() or 1))))
+        self._pool: ThreadPoolExecutor | None = None
+
+    # ----------------------------------------------------------------------------------------- building blocks
+
+    def standardized(self, value: Any) -> np.ndarray:
+        """One request cell (base64) → the cache-size uint8 grayscale image ingest would have cached."""
+        return self.standardized_bytes(decode_base64(value))
+
+    def standardized_bytes(self, data: bytes | str | os.PathLike[str]) -> np.ndarray:
+        """Image file bytes (or a path) → the cache-size uint8 grayscale image ingest would have cached."""
+        from emassist.data.imaging import decode_image, standardize
+
+        decoded = decode_image(data, max_pixels=self.max_pixels, min_side=self.min_side)
+        gray, _ = standardize(decoded.gray, cache_size=self.cache_size, crop_databar=self.crop_databar)
+        return gray
+
+    def standardize_many(self, values: Sequence[Any], *, files: bool = False) -> list[tuple[np.ndarray | None, str]]:
+        """``(image, "")`` or ``(None, reason)`` per base64 value (or per file path when ``files``).
+
+        Decoded on a few threads (PIL's decoders and NumPy release the GIL).
+        """
+        from emassist.data.imaging import ImageRejected
+
+        convert = self.standardized_bytes if files else self.standardized
+
+        def one(value: Any) -> tuple[np.ndarray | None, str]:
+            try:
+                return convert(value), ""
+            except ImageRejected as exc:
+                return None, exc.reason
+            except Exception as exc:  # a bug met by one odd image must not fail the others
+                log.exception("cannot process an image")
+                return None, f"cannot process image ({type(exc).__name__})"
+
+        if len(values) < 2 or self.decode_threads < 2:
+            return [one(v) for v in values]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="sem-decode")
+        return list(self._pool.map(one, values))
+
+    def probabilities(self, gray: np.ndarray) -> np.ndarray:
+        """uint8 ``[B, H, W]`` or ``[B, H, W, 1]`` standardized images → float32 ``[B, n_classes]``."""
+        batch = np.asarray(gray, dtype=np.uint8)
+        if batch.ndim == 3:
+            batch = batch[..., None]
+        out = []
+        for start in range(0, len(batch), self.chunk_size):
+            out.append(np.asarray(self._forward(batch[start : start + self.chunk_size]), dtype=np.float32))
+        if not out:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        return np.concatenate(out)
+
+    def result_frame(self, proba: np.ndarray, errors: Sequence[str]) -> pd.DataFrame:
+        ok = np.array([not e for e in errors], dtype=bool)
+        best = proba.argmax(axis=1) if len(proba) else np.zeros(0, dtype=int)
+        labels = [self.classes[int(k)] if good else "" for k, good in zip(best, ok, strict=True)]
+        confidence = np.where(ok, proba.max(axis=1) if len(proba) else 0.0, 0.0).astype(np.float64)
+        frame = pd.DataFrame({"label": labels, "confidence": confidence})
+        for k, name in enumerate(self.classes):
+            frame[name] = proba[:, k].astype(np.float64)
+        frame[ERROR_COLUMN] = list(errors)
+        return frame
+
+    # ----------------------------------------------------------------------------------------- pyfunc API
+
+    # ``model_input`` stays unannotated: MLflow reads predict's type hints as a signature (see above).
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        values = self._image_values(model_input)
+        n = len(values)
+        proba = np.zeros((n, len(self.classes)), dtype=np.float32)
+        errors = [""] * n
+        try:
+            for start in range(0, n, self.chunk_size):
+                rows: list[int] = []
+                images: list[np.ndarray] = []
+                chunk = range(start, min(n, start + self.chunk_size))
+                for i, (gray, error) in zip(chunk, self.standardize_many([values[i] for i in chunk]), strict=True):
+                    if gray is None:
+                        errors[i] = error
+                    else:
+                        images.append(gray)
+                        rows.append(i)
+                if images:
+                    proba[rows] = self.probabilities(np.stack(images))
+        except Exception as exc:  # a bug, not a bad request: log the traceback here, answer briefly
+            log.exception("prediction failed")
+            raise BadRequest(f"internal error while predicting: {type(exc).__name__}", INTERNAL_ERROR) from exc
+        if all(errors):
+            raise BadRequest(describe_errors(errors, n))
+        return self.result_frame(proba, errors)
+
+    @staticmethod
+    def _image_values(model_input: Any) -> list[Any]:
+        if isinstance(model_input, pd.DataFrame):
+            if IMAGE_COLUMN not in model_input.columns:
+                # The signature marks the column optional so that this message, not MLflow's schema error (which
+                # echoes the whole input), answers a request without it; other columns never reach us.
+                raise BadRequest(f"the request has no column '{IMAGE_COLUMN}' (base64-encoded image files, one a row)")
+            values = model_input[IMAGE_COLUMN].tolist()
+        elif isinstance(model_input, dict) and IMAGE_COLUMN in model_input:
+            raw = model_input[IMAGE_COLUMN]
+            values = [raw] if isinstance(raw, str | bytes) else list(raw)
+        elif isinstance(model_input, pd.Series | list | tuple | np.ndarray):
+            values = list(model_input)
+        else:
+            raise BadRequest(
+                f"expected a table with a column '{IMAGE_COLUMN}' of base64 strings, got {type(model_input).__name__}"
+            )
+        if not values:
+            raise BadRequest(f"the request has no rows: send at least one base64 image in column '{IMAGE_COLUMN}'")
+        return values

@@ -1,0 +1,220 @@
+"""Needle in a haystack: classify overlapping tiles of a large overview image and map one class's score over it.
+
+The overview is decoded once (``imaging.decode_image``), its data bar cropped (``imaging.find_databar``), then
+cut into ``tile``×``tile`` windows every ``stride`` pixels (the last row and column are moved in to touch the
+edge, so every pixel is covered). Each tile takes the serving path of a whole image (``imaging.standardize``
+without a second data-bar search, then the model's own ``preprocess.to_model_input``) and tiles go through the
+model in batches. The result is a per-class score grid ``[rows, cols, classes]``; :func:`heatmap` spreads one
+class's scores back over the pixels (the mean over the tiles covering each pixel).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: standardized uint8 tiles ``[B, S, S]`` → probabilities ``[B, n_classes]``
+PredictFn = Callable[[np.ndarray], np.ndarray]
+
+#: the heat map is computed on a grid no larger than this on its longer side
+HEAT_MAX_SIDE = 1024
+
+
+class ScanError(ValueError):
+    """Bad tile-scan options (the message names the option)."""
+
+
+@dataclass
+class TileScan:
+    classes: list[str]
+    scores: np.ndarray  # float32 [rows, cols, n_classes]
+    xs: list[int]  # left edge of each tile column
+    ys: list[int]  # top edge of each tile row
+    tile: int  # side of a tile in image pixels (clipped to the image)
+    stride: int
+    height: int  # of the scanned area (data bar cropped)
+    width: int
+    databar_rows: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.xs) * len(self.ys)
+
+    def class_index(self, name: str) -> int:
+        if name not in self.classes:
+            raise ScanError(f"unknown class {name!r} (the model knows: {', '.join(self.classes)})")
+        return self.classes.index(name)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per tile: row, col, x, y, width, height, label, then one score per class."""
+        out = []
+        for r, y in enumerate(self.ys):
+            for c, x in enumerate(self.xs):
+                p = self.scores[r, c]
+                row: dict[str, Any] = {"row": r, "col": c, "x": x, "y": y, "width": self.tile, "height": self.tile}
+                row["label"] = self.classes[int(np.argmax(p))]
+                row.update({name: round(float(p[k]), 6) for k, name in enumerate(self.classes)})
+                out.append(row)
+        return out
+
+    def csv_text(self) -> str:
+        buf = io.StringIO()
+        fields = ["row", "col", "x", "y", "width", "height", "label", *self.classes]
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows())
+        return buf.getvalue()
+
+
+def positions(length: int, tile: int, stride: int) -> list[int]:
+    """Start offsets along one axis: every ``stride``, the last moved in to end at ``length``."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] + tile < length:
+        starts.append(length - tile)
+    return starts
+
+
+def check_options(tile: int, stride: int, max_tiles: int | None = None, shape: tuple[int, int] | None = None) -> None:
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 16:
+        raise ScanError(f"tile: must be an integer >= 16 pixels, got {tile!r}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ScanError(f"stride: must be an integer >= 1 pixel, got {stride!r}")
+    if stride > tile:
+        raise ScanError(f"stride: {stride} is larger than the tile ({tile}); parts of the image would be skipped")
+    if max_tiles is not None and shape is not None:
+        h, w = shape
+        n = len(positions(h, tile, stride)) * len(positions(w, tile, stride))
+        if n > max_tiles:
+            raise ScanError(
+                f"stride: {w}x{h} pixels with tile {tile} and stride {stride} make {n} tiles, more than the limit "
+                f"of {max_tiles}; use a larger stride or tile"
+            )
+
+
+def scan(
+    gray: np.ndarray,
+    predict: PredictFn,
+    classes: Sequence[str],
+    *,
+    tile: int,
+    stride: int,
+    cache_size: int,
+    crop_databar: bool = True,
+    batch_size: int = 32,
+    max_tiles: int | None = None,
+    progress: bool | None = False,
+) -> TileScan:
+    """Classify every tile of the full-resolution grayscale image ``gray`` ``[H, W]`` uint8."""
+    from tqdm import tqdm
+
+    from emassist.data.imaging import find_databar, standardize
+
+    started = time.perf_counter()
+    g = np.asarray(gray)
+    if g.ndim != 2:
+        raise ScanError(f"expected a 2-D grayscale image, got shape {g.shape}")
+    check_options(tile, stride)
+    bar_rows = find_databar(g) if crop_databar else 0
+    if bar_rows:
+        g = g[: g.shape[0] - bar_rows]
+    h, w = g.shape
+    check_options(tile, stride, max_tiles, (h, w))
+    ys, xs = positions(h, tile, stride), positions(w, tile, stride)
+    side = min(tile, h, w) if (h < tile or w < tile) else tile
+    coords = [(r, c) for r in range(len(ys)) for c in range(len(xs))]
+    scores = np.zeros((len(ys), len(xs), len(classes)), dtype=np.float32)
+    batch_size = max(1, int(batch_size))
+    with tqdm(total=len(coords), unit="tile", desc="scan", disable=None if progress is None else not progress) as bar:
+        for start in range(0, len(coords), batch_size):
+            chunk = coords[start : start + batch_size]
+            tiles = np.stack(
+                [
+                    standardize(g[ys[r] : ys[r] + tile, xs[c] : xs[c] + tile], cache_size=cache_size,
+                                crop_databar=False)[0]
+                    for r, c in chunk
+                ]
+            )  # fmt: skip
+            proba = np.asarray(predict(tiles), dtype=np.float32)
+            if proba.shape != (len(chunk), len(classes)):
+                raise RuntimeError(f"the model answered shape {proba.shape} for {len(chunk)} tiles")
+            for (r, c), p in zip(chunk, proba, strict=True):
+                scores[r, c] = p
+            bar.update(len(chunk))
+    return TileScan(
+        classes=list(classes),
+        scores=scores,
+        xs=xs,
+        ys=ys,
+        tile=side,
+        stride=stride,
+        height=h,
+        width=w,
+        databar_rows=bar_rows,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def heatmap(result: TileScan, class_name: str, max_side: int = HEAT_MAX_SIDE) -> np.ndarray:
+    """float32 ``[h, w]`` in 0..1: each pixel the mean score of ``class_name`` over the tiles covering it.
+
+    Computed on a grid downscaled so its longer side is at most ``max_side`` (same aspect ratio as the scan).
+    """
+    k = result.class_index(class_name)
+    f = max(1, math.ceil(max(result.height, result.width) / max_side))
+    hh, ww = math.ceil(result.height / f), math.ceil(result.width / f)
+    total = np.zeros((hh, ww), dtype=np.float64)
+    count = np.zeros((hh, ww), dtype=np.float64)
+    for r, y in enumerate(result.ys):
+        for c, x in enumerate(result.xs):
+            y0, x0 = y // f, x // f
+            y1, x1 = (
+                math.ceil(min(y + result.tile, result.height) / f),
+                math.ceil(min(x + result.tile, result.width) / f),
+            )
+            total[y0:y1, x0:x1] += result.scores[r, c, k]
+            count[y0:y1, x0:x1] += 1
+    return (total / np.maximum(count, 1)).astype(np.float32)
+
+
+def heatmap_overlay(gray: np.ndarray, result: TileScan, class_name: str, max_side: int = HEAT_MAX_SIDE) -> np.ndarray:
+    """uint8 RGB of the scanned area (downscaled to ``max_side``) with the class heat map blended over it."""
+    from PIL import Image
+
+    from emassist.serve.gradcam import overlay
+
+    heat = heatmap(result, class_name, max_side)
+    g = np.asarray(gray)[: result.height, : result.width]
+    small = np.asarray(Image.fromarray(np.ascontiguousarray(g)).resize((heat.shape[1], heat.shape[0]),
+                                                                       Image.Resampling.BOX))  # fmt: skip
+    return overlay(small, heat, alpha=0.5)
+
+
+def write_outputs(
+    gray: np.ndarray, result: TileScan, class_name: str, out_png: Path | None, out_csv: Path | None
+) -> None:
+    """The overlay PNG and/or the tile-score CSV, each written atomically."""
+    from emassist.core.atomic import atomic_path
+    from emassist.serve.gradcam import png_bytes
+
+    if out_png is not None:
+        data = png_bytes(heatmap_overlay(gray, result, class_name))
+        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(Path(out_png)) as tmp:
+            Path(tmp).write_bytes(data)
+    if out_csv is not None:
+        text = result.csv_text()
+        Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(Path(out_csv)) as tmp:
+            Path(tmp).write_text(text)

@@ -1,0 +1,277 @@
+"""Synthetic SEM demo data: determinism, layout, formats, data bar share, argument checks, atomicity."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from emassist.config.classes import CLASSES, NFFA_COUNTS
+from emassist.data.demo import class_counts, generate_demo
+from emassist.data.demo import scenes as demo_scenes
+from emassist.data.demo.__main__ import main as demo_main
+from emassist.data.demo.generate import Job, plan, render_image
+
+NAME = re.compile(r"^L2_[0-9a-f]{32}\.(jpg|png|tif)$")
+SMALL = {
+    "n_images": 60,
+    "width": 64,
+    "height": 64,
+    "seed": 7,
+    "min_per_class": 3,
+    "tif_fraction": 0.2,
+    "databar_fraction": 0.5,
+    "progress": False,
+}
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _pixels(path: Path) -> np.ndarray:
+    """Image as floats in [0, 1] whatever its bit depth."""
+    with Image.open(path) as im:
+        arr = np.asarray(im).astype(np.float64)
+        return arr / (65535.0 if im.mode.startswith("I;16") else 255.0)
+
+
+def _has_databar(path: Path) -> bool:
+    """A black band at the bottom: in the last 15 % of rows, some row is (almost) entirely black.
+
+    Scenes never have such a row: their black level is >= 0.03 and shot noise scatters it.
+    """
+    arr = _pixels(path)
+    band = arr[-math.ceil(arr.shape[0] * 0.15) :]
+    return bool((band < 0.06).mean(axis=1).max() > 0.8)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
+    out = tmp_path_factory.mktemp("demo") / "raw"
+    counts = generate_demo(out, **{**SMALL, "n_images": 100, "workers": 2})  # type: ignore[arg-type]
+    return out, counts
+
+
+# ---------------------------------------------------------------------------------------------- counts
+
+
+@pytest.mark.parametrize(("n", "floor"), [(1000, 40), (100, 3), (137, 5), (400, 40), (10, 1), (5000, 1)])
+def test_class_counts_follow_ratio_with_floor(n: int, floor: int) -> None:
+    counts = class_counts(n, floor)
+    assert tuple(counts) == CLASSES
+    assert sum(counts.values()) == n
+    assert min(counts.values()) >= floor
+    above = [c for c in CLASSES if counts[c] > floor]
+    at_floor = [c for c in CLASSES if counts[c] == floor]
+    # classes held at the floor are the rarest ones in the real data
+    if above and at_floor:
+        assert max(NFFA_COUNTS[c] for c in at_floor) <= min(NFFA_COUNTS[c] for c in above)
+    # the others share the rest in proportion to the real counts (within rounding)
+    budget = n - floor * (len(CLASSES) - len(above))
+    weight = sum(NFFA_COUNTS[c] for c in above)
+    for c in above:
+        assert abs(counts[c] - budget * NFFA_COUNTS[c] / weight) < 1.0, c
+
+
+def test_class_counts_default_params_pinned() -> None:
+    assert class_counts(1000, 40) == {
+        "Biological": 42,
+        "Fibres": 40,
+        "Films_Coated_Surface": 40,
+        "MEMS_devices_and_electrodes": 196,
+        "Nanowires": 163,
+        "Particles": 167,
+        "Patterned_surface": 203,
+        "Porous_Sponge": 40,
+        "Powder": 40,
+        "Tips": 69,
+    }
+
+
+def test_floor_takes_images_from_large_classes() -> None:
+    plain = class_counts(1000, 1)
+    floored = class_counts(1000, 40)
+    assert plain["Fibres"] < 40 == floored["Fibres"]
+    assert floored["Patterned_surface"] < plain["Patterned_surface"]
+    assert floored["MEMS_devices_and_electrodes"] < plain["MEMS_devices_and_electrodes"]
+
+
+# ---------------------------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_is_byte_identical_for_any_worker_count(tmp_path: Path) -> None:
+    a = generate_demo(tmp_path / "a", **{**SMALL, "workers": 1})  # type: ignore[arg-type]
+    b = generate_demo(tmp_path / "b", **{**SMALL, "workers": 2})  # type: ignore[arg-type]
+    assert a == b
+    ha, hb = _hashes(tmp_path / "a"), _hashes(tmp_path / "b")
+    assert len(ha) == SMALL["n_images"]
+    assert ha == hb
+
+
+def test_different_seed_gives_different_images(tmp_path: Path) -> None:
+    generate_demo(tmp_path / "a", **{**SMALL, "workers": 2})  # type: ignore[arg-type]
+    generate_demo(tmp_path / "b", **{**SMALL, "seed": 8, "workers": 2})  # type: ignore[arg-type]
+    ha, hb = _hashes(tmp_path / "a"), _hashes(tmp_path / "b")
+    assert not set(ha) & set(hb)  # different names
+    assert not set(ha.values()) & set(hb.values())  # and different contents
+
+
+def test_every_renderer_works_at_odd_sizes() -> None:
+    for ci in range(len(CLASSES)):
+        for k, (w, h) in enumerate([(80, 48), (40, 96)]):
+            img, _ = render_image(Job("unused", ci, k, "x.png", k == 1, w, h, 3))
+            assert img.shape == (h, w) and img.dtype == np.float32
+            assert np.isfinite(img).all() and img.min() >= 0.0 and img.max() <= 1.0
+            assert img.std() > 0.02, CLASSES[ci]
+
+
+# ---------------------------------------------------------------------------------------------- layout & formats
+
+
+def test_layout_matches_real_dataset(demo: tuple[Path, dict[str, int]]) -> None:
+    out, counts = demo
+    assert counts == class_counts(100, 3)
+    assert sorted(p.name for p in out.iterdir()) == sorted(CLASSES)  # class folders and nothing else
+    for cls in CLASSES:
+        files = sorted((out / cls).iterdir())
+        assert len(files) == counts[cls]
+        assert all(p.is_file() and NAME.match(p.name) for p in files), cls
+    assert not list(out.parent.glob(".raw.*")), "temporary folder left behind"
+
+
+def test_formats_and_bit_depths(demo: tuple[Path, dict[str, int]]) -> None:
+    out, counts = demo
+    by_ext: dict[str, list[Path]] = {"jpg": [], "png": [], "tif": []}
+    for cls in CLASSES:
+        files = list((out / cls).iterdir())
+        n_tif = sum(p.suffix == ".tif" for p in files)
+        assert n_tif == math.floor(counts[cls] * SMALL["tif_fraction"] + 0.5), cls  # same share in every class
+        for p in files:
+            by_ext[p.suffix[1:]].append(p)
+    assert all(by_ext.values()), {k: len(v) for k, v in by_ext.items()}
+    for p in by_ext["tif"]:
+        with Image.open(p) as im:
+            assert im.format == "TIFF" and im.mode == "I;16" and im.size == (64, 64)
+            arr = np.asarray(im)
+        assert arr.max() > 255 and np.any(arr % 257 != 0)  # really uses 16 bits
+    for ext, fmt in (("jpg", "JPEG"), ("png", "PNG")):
+        for p in by_ext[ext]:
+            with Image.open(p) as im:
+                assert im.format == fmt and im.mode == "L" and im.size == (64, 64)
+
+
+def test_databar_share_and_independence_of_class(demo: tuple[Path, dict[str, int]]) -> None:
+    out, counts = demo
+    jobs = plan(out, counts, width=64, height=64, seed=7, tif_fraction=0.2, databar_fraction=0.5)
+    detected = {j.name: _has_databar(out / j.class_name / j.name) for j in jobs}
+    agree = sum(detected[j.name] == j.databar for j in jobs)
+    assert agree == len(jobs)  # the detector sees exactly the planned bars
+    expected = sum(math.floor(counts[c] * 0.5 + 0.5) for c in CLASSES)  # half of each class, rounded
+    assert sum(detected.values()) == expected and abs(expected - 50) <= len(CLASSES) / 2
+    for cls in CLASSES:  # every class gets the same share, so the bar tells nothing about the class
+        planned = sum(j.databar for j in jobs if j.class_name == cls)
+        assert planned == math.floor(counts[cls] * 0.5 + 0.5)
+
+
+@pytest.mark.parametrize(("fraction", "expected"), [(0.0, 0), (1.0, 20)])
+def test_databar_fraction_extremes(tmp_path: Path, fraction: float, expected: int) -> None:
+    kw = {**SMALL, "n_images": 20, "min_per_class": 1, "databar_fraction": fraction, "workers": 1}
+    generate_demo(tmp_path / "d", **kw)  # type: ignore[arg-type]
+    found = sum(_has_databar(p) for p in (tmp_path / "d").rglob("*.*"))
+    assert found == expected
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize(
+    ("changes", "name"),
+    [
+        ({"n_images": 29, "min_per_class": 3}, "n_images"),
+        ({"n_images": 5}, "n_images"),
+        ({"n_images": 60.0}, "n_images"),
+        ({"min_per_class": 0}, "min_per_class"),
+        ({"width": 16}, "width"),
+        ({"height": 100_000}, "height"),
+        ({"seed": -1}, "seed"),
+        ({"tif_fraction": 1.5}, "tif_fraction"),
+        ({"databar_fraction": -0.1}, "databar_fraction"),
+        ({"workers": -2}, "workers"),
+        ({"width": True}, "width"),
+    ],
+)
+def test_bad_arguments_name_the_argument(tmp_path: Path, changes: dict[str, object], name: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{name}:"):
+        generate_demo(tmp_path / "x", **{**SMALL, **changes})  # type: ignore[arg-type]
+    assert not (tmp_path / "x").exists()
+
+
+def test_refuses_to_replace_a_folder_with_other_content(tmp_path: Path) -> None:
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.tex").write_text("do not delete")
+    with pytest.raises(ValueError, match=r"^out_dir:"):
+        generate_demo(out, **SMALL)  # type: ignore[arg-type]
+    assert (out / "thesis.tex").read_text() == "do not delete"
+
+
+# ---------------------------------------------------------------------------------------------- atomicity
+
+
+def _boom(*args: object) -> None:
+    raise RuntimeError("renderer exploded")
+
+
+def test_failure_midway_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(demo_scenes.RENDERERS, "Powder", _boom)  # a class in the middle of the run
+    with pytest.raises(RuntimeError, match="exploded"):
+        generate_demo(tmp_path / "out", **{**SMALL, "workers": 1})  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary folder
+
+
+def test_failure_keeps_previous_output_and_success_replaces_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    generate_demo(out, **{**SMALL, "workers": 1})  # type: ignore[arg-type]
+    before = _hashes(out)
+    with monkeypatch.context() as m:
+        m.setitem(demo_scenes.RENDERERS, "Tips", _boom)
+        with pytest.raises(RuntimeError):
+            generate_demo(out, **{**SMALL, "seed": 99, "workers": 1})  # type: ignore[arg-type]
+    assert _hashes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    generate_demo(out, **{**SMALL, "seed": 99, "workers": 1})  # type: ignore[arg-type]
+    after = _hashes(out)
+    assert len(after) == SMALL["n_images"] and not set(after) & set(before)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = demo_main(["--out", str(tmp_path / "cli"), "--n", "20", "--min-per-class", "1", "--width", "48"])
+    assert rc == 0
+    assert len(list((tmp_path / "cli").rglob("L2_*"))) == 20
+    with Image.open(next((tmp_path / "cli").rglob("L2_*"))) as im:
+        assert im.size == (48, 256)
+    assert "wrote 20 images" in capsys.readouterr().out
+
+
+def test_cli_help_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        demo_main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "--out" in text and "--databar-fraction" in text
+    assert demo_main(["--out", str(tmp_path / "bad"), "--n", "5", "--quiet"]) == 2
+    assert "n_images" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

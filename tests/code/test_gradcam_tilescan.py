@@ -1,0 +1,233 @@
+"""Grad-CAM on every model builder, the tile scan's grid and heat map, the webapp params and the page's helpers.
+
+Fast and in-process: models are built (not trained) or hand-weighted so the expected answer is known. The real
+trained champion, the running web server and the browser are in ``tests/test_webapp.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("keras")
+
+from emassist.config.settings import ParamsError, params_from_dict
+from emassist.serve import tilescan
+
+
+def _noise(side: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (side, side), dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------ Grad-CAM
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "layer"),
+    [
+        ("simple_cnn", 32, "conv2"),
+        ("compact_cnn", 32, "stage3_relu"),
+        ("xception", 71, "xception_base/block14_sepconv2_act"),
+    ],
+)
+def test_gradcam_finds_last_conv_layer_and_gives_a_unit_map(name: str, size: int, layer: str) -> None:
+    from emassist.model.builders import build_model
+    from emassist.serve.gradcam import GradCam, find_target_layer
+
+    model = build_model(name, num_classes=3, image_size=size)
+    assert find_target_layer(model) == layer
+    cam = GradCam(model)
+    gray = _noise(80)
+    heat, k = cam(gray)
+    assert heat.shape == gray.shape
+    assert heat.dtype == np.float32
+    assert float(heat.min()) >= 0.0 and float(heat.max()) <= 1.0
+    assert 0 <= k < 3
+    heat2, k2 = cam(gray, 2)
+    assert k2 == 2 and heat2.shape == gray.shape
+
+
+def _brightness_conv_model(size: int = 32) -> Any:
+    """Conv (box filter, ReLU) → GAP → softmax Dense: class 0's logit grows with brightness, class 1's falls."""
+    import keras
+
+    inp = keras.Input((size, size, 3), name="image")
+    x = keras.layers.Rescaling(1.0 / 255)(inp)
+    conv = keras.layers.Conv2D(1, 3, padding="same", activation="relu", name="conv")
+    x = conv(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    dense = keras.layers.Dense(2, activation="softmax", name="probabilities")
+    model = keras.Model(inp, dense(x))
+    conv.set_weights([np.full((3, 3, 3, 1), 1.0 / 27, dtype=np.float32), np.zeros(1, dtype=np.float32)])
+    dense.set_weights([np.array([[4.0, -4.0]], dtype=np.float32), np.zeros(2, dtype=np.float32)])
+    return model
+
+
+def test_gradcam_points_at_the_evidence() -> None:
+    """Only the left half is bright: the map for 'bright' (class 0) lies on the left, even when saturated."""
+    from emassist.serve.gradcam import GradCam
+
+    gray = np.zeros((64, 64), dtype=np.uint8)
+    gray[:, :32] = 250
+    cam = GradCam(_brightness_conv_model())
+    assert cam.layer_name == "conv"
+    heat, k = cam(gray, 0)
+    assert k == 0
+    assert heat[:, :28].mean() > 0.8
+    assert heat[:, 36:].mean() < 0.1
+
+
+def test_gradcam_refuses_a_model_without_conv_layers() -> None:
+    import keras
+
+    from emassist.serve.gradcam import GradCam, GradCamError
+
+    inp = keras.Input((8, 8, 3))
+    model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(inp)))
+    with pytest.raises(GradCamError, match="no convolutional layer"):
+        GradCam(model)
+
+
+def test_overlay_and_colorize() -> None:
+    from emassist.serve.gradcam import colorize, overlay
+
+    heat = np.linspace(0, 1, 100, dtype=np.float32).reshape(10, 10)
+    rgb = colorize(heat)
+    assert rgb.shape == (10, 10, 3) and rgb.dtype == np.uint8
+    assert rgb[-1, -1].sum() > rgb[0, 0].sum()  # inferno: dark at 0, bright at 1
+    blended = overlay(np.full((20, 30), 128, dtype=np.uint8), heat)
+    assert blended.shape == (20, 30, 3)
+
+
+# ------------------------------------------------------------------------------------------------ tile scan
+
+
+def test_positions_cover_the_whole_axis() -> None:
+    assert tilescan.positions(512, 128, 64) == [0, 64, 128, 192, 256, 320, 384]
+    assert tilescan.positions(500, 128, 64)[-1] == 500 - 128
+    assert tilescan.positions(100, 128, 64) == [0]
+    assert tilescan.positions(128, 128, 128) == [0]
+
+
+def _brightness_predict(tiles: np.ndarray) -> np.ndarray:
+    p = tiles.reshape(len(tiles), -1).mean(axis=1) / 255.0
+    return np.stack([1 - p, p], axis=1)
+
+
+def test_scan_grid_shape_and_heat_higher_where_the_class_is() -> None:
+    gray = np.full((300, 520), 20, dtype=np.uint8)
+    gray[:, 260:] = 230  # the "bright" class on the right
+    calls: list[int] = []
+
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        calls.append(len(tiles))
+        assert tiles.dtype == np.uint8 and tiles.shape[1:] == (64, 64)
+        return _brightness_predict(tiles)
+
+    res = tilescan.scan(gray, predict, ["dark", "bright"], tile=128, stride=64, cache_size=64, crop_databar=False,
+                        batch_size=8)  # fmt: skip
+    rows, cols = len(tilescan.positions(300, 128, 64)), len(tilescan.positions(520, 128, 64))
+    assert res.scores.shape == (rows, cols, 2)
+    assert res.n_tiles == rows * cols == sum(calls)
+    assert max(calls) <= 8
+    heat = tilescan.heatmap(res, "bright")
+    assert heat.shape == (300, 520)
+    assert heat[:, 400:].mean() > 0.8 > 0.2 > heat[:, :120].mean()
+    rgb = tilescan.heatmap_overlay(gray, res, "bright")
+    assert rgb.shape == (300, 520, 3)
+    text = res.csv_text().splitlines()
+    assert text[0] == "row,col,x,y,width,height,label,dark,bright"
+    assert len(text) == 1 + rows * cols
+    with pytest.raises(tilescan.ScanError, match="unknown class"):
+        tilescan.heatmap(res, "Nope")
+
+
+def test_heatmap_is_downscaled_for_large_images() -> None:
+    gray = np.zeros((3000, 2000), dtype=np.uint8)
+    res = tilescan.scan(gray, _brightness_predict, ["dark", "bright"], tile=500, stride=500, cache_size=32,
+                        crop_databar=False)  # fmt: skip
+    heat = tilescan.heatmap(res, "dark")
+    assert max(heat.shape) <= tilescan.HEAT_MAX_SIDE
+    assert abs(heat.shape[0] / heat.shape[1] - 1.5) < 0.01
+
+
+@pytest.mark.parametrize(
+    ("tile", "stride", "match"),
+    [(8, 4, "tile: must be an integer >= 16"), (64, 0, "stride: must be"), (64, 65, "larger than the tile")],
+)
+def test_scan_options_are_checked(tile: int, stride: int, match: str) -> None:
+    with pytest.raises(tilescan.ScanError, match=match):
+        tilescan.check_options(tile, stride)
+
+
+def test_scan_refuses_too_many_tiles() -> None:
+    with pytest.raises(tilescan.ScanError, match="more than the limit of 10"):
+        tilescan.check_options(16, 1, max_tiles=10, shape=(100, 100))
+
+
+# ------------------------------------------------------------------------------------------------ params
+
+
+def test_webapp_params_defaults_and_errors() -> None:
+    params = params_from_dict({})
+    assert params.webapp.source == "registry" and params.webapp.alias == "champion"
+    with pytest.raises(ParamsError, match=r"webapp\.tile_stride"):
+        params_from_dict({"webapp": {"tile_size": 64, "tile_stride": 128}})
+    with pytest.raises(ParamsError, match=r"webapp\.source"):
+        params_from_dict({"webapp": {"source": "s3"}})
+    with pytest.raises(ParamsError, match=r"webapp\.low_confidence"):
+        params_from_dict({"webapp": {"low_confidence": 1.5}})
+    with pytest.raises(ParamsError, match=r"webapp\.endpoint_url"):
+        params_from_dict({"webapp": {"endpoint_url": "localhost:5001"}})
+
+
+# ------------------------------------------------------------------------------------------------ page helpers
+
+
+class _FixedBackend:
+    """Answers fixed probabilities (the real model behind the real server is in tests/test_webapp.py)."""
+
+    def __init__(self, proba: list[float]) -> None:
+        from emassist.serve.backend import ModelInfo
+
+        self.info = ModelInfo("m", "7", "champion", "registry", "models:/m/7")
+        self.classes = ["A", "B", "C", "D"]
+        self.cache_size = 32
+        self.crop_databar = False
+        self.proba = np.array(proba, dtype=np.float32)
+
+    def classify_file(self, data: bytes, gray: np.ndarray) -> np.ndarray:
+        return self.proba
+
+    def probabilities(self, gray: np.ndarray) -> np.ndarray:
+        return np.tile(self.proba, (len(gray), 1))
+
+
+def _png(side: int = 40) -> bytes:
+    from emassist.serve.gradcam import png_bytes
+
+    return png_bytes(_noise(side))
+
+
+@pytest.mark.parametrize(("proba", "low"), [([0.45, 0.35, 0.15, 0.05], True), ([0.9, 0.05, 0.03, 0.02], False)])
+def test_low_confidence_flag_follows_the_threshold(proba: list[float], low: bool) -> None:
+    from serving.webapp.app import WebApp
+
+    app = WebApp(params_from_dict({"webapp": {"low_confidence": 0.5}}), _FixedBackend(proba))  # type: ignore[arg-type]
+    out = app.classify(_png(), "a.png")
+    assert out["low_confidence"] is low
+    assert [t["class"] for t in out["top"]] == ["A", "B", "C"]
+    assert out["model"]["version"] == "7"
+    csv_text = app.results_csv(None)
+    assert csv_text.splitlines()[1].startswith(f"a.png,A,{proba[0]:.6f},{low}")
+
+
+def test_reject_status_by_reason() -> None:
+    from serving.webapp.app import reject_status
+
+    assert reject_status("not an image (content is text)") == 415
+    assert reject_status("decompression bomb: 5000x5000 exceeds max_pixels=1000") == 413
+    assert reject_status("too small: 4x4 (min_side=16)") == 422
+    assert reject_status("truncated PNG: image file is truncated") == 422

@@ -1,0 +1,84 @@
+"""Orchestration settings, prefect.yaml against params, fault injection and the retry rule (no servers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from emassist.config.settings import ParamsError, load_params, params_from_dict
+from tests.conftest import REPO_ROOT
+
+
+def test_prefect_yaml_agrees_with_params() -> None:
+    from pipelines.deploy import yaml_differences
+
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert yaml_differences(params, REPO_ROOT / "prefect.yaml") == []
+    assert params.orchestration.retrain_cron == "0 3 * * 1"  # weekly by default
+
+
+def test_prefect_yaml_out_of_step_is_reported(tmp_path: Path) -> None:
+    from pipelines.deploy import yaml_differences
+
+    config = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    retrain = next(d for d in config["deployments"] if d["name"] == "retrain")
+    retrain["schedules"][0]["cron"] = "0 4 * * *"
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(config))
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["train"]["work_pool"] = "a100"
+    problems = yaml_differences(params_from_dict(raw), tmp_path / "prefect.yaml")
+    assert any("retrain.schedules" in p and "0 3 * * 1" in p for p in problems), problems
+    assert any("train.work_pool.name: 'gpu', params say 'a100'" in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("retrain_cron", "every monday", "orchestration.retrain_cron: need a 5-field cron expression"),
+        ("retrain_cron", "0 3 * *", "orchestration.retrain_cron"),
+        ("retries", -1, "orchestration.retries: must be >= 0"),
+        ("train_timeout_s", 0, "orchestration.train_timeout_s: must be > 0"),
+        ("pipeline_pool", " ", "orchestration.pipeline_pool: must not be empty"),
+        ("nope", 1, "orchestration.nope: unknown key"),
+    ],
+)
+def test_bad_orchestration_params_name_the_key(key: str, value: object, message: str) -> None:
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["orchestration"][key] = value
+    with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace("*", r"\*")):
+        params_from_dict(raw)
+
+
+def test_fault_injection(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines import faults
+
+    monkeypatch.setattr(faults, "_attempts", faults.Counter())
+    monkeypatch.setenv(faults.ENV, "register=1, preflight=always")
+    with pytest.raises(faults.InjectedFault, match="injected fault in step 'register' \\(attempt 1"):
+        faults.maybe_fail("register")
+    faults.maybe_fail("register")  # the second attempt goes through
+    for _ in range(3):
+        with pytest.raises(OSError, match="preflight"):
+            faults.maybe_fail("preflight")
+    faults.maybe_fail("ingest")  # not named: nothing happens
+    monkeypatch.delenv(faults.ENV)
+    faults.maybe_fail("preflight")
+
+
+def test_retry_only_where_it_can_help() -> None:
+    from prefect.states import Failed
+
+    from pipelines.faults import InjectedFault
+    from pipelines.flows import _retry_helps
+    from pipelines.preflight import OrchestrationError
+
+    def state(exc: BaseException) -> object:
+        return Failed(data=exc, message=str(exc))
+
+    assert _retry_helps(None, None, state(InjectedFault("disk hiccup")))
+    assert _retry_helps(None, None, state(ConnectionError("reset")))
+    assert not _retry_helps(None, None, state(ParamsError("train.epochs: must be >= 1")))
+    assert not _retry_helps(None, None, state(OrchestrationError("work pool 'x' not found")))
+    assert not _retry_helps(None, None, state(FileNotFoundError("models/model.keras")))

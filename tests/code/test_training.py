@@ -1,0 +1,182 @@
+"""Training and evaluation end to end on tiny images, tracked in a local MLflow store."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from emassist.config.settings import ParamsError, load_params, params_from_dict
+from emassist.data.dataset import DatasetError, class_weights, make_dataset, read_split
+from tests.conftest import REPO_ROOT
+
+CLASSES = ["Particles", "Nanowires", "Tips"]
+
+
+def _pattern(label: str, rng: np.random.Generator, size: int = 40) -> np.ndarray:
+    """Three easily separable textures: blobs, stripes and a bright apex."""
+    yy, xx = np.mgrid[:size, :size]
+    if label == "Particles":
+        img = np.zeros((size, size))
+        for _ in range(6):
+            cy, cx, r = [*rng.integers(4, size - 4, 2).tolist(), rng.integers(2, 5)]
+            img += ((yy - cy) ** 2 + (xx - cx) ** 2 < r**2) * 200
+    elif label == "Nanowires":
+        img = (np.sin((xx + rng.integers(0, 8)) / 1.5) > 0.6) * 220.0
+    else:
+        img = np.clip(255 - 6 * np.abs(xx - size / 2) - 3 * (size - yy), 0, 255)
+    img = img + rng.normal(0, 12, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_project(root: Path, n_per_class: int = 24) -> None:
+    """A miniature of the pipeline's outputs: cached PNGs and the three split CSVs."""
+    rng = np.random.default_rng(0)
+    images = root / "data" / "interim" / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for label in CLASSES:
+        for i in range(n_per_class):
+            name = f"{label}_{i}"
+            Image.fromarray(_pattern(label, rng)).save(images / f"{name}.png")
+            split = "train" if i < n_per_class * 0.6 else ("val" if i < n_per_class * 0.8 else "test")
+            rows.append({"sha256": name, "label": label, "image_path": f"data/interim/images/{name}.png",
+                         "source_path": f"{label}/{i}.png", "group": len(rows), "split": split})  # fmt: skip
+    frame = pd.DataFrame(rows)
+    splits = root / "data" / "splits"
+    splits.mkdir(parents=True)
+    for name, part in frame.groupby("split"):
+        part.drop(columns="split").to_csv(splits / f"{name}.csv", index=False)
+
+
+def tiny_params(**train: object):
+    import yaml
+
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["data"]["classes"] = CLASSES
+    raw["augment"]["online"] = True
+    raw["train"].update({"model": "simple_cnn", "image_size": 32, "batch_size": 8, "epochs": 3,
+                         "early_stopping_patience": 5, "learning_rate": 0.003, **train})  # fmt: skip
+    return params_from_dict(raw)
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    make_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def test_dataset_batches_have_model_shape(project: Path) -> None:
+    split = read_split(Path("data/splits/train.csv"), CLASSES)
+    ds = make_dataset(split, image_size=32, batch_size=5, training=False)
+    x, y = next(iter(ds))
+    assert tuple(x.shape) == (5, 32, 32, 3) and x.dtype.name == "float32"
+    assert float(np.max(x)) <= 255 and float(np.min(x)) >= 0
+    assert y.numpy().tolist() == split.labels[:5].tolist()
+    weights = class_weights(np.array([0, 0, 0, 1]), 3)
+    assert weights[1] == pytest.approx(3 * weights[0]) and weights[2] == 1.0
+
+
+def test_train_and_evaluate_track_everything_in_mlflow(project: Path) -> None:
+    import mlflow
+
+    from emassist.model.heldout import evaluate
+    from emassist.model.training import MODEL_FILE, RUN_FILE, train
+
+    params = tiny_params()
+    result = train(params)
+    assert MODEL_FILE.is_file() and RUN_FILE.is_file()
+    losses = result.history["loss"]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+
+    metrics = evaluate(params)
+    headline = json.loads(Path("reports/metrics.json").read_text())
+    assert headline["macro_f1"] == pytest.approx(metrics["macro_f1"])
+    assert headline["accuracy"] > 0.6, headline  # three easy textures
+    for name in ("confusion_matrix.png", "confusion.csv", "history.csv", "training_curves.png"):
+        assert (Path("reports/plots") / name).is_file(), name
+
+    mlflow.set_tracking_uri("sqlite:///mlflow.db")
+    run = mlflow.get_run(result.run_id)
+    assert run.data.params["train.model"] == "simple_cnn"
+    assert run.data.params["train.image_size"] == "32"
+    assert run.data.params["data.classes"] == ",".join(CLASSES)
+    for tag in ("git_commit", "data_version", "splits_md5"):
+        assert run.data.tags.get(tag), tag
+    assert run.data.metrics["test_macro_f1"] == pytest.approx(metrics["macro_f1"])
+    client = mlflow.MlflowClient()
+    val_loss = client.get_metric_history(result.run_id, "val_loss")
+    assert [m.step for m in val_loss] == [0, 1, 2]
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"plots", "model", "evaluation", "history.json"} <= artifacts
+    evaluation = {Path(a.path).name for a in client.list_artifacts(result.run_id, "evaluation")}
+    assert {"confusion_matrix.png", "metrics.json", "confused_pairs.csv"} <= evaluation
+
+
+def test_cosine_schedule_replaces_reduce_on_plateau(project: Path) -> None:
+    import mlflow
+
+    from emassist.model.training import _callbacks, train
+
+    params = tiny_params(model="compact_cnn", lr_schedule="cosine", epochs=3)
+    assert not any(type(c).__name__ == "ReduceLROnPlateau" for c in _callbacks(params, [0]))
+    assert any(type(c).__name__ == "ReduceLROnPlateau" for c in _callbacks(tiny_params(lr_schedule="plateau"), [0]))
+    result = train(params)
+    mlflow.set_tracking_uri("sqlite:///mlflow.db")
+    rates = [m.value for m in mlflow.MlflowClient().get_metric_history(result.run_id, "learning_rate")]
+    assert len(rates) == 3 and rates[0] > rates[1] > rates[2] >= 0, rates  # 0 after the last step
+    assert rates[0] < params.train.learning_rate  # already decayed by the first epoch's steps
+    assert mlflow.get_run(result.run_id).data.params["train.lr_schedule"] == "cosine"
+
+
+@pytest.mark.parametrize(
+    ("train", "key"),
+    [
+        ({"model": "resnet9000"}, "train.model"),
+        ({"epochs": -1}, "train.epochs"),
+        ({"model": "xception", "image_size": 96, "weights": "no/such/weights.h5"}, "train.weights"),
+        ({"model": "xception", "image_size": 32}, "train.image_size"),
+    ],
+)
+def test_bad_train_params_fail_before_training(train: dict, key: str) -> None:
+    with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+        tiny_params(**train)
+
+
+def test_empty_split_and_missing_image_fail_before_training(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from emassist.model import training
+
+    started = []
+    monkeypatch.setattr(training, "make_dataset", lambda *a, **k: started.append(1))
+    params = tiny_params()
+    val = Path("data/splits/val.csv")
+    pd.read_csv(val).iloc[0:0].to_csv(val, index=False)
+    with pytest.raises(DatasetError, match=r"val\.csv: the split is empty"):
+        training.train(params)
+    make_project_dir = Path("data/interim/images/Tips_0.png")
+    make_project_dir.unlink()
+    with pytest.raises(DatasetError, match=r"Tips_0\.png"):
+        read_split(Path("data/splits/train.csv"), CLASSES)
+    assert not started
+
+
+def test_train_stage_cli_reports_missing_split(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from emassist.pipeline.stagerun import run_stage
+    from stages import train as train_stage
+
+    Path("data/splits/train.csv").unlink()
+    (project / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    assert run_stage("train", "", train_stage.main, []) == 1
+    assert "train.csv: split file not found" in capsys.readouterr().err
+
+
+def test_params_round_trip_of_repo_defaults() -> None:
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert dataclasses.asdict(params)["train"]["model"] in ("simple_cnn", "compact_cnn", "xception")

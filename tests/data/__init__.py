@@ -1,0 +1,1 @@
+"""Data tests: Great Expectations suites, splits, ingest invariants, augmentation of the data."""

@@ -1,0 +1,1 @@
+"""Model behaviour tests on a small trained model (invariances, directional expectations)."""

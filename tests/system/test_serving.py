@@ -1,0 +1,324 @@
+"""The served model end to end, with real processes on 127.0.0.1.
+
+One module-scoped ``mlflow server`` (sqlite + proxied artifacts in a temp dir), a tiny Keras model logged into a
+run through it and registered with ``emassist.model.registry.log_and_register``, then ``mlflow models serve`` of
+``models:/<name>@champion``. Requests carry real PNG, JPEG, 16-bit TIFF and BMP files made with PIL.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+requests = pytest.importorskip("requests")
+pytest.importorskip("mlflow")
+pytest.importorskip("keras")
+
+pytestmark = pytest.mark.slow
+
+from tests.servers import mlflow_tracking_server, model_server, tracking_uri_env  # noqa: E402
+
+CLASSES = ["Fibres", "Particles", "Tips"]
+MODEL_NAME = "sem-test"
+
+
+def make_params(tmp: Path, tracking_uri: str, **mlflow_extra: Any) -> Any:
+    from emassist.config.settings import params_from_dict
+
+    return params_from_dict(
+        {
+            "data": {"classes": CLASSES, "splits_dir": str(tmp / "splits")},
+            "ingest": {"cache_size": 64, "max_pixels": 4_000_000, "min_side": 16, "crop_databar": True},
+            "train": {"image_size": 32},
+            "mlflow": {"tracking_uri": tracking_uri, "experiment": "tests", "registered_model": MODEL_NAME},
+        }
+    )
+
+
+def brightness_model(path: Path, *, good: bool = True, conv: bool = False) -> Path:
+    """A tiny Keras model on (32, 32, 3) 0..255 input: ``good`` classifies by mean brightness
+    (dark → Fibres, mid → Particles, bright → Tips); otherwise it always says Fibres."""
+    import keras
+
+    inp = keras.Input((32, 32, 3), name="image")
+    x = keras.layers.Rescaling(1.0 / 255)(inp)
+    if conv:
+        x = keras.layers.Conv2D(3, 3, padding="same", kernel_initializer=keras.initializers.GlorotUniform(seed=1))(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    dense = keras.layers.Dense(3, activation="softmax")
+    out = dense(x)
+    model = keras.Model(inp, out)
+    if not conv:
+        w = np.zeros((3, 3), dtype=np.float32)
+        if good:
+            w[:, 0], w[:, 2] = -10.0 / 3, 10.0 / 3  # the same on each (equal) channel
+            b = np.array([10.0 / 3, 0.0, -20.0 / 3], dtype=np.float32)
+        else:
+            b = np.array([5.0, 0.0, 0.0], dtype=np.float32)
+        dense.set_weights([w, b])
+    model.save(path)
+    return path
+
+
+def make_run(params: Any, *, f1: float | None, data_version: str = "dv-1") -> str:
+    import mlflow
+
+    from emassist.model.tracking import setup_mlflow
+
+    setup_mlflow(params)
+    with mlflow.start_run() as run:
+        if f1 is not None:
+            mlflow.log_metric("test_macro_f1", f1)
+        mlflow.set_tags({"data_version": data_version, "git_commit": "abc123", "model": "tiny"})
+    return run.info.run_id
+
+
+def image_bytes(kind: str, seed: int = 0, size: tuple[int, int] = (48, 40), level: int | None = None) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = rng.integers(0, 256, (h, w)) if level is None else np.full((h, w), level) + rng.integers(-10, 10, (h, w))
+    buf = io.BytesIO()
+    if kind == "png":
+        Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(buf, "PNG")
+    elif kind == "jpeg":
+        rgb = np.stack([base, np.roll(base, 3, axis=1), base[::-1]], axis=-1)
+        Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB").save(buf, "JPEG", quality=90)
+    elif kind == "tiff16":
+        Image.fromarray((np.clip(base, 0, 255) * 235).astype(np.uint16)).save(buf, "TIFF")
+    elif kind == "bmp":
+        Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(buf, "BMP")
+    else:
+        raise ValueError(kind)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width``×``height`` (a decompression bomb's header) with one tiny IDAT."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def post(url: str, values: list[Any], column: str = "image") -> Any:
+    body = {"dataframe_split": {"columns": [column], "data": [[v] for v in values]}}
+    return requests.post(f"{url}/invocations", json=body, timeout=120)
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Tracking server + registered tiny model (champion) + `mlflow models serve` of it."""
+    from emassist.model import registry
+
+    tmp = tmp_path_factory.mktemp("serving")
+    with mlflow_tracking_server(tmp) as tracking_uri, tracking_uri_env(tracking_uri):
+        params = make_params(tmp, tracking_uri)
+        model_file = brightness_model(tmp / "model.keras", conv=True)
+        run_id = make_run(params, f1=0.8)
+        started = time.perf_counter()
+        mv = registry.log_and_register(params, run_id, model_file=model_file)
+        register_s = time.perf_counter() - started
+        client = registry._client()
+        registry.promote(MODEL_NAME, mv.version, client=client)
+        uri = f"models:/{MODEL_NAME}@champion"
+        with model_server(uri, tracking_uri, tmp) as url:
+            yield {
+                "url": url,
+                "tracking_uri": tracking_uri,
+                "params": params,
+                "mv": mv,
+                "run_id": run_id,
+                "model_uri": uri,
+                "register_s": register_s,
+                "tmp": tmp,
+                "client": client,
+            }
+
+
+@pytest.fixture(scope="module")
+def local_model(stack: dict[str, Any]) -> Any:
+    import mlflow
+
+    return mlflow.pyfunc.load_model(stack["model_uri"])
+
+
+# --------------------------------------------------------------------------------------------- tests
+
+
+def test_registered_version_has_run_tags_and_challenger_alias(stack: dict[str, Any]) -> None:
+    client, mv = stack["client"], stack["mv"]
+    version = client.get_model_version(MODEL_NAME, mv.version)
+    assert version.run_id == stack["run_id"]
+    assert float(version.tags["test_macro_f1"]) == pytest.approx(0.8)
+    assert version.tags["data_version"] == "dv-1"
+    assert version.tags["git_commit"] == "abc123"
+    assert "challenger" in version.aliases and "champion" in version.aliases
+
+
+def test_logged_model_is_self_contained(stack: dict[str, Any]) -> None:
+    import mlflow
+
+    path = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/{stack['mv'].version}"))
+    assert (path / "code" / "emassist" / "imaging.py").is_file()  # code_paths: loads where only the model is
+    assert (path / "artifacts" / "model.keras").is_file()
+    reqs = (path / "requirements.txt").read_text()
+    for dist in ("keras==", "pillow==", "tensorflow"):
+        assert dist in reqs
+    assert "emassist" not in reqs  # shipped as code, not an installable requirement
+    assert not list(path.rglob("*.pkl")), "models from code: no pickled Keras model"
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg", "tiff16", "bmp"])
+def test_served_equals_in_process(stack: dict[str, Any], local_model: Any, kind: str) -> None:
+    images = [b64(image_bytes(kind, seed=s, level=lvl)) for s, lvl in ((1, None), (2, 30), (3, 220))]
+    response = post(stack["url"], images)
+    assert response.status_code == 200, response.text[:500]
+    served = pd.DataFrame(response.json()["predictions"])
+    local = local_model.predict(pd.DataFrame({"image": images}))
+    assert list(served.columns) == ["label", "confidence", *CLASSES, "error"]
+    assert served["label"].tolist() == local["label"].tolist()
+    assert (served["error"] == "").all()
+    np.testing.assert_allclose(served[CLASSES].to_numpy(), local[CLASSES].to_numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(served[CLASSES].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_hundred_images_in_one_request(stack: dict[str, Any]) -> None:
+    images = [b64(image_bytes("png", seed=s, size=(64, 64))) for s in range(100)]
+    started = time.perf_counter()
+    response = post(stack["url"], images)
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 200, response.text[:500]
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 100
+    assert all(p["error"] == "" and p["label"] in CLASSES for p in predictions)
+    assert elapsed < 60
+
+
+BAD_INPUTS = {
+    "not_base64": ("this is *not* base64!", "not valid base64"),
+    "base64_of_text": (b64(b"hello, I am a text file, not an image\n" * 3), "content is text"),
+    "empty_string": ("", "empty image string"),
+    "one_pixel": (b64(image_bytes("png", size=(1, 1))), "too small"),
+    "over_max_pixels": (b64(png_header_only(3000, 3000)), "max_pixels"),
+    "bomb_header": (b64(png_header_only(100_000, 100_000)), "decompression bomb"),
+    "truncated_png": (b64(image_bytes("png")[:60]), "PNG"),
+    "number": (12345, "expected a base64 string"),
+}
+
+
+def _assert_clean_error(response: Any, expected: str) -> None:
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+    body = response.json()
+    assert body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert expected in body["message"], body["message"]
+    text = response.text
+    assert "Traceback" not in text and "stack_trace" not in text and 'File "' not in text
+    assert "Failed to predict data" not in text  # no echo of the input
+    assert len(text) < 2000
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_image_is_a_clean_4xx_and_server_keeps_answering(stack: dict[str, Any], case: str) -> None:
+    value, expected = BAD_INPUTS[case]
+    response = post(stack["url"], [value])
+    _assert_clean_error(response, expected)
+    assert "row 0" in response.json()["message"]
+    assert requests.get(f"{stack['url']}/ping", timeout=10).status_code == 200
+    good = post(stack["url"], [b64(image_bytes("png"))])
+    assert good.status_code == 200 and good.json()["predictions"][0]["error"] == ""
+
+
+def test_missing_image_column_is_a_clean_4xx(stack: dict[str, Any]) -> None:
+    response = post(stack["url"], [b64(image_bytes("png"))], column="img")
+    _assert_clean_error(response, "no column 'image'")
+    assert post(stack["url"], [b64(image_bytes("png"))]).status_code == 200
+
+
+def test_empty_request_is_a_clean_4xx(stack: dict[str, Any]) -> None:
+    response = post(stack["url"], [])
+    _assert_clean_error(response, "no rows")
+
+
+def test_all_bad_rows_are_listed(stack: dict[str, Any]) -> None:
+    response = post(stack["url"], ["", "@@@"])
+    _assert_clean_error(response, "all 2 images rejected")
+    message = response.json()["message"]
+    assert "row 0: empty image string" in message and "row 1: not valid base64" in message
+
+
+def test_mixed_batch_marks_bad_rows(stack: dict[str, Any]) -> None:
+    good = b64(image_bytes("png", seed=5))
+    response = post(stack["url"], [good, "", b64(image_bytes("png", size=(1, 1))), good])
+    assert response.status_code == 200, response.text[:300]
+    frame = pd.DataFrame(response.json()["predictions"])
+    assert frame["error"].tolist()[0] == "" and frame["error"].tolist()[3] == ""
+    assert frame.loc[1, "error"] == "empty image string" and frame.loc[1, "label"] == ""
+    assert "too small" in frame.loc[2, "error"] and frame.loc[2, CLASSES].sum() == 0.0
+    assert frame.loc[0, "label"] in CLASSES and frame.loc[0, "label"] == frame.loc[3, "label"]
+
+
+def test_data_uri_and_wrapped_base64_are_accepted(stack: dict[str, Any]) -> None:
+    raw = b64(image_bytes("png", seed=7))
+    wrapped = "\n".join(raw[i : i + 76] for i in range(0, len(raw), 76))
+    response = post(stack["url"], [f"data:image/png;base64,{raw}", wrapped])
+    assert response.status_code == 200, response.text[:300]
+    frame = pd.DataFrame(response.json()["predictions"])
+    np.testing.assert_allclose(frame.loc[0, CLASSES].to_numpy(float), frame.loc[1, CLASSES].to_numpy(float))
+
+
+def test_http_client(stack: dict[str, Any], tmp_path: Path) -> None:
+    from emassist.serve.client import SemClient, ServingError, main
+
+    (tmp_path / "a.png").write_bytes(image_bytes("png", seed=1))
+    (tmp_path / "b.tif").write_bytes(image_bytes("tiff16", seed=2))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (tmp_path / "notes.txt").write_text("not an image")
+    files = sorted(tmp_path.iterdir())
+    with SemClient(stack["url"]) as client:
+        assert client.ping()
+        frame = client.predict_files(files, batch_size=2)
+        assert frame["path"].tolist() == [str(f) for f in files]
+        by_name = {Path(p).name: e for p, e in zip(frame["path"], frame["error"], strict=True)}
+        assert by_name["a.png"] == "" and by_name["b.tif"] == ""
+        assert by_name["broken.png"] and "content is text" in by_name["notes.txt"]
+        with pytest.raises(ServingError) as info:
+            client.predict_base64([""])
+        assert info.value.status == 400 and "empty image string" in info.value.message
+    assert main(["--url", stack["url"], str(files[0])]) == 0
+
+
+def test_predict_paths_with_registered_model(stack: dict[str, Any], local_model: Any, tmp_path: Path) -> None:
+    from emassist.serve.predict import predict_paths
+
+    (tmp_path / "sub").mkdir()
+    data = image_bytes("jpeg", seed=9)
+    (tmp_path / "sub" / "x.jpg").write_bytes(data)
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    frame = predict_paths([str(tmp_path)], local_model, out=tmp_path / "out" / "p.csv", progress=False)
+    assert len(frame) == 2 and (tmp_path / "out" / "p.csv").is_file()
+    row = frame[frame["path"].str.endswith("x.jpg")].iloc[0]
+    served = post(stack["url"], [b64(data)]).json()["predictions"][0]
+    assert row["label"] == served["label"]
+    np.testing.assert_allclose([row[c] for c in CLASSES], [served[c] for c in CLASSES], rtol=1e-5, atol=1e-6)
+    assert frame[frame["path"].str.endswith("bad.png")]["error"].iloc[0]
