@@ -29,6 +29,7 @@ class DataParams:
     raw_dir: str = "data/raw"
     interim_dir: str = "data/interim"
     splits_dir: str = "data/splits"
+    augmented_dir: str = "data/augmented"
     classes: tuple[str, ...] = CLASSES
 
     def check(self) -> None:
