@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from emassist.pipeline import register, validate
+
 METRICS_FILE = Path("reports/metrics.json")
-VALIDATION_FILE = Path("reports/validation/validation.json")
-REGISTRY_FILE = Path("reports/registry.json")
+VALIDATION_FILE = validate.REPORT_DIR / "validation.json"
+REGISTRY_FILE = register.REPORT
 
 
 def metrics_markdown(metrics: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""Prefect flows over the DVC stages: the same ``stages/<name>.py`` ``main(params)`` that ``dvc repro`` runs.
+"""Prefect flows over the DVC stages: the same library steps (``emassist.pipeline.<stage>.main``) ``dvc repro`` runs.
 
 * ``sem-pipeline`` (:func:`pipeline_flow`): acquire (only when the raw data is missing) → ingest → validate → split
   → augment → train → evaluate → register. Each step is a task with logs; steps where a retry can help (acquire,
@@ -35,20 +35,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-# The stage modules are imported here, while Prefect has the flow's working directory on sys.path, so that a worker
-# runs the stage code of its own checkout.
-import stages.acquire
-import stages.augment
-import stages.evaluate
-import stages.ingest
-import stages.register
-import stages.split
-import stages.train
-import stages.validate
+# The steps are imported here, while Prefect has the flow's working directory on sys.path, so that a worker runs the
+# library code of its own checkout.
 from emassist.config.settings import Params, ParamsError, load_params, params_from_dict
 from emassist.data.dataset import DatasetError
 from emassist.model.registry import RegistryError
 from emassist.pipeline.stagerun import StageError
+from emassist.pipeline.steps import STEPS
 from pipelines import artifacts, dvc_io, faults
 from pipelines.preflight import (
     TRAIN_DEPLOYMENT,
@@ -58,16 +51,6 @@ from pipelines.preflight import (
     preflight,
 )
 
-STAGES = {
-    "acquire": stages.acquire.main,
-    "ingest": stages.ingest.main,
-    "validate": stages.validate.main,
-    "split": stages.split.main,
-    "augment": stages.augment.main,
-    "train": stages.train.main,
-    "evaluate": stages.evaluate.main,
-    "register": stages.register.main,
-}
 #: Failures a retry cannot fix: bad params, a stage refusing its input, a missing file, a registry refusal.
 DETERMINISTIC = (ParamsError, StageError, DatasetError, FileNotFoundError, OrchestrationError, RegistryError)
 RUN_FILE = Path("models/run.json")
@@ -107,7 +90,7 @@ def stage_task(name: str, params: Params) -> None:
     """One DVC stage: exactly what ``python -m stages.<name>`` runs."""
     faults.maybe_fail(name)
     get_run_logger().info("stage %s in %s", name, Path.cwd())
-    STAGES[name](params)
+    STEPS[name](params)
 
 
 @task(name="dvc-commit", cache_policy=NO_CACHE)
@@ -208,7 +191,7 @@ def refresh_raw_task(params: Params, prefer_pull: bool) -> str:
         except dvc_io.DvcError as exc:
             logger.warning("dvc pull of the raw data failed, running the acquire stage instead: %s", exc)
     logger.info("acquire stage (data.source=%s)", params.data.source)
-    STAGES["acquire"](params)
+    STEPS["acquire"](params)
     return "acquire"
 
 
@@ -263,7 +246,7 @@ def pipeline_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     # A retry helps when the registry was unreachable before registering; one that fails after the version was
     # created registers the model again (a new version that becomes challenger; the gate still decides champion).
     stage_task.with_options(name="register", **retried)("register", params)
-    registry = artifacts.read_json(stages.register.REPORT)
+    registry = artifacts.read_json(artifacts.REGISTRY_FILE)
     create_markdown_artifact(artifacts.registry_markdown(registry), key="registry-decision",
                              description="Registered version and the gate's decision")  # fmt: skip
     url = artifacts.mlflow_run_url(params.mlflow.resolved_tracking_uri(), registry["run_id"])

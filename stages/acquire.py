@@ -1,69 +1,9 @@
 """acquire: produce data/raw/<Class>/ — synthetic demo images, or the real NFFA-EUROPE dataset."""
 
-from __future__ import annotations
-
 import sys
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-from emassist.config.settings import Params
-from emassist.pipeline.stagerun import StageError, run_stage
-
-
-def generate(params: Params, out_dir: Path, **overrides: Any) -> dict[str, int]:
-    """Demo images from ``params.demo``; keyword overrides (n_images, width, height, seed, min_per_class) win."""
-    from emassist.data.demo import generate_demo
-
-    d = params.demo
-    settings = {
-        "n_images": d.n_images,
-        "width": d.width,
-        "height": d.height,
-        "seed": d.seed,
-        "min_per_class": d.min_per_class,
-        "tif_fraction": d.tif_fraction,
-        "databar_fraction": d.databar_fraction,
-    }
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    return generate_demo(out_dir, **settings)
-
-
-def fetch(params: Params, out_dir: Path, classes: Sequence[str] | None = None) -> Any:
-    """The real dataset per ``params.nffa`` (resumable, MD5-verified, safely extracted)."""
-    from emassist.data.fetch import fetch_nffa
-
-    n = params.nffa
-    return fetch_nffa(
-        out_dir,
-        base_url=n.base_url,
-        download_dir=Path(n.download_dir),
-        classes=tuple(classes or params.data.classes),
-        retries=n.retries,
-        timeout_s=n.timeout_s,
-    )
-
-
-def pull_s3(params: Params, out_dir: Path, **kwargs: Any) -> Any:
-    """``s3://s3.bucket/s3.prefix/<Class>/...`` into out_dir (checked keys, verified, parallel, retried)."""
-    from emassist.data.s3 import S3Error, pull
-
-    try:
-        return pull(params.s3, out_dir, params.data.classes, **kwargs)
-    except S3Error as exc:
-        raise StageError(str(exc)) from exc
-
-
-def main(params: Params) -> None:
-    raw_dir = Path(params.data.raw_dir)
-    if params.data.source == "demo":
-        counts = generate(params, raw_dir)
-        print(f"generated {sum(counts.values())} demo images in {raw_dir}: {counts}")
-    elif params.data.source == "s3":
-        print(pull_s3(params, raw_dir))
-    else:
-        print(fetch(params, raw_dir).summary())
-
+from emassist.pipeline.acquire import main
+from emassist.pipeline.stagerun import run_stage
 
 if __name__ == "__main__":
     sys.exit(run_stage("acquire", __doc__ or "", main))

@@ -9,12 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from emassist import __version__
+from emassist.cli import models as cli_models
+from emassist.cli import s3 as cli_s3
+from emassist.cli import web as cli_web
 from emassist.config.settings import ParamsError, load_params
+from emassist.pipeline.acquire import fetch, generate
+from emassist.pipeline.ingest import ingest
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from stages.acquire import generate
-
     params = load_params(args.params)
     floor = args.min_per_class
     if floor is None and args.n is not None:
@@ -32,15 +35,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
-    from stages.acquire import fetch
-
     print(fetch(load_params(args.params), args.out, args.classes).summary())
     return 0
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from stages.ingest import ingest
-
     print(ingest(load_params(args.params), args.raw, args.out))
     return 0
 
@@ -102,18 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("targets", nargs="*", help="stages to rebuild (default: all)")
     p.set_defaults(func=_cmd_repro)
 
-    from emassist.cli.models import add_commands
-
-    add_commands(sub)
-
-    from emassist.cli import s3 as cli_s3
-
+    cli_models.add_commands(sub)
     cli_s3.add_commands(sub)
-
-    from emassist.cli.web import add_commands as add_web_commands
-
-    add_web_commands(sub)
-    return parser  # fmt: skip
+    cli_web.add_commands(sub)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

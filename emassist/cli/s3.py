@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from emassist.config.settings import Params, S3Params, load_params
+from emassist.data.s3 import S3Error, ensure_bucket, make_client, pull, push
 
 
 def _s3_params(args: argparse.Namespace) -> tuple[Params, S3Params]:
@@ -27,8 +28,6 @@ def _s3_params(args: argparse.Namespace) -> tuple[Params, S3Params]:
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    from emassist.data.s3 import S3Error, pull
-
     params, s3 = _s3_params(args)
     try:
         report = pull(s3, args.out, params.data.classes, workers=args.workers, skip_unchanged=not args.force,
@@ -41,8 +40,6 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from emassist.data.s3 import S3Error, ensure_bucket, make_client, push
-
     _, s3 = _s3_params(args)
     try:
         client = make_client(s3, workers=args.workers)

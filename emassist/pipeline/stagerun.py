@@ -1,4 +1,9 @@
-"""Shared entry-point plumbing for ``python -m stages.<name>``: params loading and readable failures."""
+"""Shared entry-point plumbing for ``python -m stages.<name>``: params loading and readable failures.
+
+A stage's body is a step of this package (``emassist.pipeline.<stage>.main``); the files in ``stages/`` only hand it
+to :func:`run_stage`. A step turns the library errors a user can act on into :class:`StageError`, so this module
+needs nothing from the layers below but the settings.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from emassist.config.settings import Params, ParamsError, load_params
-from emassist.data.dataset import DatasetError
 
 log = logging.getLogger("emassist")
 
@@ -20,7 +24,7 @@ class StageError(RuntimeError):
     """A stage cannot do its job; the message says why and what to do."""
 
 
-def run_stage(name: str, description: str, body: Callable[[Params], None], argv: list[str] | None = None) -> int:
+def run_stage(name: str, description: str, body: Callable[[Params], object], argv: list[str] | None = None) -> int:
     """Parse ``--params``, load them (failing before any work on a bad value) and run ``body``."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
@@ -33,7 +37,7 @@ def run_stage(name: str, description: str, body: Callable[[Params], None], argv:
     except ParamsError as exc:
         print(f"error: bad parameter in {args.params}: {exc}", file=sys.stderr)
         return 2
-    except (StageError, DatasetError, FileNotFoundError) as exc:
+    except (StageError, FileNotFoundError) as exc:
         print(f"error: stage '{name}' failed: {exc}", file=sys.stderr)
         return 1
     log.info("stage %s finished in %.1f s", name, time.perf_counter() - started)
