@@ -1,4 +1,13 @@
-"""params.yaml → typed, validated settings. Every error names the offending key."""
+"""params.yaml → typed, validated settings: the one place where a setting is checked.
+
+:func:`load_params` reads params.yaml, builds the frozen ``*Params`` dataclasses and validates every value (with a
+message naming the key) before any work starts; the library then takes these objects (or plain values read from
+them) and does not check them again. The allowed values live in :mod:`emassist.config.choices`.
+
+Defaults: every dataclass default is params.yaml's value (a test compares them), so a key missing from a params
+file means the same thing as in the repository's params.yaml. The one exception is an augmentation policy
+(:class:`PolicyParams`): a key it does not list is off.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +23,20 @@ from typing import Any
 
 import yaml
 
+from emassist.config.choices import (
+    DATA_SOURCES,
+    DEMO_MAX_SIDE,
+    DEMO_MIN_SIDE,
+    LR_SCHEDULES,
+    MIN_IMAGE_SIZE,
+    MODEL_NAMES,
+    OPTIMIZERS,
+    POLICY_FRACTIONS,
+    PRETRAINED_MODELS,
+    WEBAPP_SOURCES,
+    WEIGHTS_SUFFIXES,
+    XCEPTION_BLOCKS,
+)
 from emassist.config.classes import CLASSES
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -33,7 +56,7 @@ class DataParams:
     classes: tuple[str, ...] = CLASSES
 
     def check(self) -> None:
-        _one_of("data.source", self.source, ("demo", "nffa", "s3"))
+        _one_of("data.source", self.source, DATA_SOURCES)
         check_class_names("data.classes", self.classes)
         if len(set(self.classes)) < 2:
             raise ParamsError(f"data.classes: need at least two distinct classes, got {list(self.classes)}")
@@ -42,17 +65,18 @@ class DataParams:
 @dataclass(frozen=True)
 class DemoParams:
     seed: int = 42
-    n_images: int = 1000
+    n_images: int = 4000
     width: int = 256
     height: int = 256
-    min_per_class: int = 40
+    min_per_class: int = 330
     tif_fraction: float = 0.1
     databar_fraction: float = 0.8
 
     def check(self) -> None:
-        _at_least("demo.n_images", self.n_images, 10)
-        _at_least("demo.width", self.width, 32)
-        _at_least("demo.height", self.height, 32)
+        _at_least("demo.seed", self.seed, 0)
+        _at_least("demo.n_images", self.n_images, len(CLASSES))
+        _between("demo.width", self.width, DEMO_MIN_SIDE, DEMO_MAX_SIDE)
+        _between("demo.height", self.height, DEMO_MIN_SIDE, DEMO_MAX_SIDE)
         _at_least("demo.min_per_class", self.min_per_class, 1)
         _fraction("demo.tif_fraction", self.tif_fraction)
         _fraction("demo.databar_fraction", self.databar_fraction)
@@ -134,35 +158,45 @@ class SplitParams:
 
 @dataclass(frozen=True)
 class PolicyParams:
-    """Augmentation policy (fractions as in Keras' preprocessing layers), shared by offline and online use."""
+    """An augmentation policy (fractions as in Keras' preprocessing layers), used offline and online alike.
 
-    rotation: float = 0.1
-    width_shift: float = 0.1
-    height_shift: float = 0.1
-    shear: float = 0.1
-    zoom: float = 0.1
-    flip: bool = True
-    rot90: bool = False  # a random multiple of 90° (not in the study's policy)
-    brightness: float = 0.1
-    contrast: float = 0.1
+    A policy lists what it turns on: a key it leaves out is off (0 / false), so these defaults are the identity.
+    """
+
+    rotation: float = 0.0  # fraction of a full turn (0.1 -> ±36°)
+    width_shift: float = 0.0  # fraction of the width
+    height_shift: float = 0.0  # fraction of the height
+    shear: float = 0.0  # shear coefficient (x += shear * y)
+    zoom: float = 0.0  # ± fraction of the visible field
+    flip: bool = False  # random horizontal and vertical flips
+    rot90: bool = False  # a random multiple of 90° (SEM images have no preferred orientation)
+    brightness: float = 0.0  # ± fraction of the 0..255 range
+    contrast: float = 0.0  # contrast factor drawn from [1 - contrast, 1 + contrast]
 
     def check(self, prefix: str = "augment.policy") -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, bool):
-                _fraction(f"{prefix}.{f.name}", value)
+        for key in POLICY_FRACTIONS:
+            _fraction(f"{prefix}.{key}", getattr(self, key))
 
     def as_dict(self) -> dict[str, float | bool]:
         return dataclasses.asdict(self)
 
 
+def _offline_policy() -> PolicyParams:
+    return PolicyParams(rotation=0.1, width_shift=0.1, height_shift=0.1, shear=0.1, zoom=0.1, flip=True, rot90=True,
+                        brightness=0.1, contrast=0.1)  # fmt: skip
+
+
+def _online_policy() -> PolicyParams:
+    return PolicyParams(flip=True, rot90=True)
+
+
 @dataclass(frozen=True)
 class AugmentParams:
-    target_per_class: int = 100  # rare classes of the train split are grown to this many images
+    target_per_class: int = 300  # rare classes of the train split are grown to this many images
     seed: int = 42
     online: bool = True  # also augment training batches on the fly (Keras preprocessing layers) with online_policy
-    policy: PolicyParams = field(default_factory=PolicyParams)  # offline copies of the rare classes
-    online_policy: PolicyParams = field(default_factory=PolicyParams)  # training batches (same keys and fractions)
+    policy: PolicyParams = field(default_factory=_offline_policy)  # offline copies of the rare classes
+    online_policy: PolicyParams = field(default_factory=_online_policy)  # training batches (same keys and fractions)
 
     def check(self) -> None:
         _at_least("augment.target_per_class", self.target_per_class, 0)
@@ -170,29 +204,24 @@ class AugmentParams:
         self.online_policy.check("augment.online_policy")
 
 
-OPTIMIZERS = ("rmsprop", "adam", "sgd")
-LR_SCHEDULES = ("plateau", "cosine")
-MODELS = ("simple_cnn", "compact_cnn", "xception")
-
-
 @dataclass(frozen=True)
 class TrainParams:
-    model: str = "simple_cnn"
-    image_size: int = 96
-    batch_size: int = 32
-    epochs: int = 10  # phase 1 (xception: head only, base frozen)
-    learning_rate: float = 0.001
+    model: str = "compact_cnn"  # simple_cnn (the study's baseline) | compact_cnn (CPU default) | xception
+    image_size: int = 64
+    batch_size: int = 64
+    epochs: int = 28  # phase 1 (xception: head only, base frozen)
+    learning_rate: float = 0.003
     optimizer: str = "adam"
-    lr_schedule: str = "plateau"  # plateau: ReduceLROnPlateau | cosine: cosine decay to 0 over each phase
-    label_smoothing: float = 0.0  # of the cross-entropy targets (0: off)
+    lr_schedule: str = "cosine"  # plateau: ReduceLROnPlateau | cosine: cosine decay to 0 over each phase
     dropout: float = 0.3
+    label_smoothing: float = 0.1  # of the cross-entropy targets (0: off)
     weights: str | None = None  # imagenet | path to a local weights file | null
     finetune_epochs: int = 0  # phase 2 (xception only): top blocks unfrozen
     finetune_learning_rate: float = 0.0001
-    finetune_blocks: int = 2
+    finetune_blocks: int = 2  # Xception blocks unfrozen in phase 2 (1..14)
     class_weights: bool = True  # balanced class weights
-    early_stopping_patience: int = 4
-    reduce_lr_patience: int = 2
+    early_stopping_patience: int = 10
+    reduce_lr_patience: int = 3
     reduce_lr_factor: float = 0.5
     mixed_precision: bool = False
     xla: bool = False
@@ -202,39 +231,39 @@ class TrainParams:
     work_pool: str | None = None  # Prefect work pool for the train step (e.g. gpu); null: run in-process
 
     def check(self) -> None:
-        _one_of("train.model", self.model, MODELS)
+        _one_of("train.model", self.model, MODEL_NAMES)
         _one_of("train.optimizer", self.optimizer, OPTIMIZERS)
         _one_of("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _at_least("train.image_size", self.image_size, 16)
-        if self.model == "compact_cnn" and self.image_size < 32:
-            raise ParamsError(f"train.image_size: compact_cnn needs at least 32 pixels, got {self.image_size}")
-        if self.model == "xception" and self.image_size < 71:
-            raise ParamsError(f"train.image_size: Xception needs at least 71 pixels, got {self.image_size}")
+        smallest = MIN_IMAGE_SIZE[self.model]
+        if self.image_size < smallest:
+            raise ParamsError(f"train.image_size: {self.model} needs at least {smallest} pixels, got {self.image_size}")
         _at_least("train.batch_size", self.batch_size, 1)
         _at_least("train.epochs", self.epochs, 1)
         _at_least("train.finetune_epochs", self.finetune_epochs, 0)
         _positive("train.learning_rate", self.learning_rate)
         _positive("train.finetune_learning_rate", self.finetune_learning_rate)
-        _fraction("train.dropout", self.dropout)
-        _fraction("train.label_smoothing", self.label_smoothing)
-        if self.label_smoothing >= 1:
-            raise ParamsError(f"train.label_smoothing: must be below 1, got {self.label_smoothing}")
-        if self.dropout >= 1:
-            raise ParamsError(f"train.dropout: must be below 1, got {self.dropout}")
-        _at_least("train.finetune_blocks", self.finetune_blocks, 0)
-        if self.finetune_blocks > 14:
-            raise ParamsError(f"train.finetune_blocks: Xception has 14 blocks, got {self.finetune_blocks}")
+        _below_one("train.dropout", self.dropout)
+        _below_one("train.label_smoothing", self.label_smoothing)
+        if not 1 <= self.finetune_blocks <= XCEPTION_BLOCKS:
+            raise ParamsError(
+                f"train.finetune_blocks: must be between 1 and {XCEPTION_BLOCKS} (Xception's blocks unfrozen in the "
+                f"fine-tuning phase), got {self.finetune_blocks}; set train.finetune_epochs: 0 to skip fine-tuning"
+            )
         _at_least("train.early_stopping_patience", self.early_stopping_patience, 0)
         _at_least("train.reduce_lr_patience", self.reduce_lr_patience, 0)
         _fraction("train.reduce_lr_factor", self.reduce_lr_factor)
         _at_least("train.shuffle_buffer", self.shuffle_buffer, 1)
-        if self.model != "xception" and self.weights is not None:
+        if self.model not in PRETRAINED_MODELS and self.weights is not None:
             raise ParamsError(f"train.weights: {self.model} trains from scratch; set train.weights to null")
-        if self.weights not in (None, "imagenet") and not Path(self.weights).is_file():
-            raise ParamsError(
-                f"train.weights: weights file {self.weights!r} does not exist "
-                "(use imagenet, null, or the path of a local .h5 weights file)"
-            )
+        if self.weights not in (None, "imagenet"):
+            path = Path(self.weights).expanduser()
+            if not path.is_file():
+                raise ParamsError(
+                    f"train.weights: weights file {self.weights!r} does not exist "
+                    "(use imagenet, null, or the path of a local .h5 / .weights.h5 file of the Xception base)"
+                )
+            if path.suffix.lower() not in WEIGHTS_SUFFIXES:
+                raise ParamsError(f"train.weights: {self.weights!r} is not an .h5 / .weights.h5 weights file")
 
 
 @dataclass(frozen=True)
@@ -253,9 +282,6 @@ class MlflowParams:
 
     def resolved_tracking_uri(self) -> str:
         return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
-
-
-WEBAPP_SOURCES = ("registry", "endpoint")
 
 
 @dataclass(frozen=True)
@@ -376,6 +402,12 @@ class S3Params:
         _at_least("s3.dvc_jobs", self.dvc_jobs, 0)
         if not _REMOTE_NAME_RE.match(self.dvc_remote):
             raise ParamsError(f"s3.dvc_remote: letters, digits, '_' and '-' only, got {self.dvc_remote!r}")
+
+    def require_bucket(self) -> str:
+        """The bucket name; :class:`ParamsError` naming ``s3.bucket`` when it is not set (it is optional in general)."""
+        if not self.bucket:
+            raise ParamsError("s3.bucket: not set in params.yaml (needed for data.source: s3 and `emassist s3`)")
+        return self.bucket
 
     @property
     def key_prefix(self) -> str:
@@ -503,6 +535,16 @@ def _at_least(key: str, value: float, low: float) -> None:
 def _positive(key: str, value: float) -> None:
     if not value > 0:
         raise ParamsError(f"{key}: must be > 0, got {value}")
+
+
+def _between(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ParamsError(f"{key}: must be between {low} and {high}, got {value}")
+
+
+def _below_one(key: str, value: float) -> None:
+    if not 0 <= value < 1:
+        raise ParamsError(f"{key}: must be >= 0 and below 1, got {value}")
 
 
 def _fraction(key: str, value: float) -> None:
