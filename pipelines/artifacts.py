@@ -1,4 +1,7 @@
-"""Prefect artifacts of a pipeline run: metrics table, validation summary, registry decision, MLflow run link."""
+"""Prefect artifacts of a pipeline run: metrics table, validation summary, registry decision, MLflow run link.
+
+The report files are the steps' own (one name each, in emassist).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from emassist.model import testset
 from emassist.pipeline import register, validate
 
-METRICS_FILE = Path("reports/metrics.json")
+METRICS_FILE = testset.METRICS_FILE
 VALIDATION_FILE = validate.REPORT_DIR / "validation.json"
 REGISTRY_FILE = register.REPORT
 

@@ -39,7 +39,9 @@ from prefect.cache_policies import NO_CACHE
 # library code of its own checkout.
 from emassist.config.settings import Params, ParamsError, load_params, params_from_dict
 from emassist.data.dataset import DatasetError
+from emassist.model.files import CURVES_FILE, HISTORY_FILE, MODEL_FILE, RUN_FILE
 from emassist.model.registry import RegistryError
+from emassist.model.tracking import setup_mlflow
 from emassist.pipeline.stagerun import StageError
 from emassist.pipeline.steps import STEPS
 from pipelines import artifacts, dvc_io, faults
@@ -53,7 +55,6 @@ from pipelines.preflight import (
 
 #: Failures a retry cannot fix: bad params, a stage refusing its input, a missing file, a registry refusal.
 DETERMINISTIC = (ParamsError, StageError, DatasetError, FileNotFoundError, OrchestrationError, RegistryError)
-RUN_FILE = Path("models/run.json")
 
 
 def _retry_helps(task: Any, task_run: Any, state: Any) -> bool:
@@ -152,9 +153,6 @@ def dispatch_task(params: Params, params_path: str) -> str:
 def fetch_task(params: Params, train_flow_run_id: str) -> str:
     """The model a worker trained, from the MLflow tracking server (never from the worker's disk)."""
     import mlflow
-
-    from emassist.model.tracking import setup_mlflow
-    from emassist.model.training import CURVES_FILE, HISTORY_FILE, MODEL_FILE
 
     faults.maybe_fail("fetch-training")
     uri = setup_mlflow(params)

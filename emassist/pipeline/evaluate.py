@@ -6,7 +6,7 @@ from typing import Any
 
 from emassist.config.settings import Params
 from emassist.data.dataset import DatasetError
-from emassist.model.heldout import evaluate
+from emassist.model.testset import evaluate
 from emassist.pipeline.stagerun import StageError
 
 
