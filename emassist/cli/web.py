@@ -34,7 +34,7 @@ def _cmd_web(args: argparse.Namespace) -> int:
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
-    from emassist.data.imaging import ImageRejected, decode_image
+    from emassist.data.decode import ImageRejected, probe_image
     from emassist.serve import tilescan
     from emassist.serve.backend import BackendError
 
@@ -51,9 +51,8 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     except tilescan.ScanError as exc:
         print(f"error: --{exc}", file=sys.stderr)
         return 2
-    try:
-        decoded = decode_image(args.image, max_pixels=max(cfg.max_pixels, params.ingest.max_pixels),
-                               min_side=params.ingest.min_side)  # fmt: skip
+    try:  # a file that is no image at all is refused before the model loads (its header alone says so)
+        probe_image(args.image, max_pixels=params.ingest.max_pixels)
     except ImageRejected as exc:
         print(f"error: {args.image}: {exc.reason}", file=sys.stderr)
         return 1
@@ -61,6 +60,11 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         backend = _backend(args, params)
     except BackendError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:  # decoded once, with the model's own limits; its preprocessor crops the data bar once in the scan
+        decoded = backend.preprocessor.decode(args.image)
+    except ImageRejected as exc:
+        print(f"error: {args.image}: {exc.reason}", file=sys.stderr)
         return 1
     if args.class_name not in backend.classes:
         print(f"error: --class: unknown class {args.class_name!r} (the model knows: {', '.join(backend.classes)})",
@@ -73,8 +77,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
             backend.classes,
             tile=tile,
             stride=stride,
-            cache_size=backend.cache_size,
-            crop_databar=backend.crop_databar,
+            preprocessor=backend.preprocessor,
             batch_size=args.batch_size or cfg.tile_batch,
             max_tiles=cfg.max_tiles,
             progress=False if args.no_progress else None,

@@ -1,9 +1,9 @@
 """Ingest: every file under ``raw_dir/<Class>/**`` ends up in exactly one of ``manifest.parquet`` or ``rejected.csv``.
 
-Accepted images are decoded with :mod:`emassist.data.imaging` (the same path serving uses), their data bar is cropped,
-and an 8-bit grayscale ``cache_size``² PNG is cached as ``images/<sha256>.png``. Anything that cannot be used is
-quarantined in ``rejected.csv`` with a reason. The whole output folder is built beside the target and swapped in
-atomically, so an interrupted run leaves the previous output intact.
+Accepted images go through :class:`emassist.data.preprocess.Preprocessor` (the object serving uses): decoded, data
+bar cropped, and an 8-bit grayscale ``cache_size``² PNG cached as ``images/<sha256>.png``. Anything that cannot be
+used is quarantined in ``rejected.csv`` with a reason. The whole output folder is built beside the target and swapped
+in atomically, so an interrupted run leaves the previous output intact.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from emassist.core.atomic import atomic_path
-from emassist.data.imaging import ImageRejected, decode_image, dhash, standardize
+from emassist.data.decode import ImageRejected
+from emassist.data.hashing import dhash
+from emassist.data.preprocess import Preprocessor
 from emassist.data.sem_metadata import METADATA_KEYS
 
 if TYPE_CHECKING:
@@ -66,10 +68,7 @@ class _Progress(tqdm):  # type: ignore[type-arg]
 @dataclass(frozen=True)
 class _Settings:
     images_dir: str
-    cache_size: int
-    max_pixels: int
-    min_side: int
-    crop_databar: bool
+    preprocessor: Preprocessor
 
 
 @dataclass(frozen=True)
@@ -237,8 +236,8 @@ def _ingest_one(task: _Task, settings: _Settings) -> tuple[str, dict[str, Any]]:
         if not data:
             return reject("zero-byte file")
         sha = hashlib.sha256(data).hexdigest()
-        decoded = decode_image(data, max_pixels=settings.max_pixels, min_side=settings.min_side)
-        cached, rows = standardize(decoded.gray, cache_size=settings.cache_size, crop_databar=settings.crop_databar)
+        decoded = settings.preprocessor.decode(data)
+        cached, rows = settings.preprocessor.standardize(decoded.gray)
         image_path = f"{IMAGES_DIR}/{sha}.png"
         _write_png(cached, Path(settings.images_dir) / f"{sha}.png")
         row: dict[str, Any] = {
@@ -458,7 +457,7 @@ def run_ingest(
     with atomic_path(out_dir) as tmp:
         images_dir = tmp / IMAGES_DIR
         images_dir.mkdir(parents=True)
-        settings = _Settings(str(images_dir), cache_size, max_pixels, min_side, crop_databar)
+        settings = _Settings(str(images_dir), Preprocessor(cache_size, crop_databar, max_pixels, min_side))
         parallel = n_workers > 1 and len(tasks) >= 4
         pool = _start_pool(n_workers) if parallel else None
         try:

@@ -40,6 +40,9 @@ import pandas as pd
 
 import emassist
 from emassist.config.settings import Params
+from emassist.data.dataset import read_split
+from emassist.data.preprocess import STANDARDIZED_PARAM, Preprocessor
+from emassist.model.evaluation import compute_metrics
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -96,21 +99,18 @@ def pyfunc_code_path() -> Path:
 
 
 def serving_config(params: Params) -> dict[str, Any]:
-    """What the pyfunc needs beside the Keras model: the classes and the exact preprocessing settings."""
+    """What the pyfunc needs beside the Keras model: the classes and its preprocessor's exact settings
+    (:meth:`Preprocessor.config`, read back with :meth:`Preprocessor.from_config`)."""
     return {
         "classes": list(params.data.classes),
-        "image_size": params.train.image_size,
-        "cache_size": params.ingest.cache_size,
-        "crop_databar": params.ingest.crop_databar,
-        "max_pixels": params.ingest.max_pixels,
-        "min_side": params.ingest.min_side,
+        **Preprocessor.from_params(params).config(),
         "chunk_size": 32,
     }
 
 
 def model_signature(classes: Sequence[str]) -> Any:
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     # "image" is optional in the signature only so that a request without it reaches the model, which answers
     # with a short message; MLflow's own schema error would echo the whole request.
@@ -120,7 +120,9 @@ def model_signature(classes: Sequence[str]) -> Any:
         + [ColSpec("double", c) for c in classes]
         + [ColSpec("string", "error")]
     )
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    # Inference parameter: images already standardized by the caller (tiles): no data-bar search, only the resize.
+    params = ParamSchema([ParamSpec(STANDARDIZED_PARAM, "boolean", False)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def pip_requirements() -> list[str]:
@@ -341,23 +343,15 @@ def evaluate_version(
 ) -> float:
     """Macro-F1 of one registered version on a split file of cached PNGs, through that version's serving path."""
     import mlflow
-    from PIL import Image
-
-    from emassist.data.dataset import read_split
-    from emassist.data.imaging import standardize
-    from emassist.model.evaluation import compute_metrics
 
     split = read_split(Path(test_csv), classes)
     loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     model = loaded.unwrap_python_model()
     if list(model.classes) != list(classes):
         raise RegistryError(f"{name} v{version} predicts classes {model.classes}, not the current {list(classes)}")
-    images = []
-    for path in split.paths:
-        with Image.open(path) as im:
-            gray = np.asarray(im.convert("L"))
-        # Cached images are already cropped; only the version's own cache size may differ.
-        images.append(standardize(gray, cache_size=model.cache_size, crop_databar=False)[0])
+    pre: Preprocessor = model.preprocessor
+    # Cached images are already standardized (data bar cropped): only the version's own cache size may differ.
+    images = [pre.resize(pre.decode(path).gray) for path in split.paths]
     proba = model.probabilities(np.stack(images))
     return float(compute_metrics(split.labels, proba, classes)["macro_f1"])
 

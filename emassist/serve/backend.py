@@ -1,24 +1,34 @@
 """Where the web page (and ``emassist scan``) gets its predictions: the registry's model in-process, or a running
 ``mlflow models serve`` endpoint (``webapp.source``).
 
-Both take the serving path of ``emassist/serve/pyfunc.py``: ``imaging.decode_image`` → ``imaging.standardize`` →
-``preprocess.to_model_input`` → the Keras model. In-process, this module calls the loaded ``SemClassifier``'s
-own methods; through the endpoint, the image file (or a tile as PNG) goes to ``/invocations`` as base64.
+Every backend has the served model's own :class:`~emassist.data.preprocess.Preprocessor` (``backend.preprocessor``:
+cache size, data-bar crop, decode limits, input size): in-process it is the loaded ``SemClassifier``'s; for an
+endpoint it is built from the serving config registered with the version the alias resolves to (the artifact
+``serving_config.json``), never from the page's params. Through the endpoint
+(:class:`~emassist.serve.client.SemClient`), an uploaded file goes as it is and the server preprocesses it;
+standardized images (tiles) go as PNGs with the inference parameter ``standardized``, so the server only resizes
+them and local and endpoint scans agree.
 """
 
 from __future__ import annotations
 
-import base64
-import io
+import json
 import logging
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import requests
 
 from emassist.config.settings import Params
+from emassist.data.preprocess import Preprocessor
+from emassist.serve.client import SemClient, ServingError
+from emassist.serve.drawing import png_bytes
+from emassist.serve.predict import load_predictor
 
 log = logging.getLogger("emassist.webapp")
 
@@ -51,8 +61,7 @@ class Backend:
 
     info: ModelInfo
     classes: list[str]
-    cache_size: int
-    crop_databar: bool
+    preprocessor: Preprocessor  # the served model's own
 
     def probabilities(self, gray: np.ndarray) -> np.ndarray:
         """Standardized uint8 images ``[B, S, S]`` → probabilities ``[B, n_classes]``."""
@@ -74,8 +83,7 @@ class LocalBackend(Backend):
         self.model = model
         self.info = info
         self.classes = list(model.classes)
-        self.cache_size = int(model.cache_size)
-        self.crop_databar = bool(model.crop_databar)
+        self.preprocessor = model.preprocessor
         self._lock = threading.Lock()  # one forward pass at a time: two cores, one model
 
     def probabilities(self, gray: np.ndarray) -> np.ndarray:
@@ -83,60 +91,48 @@ class LocalBackend(Backend):
             return np.asarray(self.model.probabilities(np.asarray(gray, dtype=np.uint8)), dtype=np.float32)
 
     def keras_model(self) -> tuple[Any, int]:
-        return self.model.model, int(self.model.image_size)
+        return self.model.model, int(self.preprocessor.image_size or 0)
 
 
 class EndpointBackend(Backend):
-    """A running ``mlflow models serve`` of the SEM pyfunc."""
+    """A running ``mlflow models serve`` of the SEM pyfunc, with the served version's registered serving config."""
 
-    def __init__(self, url: str, params: Params, info: ModelInfo, timeout: float) -> None:
+    def __init__(self, url: str, params: Params, info: ModelInfo, timeout: float, config: dict[str, Any]) -> None:
         self.url = url.rstrip("/")
         self.info = info
-        self.timeout = timeout
         self.params = params
-        self.classes = list(params.data.classes)
-        self.cache_size = params.ingest.cache_size
-        self.crop_databar = params.ingest.crop_databar
+        self.client = SemClient(self.url, timeout=timeout)
+        self.classes = [str(c) for c in config["classes"]]
+        self.preprocessor = Preprocessor.from_config(config)
         self._keras: tuple[Any, int] | None = None
 
-    def _invoke(self, blobs: list[bytes]) -> np.ndarray:
-        import requests
-
-        payload = {
-            "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b).decode("ascii")] for b in blobs]}
-        }
+    def _call(self, blobs: list[bytes], *, standardized: bool) -> np.ndarray:
         try:
-            resp = requests.post(f"{self.url}/invocations", json=payload, timeout=self.timeout)
+            frame = self.client.predict_bytes(blobs, standardized=standardized)
+        except ServingError as exc:
+            raise BackendError(f"model endpoint answered {exc.status}: {exc.message[:300]}") from exc
         except requests.RequestException as exc:
             raise BackendError(f"model endpoint {self.url} unreachable: {type(exc).__name__}") from exc
-        if resp.status_code != 200:
-            try:
-                message = resp.json().get("message", resp.text)
-            except ValueError:
-                message = resp.text
-            raise BackendError(f"model endpoint answered {resp.status_code}: {str(message)[:300]}")
-        rows = resp.json()["predictions"]
-        if rows:
-            known = [k for k in rows[0] if k not in ("label", "confidence", "error")]
-            if known and known != self.classes:
-                self.classes = known
-        errors = [str(r.get("error") or "") for r in rows]
-        if any(errors):
-            raise BackendError("model endpoint refused an image: " + "; ".join(e for e in errors if e)[:300])
-        return np.array([[float(r[c]) for c in self.classes] for r in rows], dtype=np.float32)
+        return self._probabilities(frame, len(blobs))
+
+    def _probabilities(self, frame: pd.DataFrame, n: int) -> np.ndarray:
+        missing = [c for c in self.classes if c not in frame.columns]
+        if missing or len(frame) != n:
+            raise BackendError(
+                f"model endpoint {self.url} answered {len(frame)} rows with columns {list(frame.columns)[:12]}, "
+                f"not {n} rows of the registered classes {self.classes}: is it serving {self.info.label}?"
+            )
+        errors = [str(e) for e in frame.get("error", pd.Series([""] * n)).fillna("") if str(e)]
+        if errors:
+            raise BackendError("model endpoint refused an image: " + "; ".join(errors)[:300])
+        return frame[self.classes].to_numpy(dtype=np.float32)
 
     def probabilities(self, gray: np.ndarray) -> np.ndarray:
-        from PIL import Image
-
-        blobs = []
-        for g in np.asarray(gray, dtype=np.uint8):
-            buf = io.BytesIO()
-            Image.fromarray(g).save(buf, format="PNG")
-            blobs.append(buf.getvalue())
-        return self._invoke(blobs)
+        """Standardized images go as PNGs marked ``standardized``: the server only resizes them (no data bar)."""
+        return self._call([png_bytes(g) for g in np.asarray(gray, dtype=np.uint8)], standardized=True)
 
     def classify_file(self, data: bytes, gray: np.ndarray) -> np.ndarray:
-        return self._invoke([data])[0]
+        return self._call([data], standardized=False)[0]
 
     def keras_model(self) -> tuple[Any, int]:
         """The registry's model for the same alias, loaded on first use (the endpoint serves no gradients)."""
@@ -178,8 +174,6 @@ def load_registry(params: Params) -> LocalBackend:
     """``models:/<mlflow.registered_model>/<version of webapp.alias>``, loaded in-process."""
     from mlflow.exceptions import MlflowException
 
-    from emassist.serve.predict import load_predictor
-
     name, alias = params.mlflow.registered_model, params.webapp.alias
     version, run_id = resolve_alias(params)
     uri = f"models:/{name}/{version}"
@@ -195,8 +189,6 @@ def load_registry(params: Params) -> LocalBackend:
 def load_model_uri(uri: str, params: Params) -> LocalBackend:
     """A model named by hand: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, a model folder or a ``.keras`` file."""
     from mlflow.exceptions import MlflowException
-
-    from emassist.serve.predict import load_predictor
 
     _client(params)
     try:
@@ -219,23 +211,41 @@ def load_model_uri(uri: str, params: Params) -> LocalBackend:
     return LocalBackend(model, ModelInfo(name, version, alias, "registry" if alias or version else "file", uri))
 
 
-def load_endpoint(params: Params, url: str | None = None) -> EndpointBackend:
-    """A running ``mlflow models serve``; the version shown is what the registry says the alias points at."""
-    import requests
+def served_config(params: Params, version: str) -> dict[str, Any]:
+    """The serving config (classes + preprocessor settings) registered with ``version``; raises BackendError."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
 
-    url = (url or params.webapp.endpoint_url).rstrip("/")
+    name = params.mlflow.registered_model
+    uri = f"models:/{name}/{version}/artifacts/serving_config.json"
+    _client(params)
     try:
-        ok = requests.get(f"{url}/ping", timeout=5).status_code == 200
-    except requests.RequestException:
-        ok = False
+        path = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (MlflowException, OSError, ValueError) as exc:
+        message = exc.message.splitlines()[0] if isinstance(exc, MlflowException) else str(exc)
+        raise BackendError(f"cannot read the served model's serving config {uri}: {message}") from exc
+    try:
+        Preprocessor.from_config(config)
+        if not isinstance(config["classes"], list) or not config["classes"]:
+            raise ValueError("no classes")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BackendError(f"{uri} is not a serving config of the SEM classifier: {exc!r}") from exc
+    return dict(config)
+
+
+def load_endpoint(params: Params, url: str | None = None) -> EndpointBackend:
+    """A running ``mlflow models serve``; its classes and preprocessing are those registered with the version the
+    alias points at (the registry must be reachable)."""
+    url = (url or params.webapp.endpoint_url).rstrip("/")
+    with SemClient(url, timeout=5) as probe:
+        ok = probe.ping()
     if not ok:
         raise BackendError(f"no model server answers at {url}/ping (start `mlflow models serve ...` first)")
-    try:
-        version, run_id = resolve_alias(params)
-    except BackendError:
-        version, run_id = "", ""
+    version, run_id = resolve_alias(params)
+    config = served_config(params, version)
     info = ModelInfo(params.mlflow.registered_model, version, params.webapp.alias, "endpoint", url, run_id)
-    return EndpointBackend(url, params, info, params.webapp.endpoint_timeout_s)
+    return EndpointBackend(url, params, info, params.webapp.endpoint_timeout_s, config)
 
 
 def load_backend(params: Params, *, model_uri: str | None = None, endpoint_url: str | None = None) -> Backend:

@@ -1,4 +1,5 @@
-"""A small HTTP client for a running ``mlflow models serve`` of the SEM classifier.
+"""THE HTTP client for a running ``mlflow models serve`` of the SEM classifier (the only code that builds
+``/invocations`` requests: the command line, the web page's endpoint backend and ``serving/client.py`` use it).
 
     python -m emassist.serve.client --url http://127.0.0.1:5000 image1.tif image2.png
 
@@ -7,6 +8,7 @@ Library use::
     from emassist.serve.client import SemClient
     client = SemClient("http://127.0.0.1:5000")
     frame = client.predict_files(["a.tif", "b.png"])   # path, label, confidence, <class>..., error
+    tiles = client.predict_bytes(pngs, standardized=True)  # already standardized: no data-bar search
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ import base64
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import requests
+
+from emassist.data.preprocess import STANDARDIZED_PARAM
+
+#: ``send``: base64 images → the prediction frame; raises :class:`ServingError` when the whole batch is refused.
+SendFn = Callable[[list[str]], pd.DataFrame]
 
 
 class ServingError(RuntimeError):
@@ -43,9 +50,12 @@ def encode_file(path: str | os.PathLike[str]) -> str:
     return encode_bytes(Path(path).read_bytes())
 
 
-def payload(images_b64: Sequence[str]) -> dict[str, Any]:
-    """The JSON body of a request for these base64 images."""
-    return {"dataframe_split": {"columns": ["image"], "data": [[b] for b in images_b64]}}
+def payload(images_b64: Sequence[str], *, standardized: bool = False) -> dict[str, Any]:
+    """The JSON body of a request for these base64 images (``standardized``: the model's inference parameter)."""
+    body: dict[str, Any] = {"dataframe_split": {"columns": ["image"], "data": [[b] for b in images_b64]}}
+    if standardized:
+        body["params"] = {STANDARDIZED_PARAM: True}
+    return body
 
 
 class SemClient:
@@ -82,55 +92,71 @@ class SemClient:
 
     # ------------------------------------------------------------------------------------------ predict
 
-    def predict_base64(self, images_b64: Sequence[str]) -> pd.DataFrame:
-        """One request; raises :class:`ServingError` on a 4xx/5xx answer."""
-        response = self.session.post(f"{self.base_url}/invocations", json=payload(images_b64), timeout=self.timeout)
+    def predict_base64(self, images_b64: Sequence[str], *, standardized: bool = False) -> pd.DataFrame:
+        """One request; raises :class:`ServingError` on a 4xx/5xx answer.
+
+        ``standardized``: the images are already standardized (tiles): the model only resizes them.
+        """
+        body = payload(images_b64, standardized=standardized)
+        response = self.session.post(f"{self.base_url}/invocations", json=body, timeout=self.timeout)
         return parse_response(response)
 
-    def predict_bytes(self, images: Sequence[bytes]) -> pd.DataFrame:
-        return self.predict_base64([encode_bytes(b) for b in images])
+    def predict_bytes(self, images: Sequence[bytes], *, standardized: bool = False) -> pd.DataFrame:
+        return self.predict_base64([encode_bytes(b) for b in images], standardized=standardized)
 
     def predict_files(self, paths: Sequence[str | os.PathLike[str]], *, batch_size: int = 32) -> pd.DataFrame:
         """Predict files in batches; a file the server rejects (or that cannot be read) gets an ``error`` row."""
-        frames = []
-        for start in range(0, len(paths), batch_size):
-            chunk = [str(p) for p in paths[start : start + batch_size]]
-            encoded: list[str | None] = []
-            for path in chunk:
-                try:
-                    encoded.append(encode_file(path))
-                except OSError as exc:
-                    encoded.append(None)
-                    frames.append(pd.DataFrame({"path": [path], "label": [""], "error": [f"unreadable: {exc}"]}))
-            good = [(p, e) for p, e in zip(chunk, encoded, strict=True) if e is not None]
-            if not good:
-                continue
+        return predict_in_batches(paths, self.predict_base64, batch_size=batch_size)
+
+
+def _error_frame(path: str, error: str) -> pd.DataFrame:
+    return pd.DataFrame({"path": [path], "label": [""], "confidence": [0.0], "error": [error]})
+
+
+def predict_in_batches(paths: Sequence[str | os.PathLike[str]], send: SendFn, *, batch_size: int = 32) -> pd.DataFrame:
+    """Files → one prediction row each (``path`` first), ``batch_size`` base64 images per ``send``.
+
+    A file that cannot be read gets an ``error`` row; a batch refused as a whole (4xx) is retried one file at a
+    time so that each file gets its own reason; a 5xx stops. ``send`` is :meth:`SemClient.predict_base64` or an
+    in-process pyfunc's predict (``emassist.serve.predict``).
+    """
+    frames = []
+    for start in range(0, len(paths), batch_size):
+        chunk = [str(p) for p in paths[start : start + batch_size]]
+        good: list[tuple[str, str]] = []
+        for path in chunk:
             try:
-                frame = self.predict_base64([e for _, e in good])
-                frame.insert(0, "path", [p for p, _ in good])
+                good.append((path, encode_file(path)))
+            except OSError as exc:
+                frames.append(_error_frame(path, f"unreadable: {exc.strerror or exc}"))
+        if not good:
+            continue
+        try:
+            frame = send([e for _, e in good])
+            frame.insert(0, "path", [p for p, _ in good])
+            frames.append(frame)
+        except ServingError as exc:
+            if exc.status >= 500:
+                raise
+            if len(good) == 1:
+                frames.append(_error_frame(good[0][0], exc.message))
+                continue
+            # Every image of the batch was rejected: ask one by one for each file's own reason.
+            for path, enc in good:
+                try:
+                    frame = send([enc])
+                    frame.insert(0, "path", [path])
+                except ServingError as one:
+                    if one.status >= 500:
+                        raise
+                    frame = _error_frame(path, one.message)
                 frames.append(frame)
-            except ServingError as exc:
-                if exc.status >= 500:
-                    raise
-                if len(good) == 1:
-                    frames.append(pd.DataFrame({"path": [good[0][0]], "label": [""], "error": [exc.message]}))
-                    continue
-                # Every image of the batch was rejected: ask one by one for each file's own reason.
-                for path, enc in good:
-                    try:
-                        frame = self.predict_base64([enc])
-                        frame.insert(0, "path", [path])
-                    except ServingError as one:
-                        if one.status >= 500:
-                            raise
-                        frame = pd.DataFrame({"path": [path], "label": [""], "error": [one.message]})
-                    frames.append(frame)
-        if not frames:
-            return pd.DataFrame(columns=["path", "label", "confidence", "error"])
-        out = pd.concat(frames, ignore_index=True)
-        if "error" in out.columns:
-            out["error"] = out["error"].fillna("")
-        return out
+    if not frames:
+        return pd.DataFrame(columns=["path", "label", "confidence", "error"])
+    out = pd.concat(frames, ignore_index=True)
+    if "error" in out.columns:
+        out["error"] = out["error"].fillna("")
+    return out
 
 
 def parse_response(response: requests.Response) -> pd.DataFrame:

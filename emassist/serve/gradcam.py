@@ -6,9 +6,10 @@ Activation), also inside a nested backbone (``xception`` keeps ``keras.applicati
 The class score differentiated is the pre-softmax logit when the output layer is a softmax ``Dense`` (a
 saturated softmax would give vanishing gradients), else the output itself.
 
-Input: the standardized uint8 grayscale image (what ingest caches and serving classifies); it takes the same
-:func:`emassist.data.preprocess.to_model_input` as training. Output: a float32 map in 0..1 of the same height and
-width as that image.
+Input: the standardized uint8 grayscale image (what :class:`emassist.data.preprocess.Preprocessor` makes, ingest
+caches and serving classifies); it takes the same :func:`emassist.data.preprocess.to_model_input` as training.
+Output: a float32 map in 0..1 of the same height and width as that image. Drawing it over the image is
+:mod:`emassist.serve.drawing`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from emassist.data.preprocess import to_model_input
 
 CONV_TYPES = ("Conv2D", "SeparableConv2D", "DepthwiseConv2D", "Conv2DTranspose")
 ELEMENTWISE_TYPES = ("BatchNormalization", "ReLU", "Activation", "LeakyReLU", "ELU", "PReLU")
@@ -179,8 +182,6 @@ class GradCam:
         """
         import tensorflow as tf
 
-        from emassist.data.preprocess import to_model_input
-
         g = np.asarray(gray)
         if g.ndim != 2:
             raise ValueError(f"Grad-CAM expects one 2-D grayscale image, got shape {g.shape}")
@@ -196,35 +197,3 @@ class GradCam:
         cam_np = cam_np / peak if peak > 0 else np.zeros_like(cam_np)
         resized = tf.image.resize(cam_np[..., None], g.shape, method="bilinear")[..., 0]
         return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0), int(k)
-
-
-def colorize(heat: np.ndarray, cmap: str = "inferno") -> np.ndarray:
-    """0..1 float map → uint8 RGB through a matplotlib colour map (no pyplot, no figure)."""
-    from matplotlib import colormaps
-
-    lut = (colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
-    index = np.clip(np.nan_to_num(heat, nan=0.0) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return lut[index]
-
-
-def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.45, cmap: str = "inferno") -> np.ndarray:
-    """uint8 RGB: the grayscale image with ``heat`` (0..1, resized to it) blended on top."""
-    from PIL import Image
-
-    g = np.asarray(gray, dtype=np.uint8)
-    h = np.asarray(heat, dtype=np.float32)
-    if h.shape != g.shape:
-        h = np.asarray(Image.fromarray(h).resize((g.shape[1], g.shape[0]), Image.Resampling.BILINEAR))
-    colour = colorize(h, cmap).astype(np.float32)
-    base = np.repeat(g[..., None], 3, axis=-1).astype(np.float32)
-    return np.clip((1.0 - alpha) * base + alpha * colour + 0.5, 0, 255).astype(np.uint8)
-
-
-def png_bytes(rgb_or_gray: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb_or_gray)).save(buf, format="PNG")
-    return buf.getvalue()

@@ -1,7 +1,8 @@
 """Batch prediction over files, folders and globs with a registered (or local) model; never crashes on a bad file.
 
-The images take the serving model's own path (``emassist/serve/pyfunc.py``: decode → standardize → model input),
-so a CSV written here agrees with what the HTTP server answers for the same files.
+The images take the serving model's own path (``emassist/serve/pyfunc.py``: its
+:class:`~emassist.data.preprocess.Preprocessor`, then the model), so a CSV written here agrees with what the HTTP
+server answers for the same files.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from emassist.config.settings import Params
+from emassist.model.registry import serving_config
+from emassist.serve.client import ServingError, predict_in_batches
+from emassist.serve.pyfunc import SemClassifier
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +72,7 @@ def expand_paths(items: Iterable[str | os.PathLike[str]]) -> tuple[list[str], li
     return files, missing
 
 
-def load_predictor(model: Any, params: Any = None) -> Any:
+def load_predictor(model: Any, params: Params | None = None) -> Any:
     """A ``SemClassifier`` (or a generic pyfunc model) from a ``models:/`` URI, a model folder, a ``.keras`` file or
     an already loaded model. A ``.keras`` file needs ``params`` for the classes and preprocessing settings."""
     if not isinstance(model, str | os.PathLike):
@@ -75,9 +81,6 @@ def load_predictor(model: Any, params: Any = None) -> Any:
     if text.endswith(".keras") and Path(text).is_file():
         if params is None:
             raise ValueError(f"{text}: a .keras file needs params (classes, image sizes) to be served")
-        from emassist.model.registry import serving_config
-        from emassist.serve.pyfunc import SemClassifier
-
         return SemClassifier.from_files(text, serving_config(params))
     import mlflow
 
@@ -158,29 +161,16 @@ def _predict_chunk_native(model: Any, chunk: Sequence[str]) -> pd.DataFrame:
 
 
 def _predict_chunk_pyfunc(model: Any, chunk: Sequence[str]) -> pd.DataFrame:
-    """Any pyfunc model taking the ``image`` column: per-file fallback when the whole chunk is refused."""
-    import base64
-
+    """Any pyfunc model taking the ``image`` column, in-process, through the scoring client's batching."""
     from mlflow.exceptions import MlflowException
 
-    def one_frame(paths: Sequence[str]) -> pd.DataFrame:
-        encoded = [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in paths]
-        frame = pd.DataFrame(model.predict(pd.DataFrame({"image": encoded})))
-        frame.insert(0, "path", list(paths))
-        return frame
+    def send(images_b64: list[str]) -> pd.DataFrame:
+        try:
+            return pd.DataFrame(model.predict(pd.DataFrame({"image": images_b64})))
+        except MlflowException as exc:  # in-process: every refusal is this batch's own, never a dead server
+            raise ServingError(400, exc.message) from exc
 
-    try:
-        return one_frame(chunk)
-    except (MlflowException, OSError):
-        frames = []
-        for path in chunk:
-            try:
-                frames.append(one_frame([path]))
-            except OSError as exc:
-                frames.append(pd.DataFrame([_error_row(path, f"unreadable: {exc.strerror or exc}")]))
-            except MlflowException as exc:
-                frames.append(pd.DataFrame([_error_row(path, exc.message)]))
-        return pd.concat(frames, ignore_index=True)
+    return predict_in_batches(chunk, send, batch_size=max(1, len(chunk)))
 
 
 def top_k(frame: pd.DataFrame, classes: Sequence[str], k: int = 3) -> list[str]:

@@ -2,8 +2,15 @@
 
 Request: a DataFrame with one string column ``image``: each value is a base64-encoded image file in any format
 ingest accepts (PNG, JPEG, 8/16-bit TIFF, BMP, ...; an optional ``data:...;base64,`` prefix is allowed).
-Every image takes THE path training took: ``emassist.data.imaging.decode_image`` → ``standardize`` (data bar
-cropped, cache size) → ``emassist.data.preprocess.to_model_input`` → the Keras model, in chunks of ``chunk_size``.
+Every image takes THE path training took, through the model's own
+:class:`emassist.data.preprocess.Preprocessor` (built from its serving config): decode → data-bar crop →
+cache-size resize → ``to_model_input`` → the Keras model, in chunks of ``chunk_size``.
+
+Inference parameter ``standardized`` (boolean, default false; declared in the signature, sent as
+``{"params": {"standardized": true}}`` beside ``dataframe_split``): the images are already standardized by the
+caller (e.g. tiles cut by the tile scan from an overview whose data bar was cropped once), so they get no
+data-bar search of their own and are only resized to the model's cache size. A value that is not a boolean is
+refused by MLflow's signature check (HTTP 400 naming the parameter).
 
 Response: one row per input row: ``label``, ``confidence``, one probability column per class (named by the
 class) and ``error`` ("" when the row is fine).
@@ -38,6 +45,9 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
+from emassist.data.decode import ImageRejected
+from emassist.data.preprocess import STANDARDIZED_PARAM, Preprocessor
+
 log = logging.getLogger("emassist.serving")
 
 IMAGE_COLUMN = "image"
@@ -65,8 +75,6 @@ class BadRequest(MlflowException):
 
 def decode_base64(value: Any) -> bytes:
     """Bytes of one request cell; raises ``ImageRejected`` with a short reason."""
-    from emassist.data.imaging import ImageRejected
-
     if not isinstance(value, str | bytes):
         raise ImageRejected(f"expected a base64 string, got {type(value).__name__}")
     try:  # fast path: plain standard base64, checked strictly in C
@@ -108,11 +116,7 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     classes: list[str]
-    image_size: int
-    cache_size: int
-    crop_databar: bool
-    max_pixels: int
-    min_side: int
+    preprocessor: Preprocessor
     chunk_size: int
     decode_threads: int
 
@@ -129,61 +133,59 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         return model
 
     def load(self, keras_model: str | os.PathLike[str], config: dict[str, Any]) -> None:
-        import keras
+        import keras  # lazy: loading Keras/TensorFlow takes seconds; the module is imported by the registry too
         import tensorflow as tf
-
-        from emassist.data.preprocess import to_model_input
 
         self.configure(config)
         self.model = keras.models.load_model(keras_model, compile=False)
-        size = self.image_size
         model = self.model
+        pre = self.preprocessor
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.uint8)], reduce_retracing=True)
         def forward(gray: Any) -> Any:
-            return model(to_model_input(gray, size), training=False)
+            return model(pre.to_model_input(gray), training=False)
 
         self._forward = forward
         # Trace once now, not on the first request.
-        self._forward(np.zeros((1, self.cache_size, self.cache_size, 1), dtype=np.uint8))
+        self._forward(np.zeros((1, pre.cache_size, pre.cache_size, 1), dtype=np.uint8))
 
     def configure(self, config: dict[str, Any]) -> None:
         self.classes = [str(c) for c in config["classes"]]
-        self.image_size = int(config["image_size"])
-        self.cache_size = int(config["cache_size"])
-        self.crop_databar = bool(config["crop_databar"])
-        self.max_pixels = int(config["max_pixels"])
-        self.min_side = int(config["min_side"])
+        self.preprocessor = Preprocessor.from_config(config)
+        if self.preprocessor.image_size is None:
+            raise ValueError("the serving config has no image_size")
         self.chunk_size = max(1, int(config.get("chunk_size", DEFAULT_CHUNK_SIZE)))
         self.decode_threads = max(1, int(config.get("decode_threads", min(4, os.cpu_count() or 1))))
         self._pool: ThreadPoolExecutor | None = None
 
     # ----------------------------------------------------------------------------------------- building blocks
 
-    def standardized(self, value: Any) -> np.ndarray:
+    def standardized(self, value: Any, *, standardized: bool = False) -> np.ndarray:
         """One request cell (base64) → the cache-size uint8 grayscale image ingest would have cached."""
-        return self.standardized_bytes(decode_base64(value))
+        return self.standardized_bytes(decode_base64(value), standardized=standardized)
 
-    def standardized_bytes(self, data: bytes | str | os.PathLike[str]) -> np.ndarray:
-        """Image file bytes (or a path) → the cache-size uint8 grayscale image ingest would have cached."""
-        from emassist.data.imaging import decode_image, standardize
+    def standardized_bytes(self, data: bytes | str | os.PathLike[str], *, standardized: bool = False) -> np.ndarray:
+        """Image file bytes (or a path) → the cache-size uint8 grayscale image ingest would have cached.
 
-        decoded = decode_image(data, max_pixels=self.max_pixels, min_side=self.min_side)
-        gray, _ = standardize(decoded.gray, cache_size=self.cache_size, crop_databar=self.crop_databar)
-        return gray
+        ``standardized``: the image is already standardized (e.g. a tile): decoded and resized, no data-bar search.
+        """
+        pre = self.preprocessor
+        if standardized:
+            return pre.resize(pre.decode(data).gray)
+        return pre.standardize_file(data)[0]
 
-    def standardize_many(self, values: Sequence[Any], *, files: bool = False) -> list[tuple[np.ndarray | None, str]]:
+    def standardize_many(
+        self, values: Sequence[Any], *, files: bool = False, standardized: bool = False
+    ) -> list[tuple[np.ndarray | None, str]]:
         """``(image, "")`` or ``(None, reason)`` per base64 value (or per file path when ``files``).
 
         Decoded on a few threads (PIL's decoders and NumPy release the GIL).
         """
-        from emassist.data.imaging import ImageRejected
-
         convert = self.standardized_bytes if files else self.standardized
 
         def one(value: Any) -> tuple[np.ndarray | None, str]:
             try:
-                return convert(value), ""
+                return convert(value, standardized=standardized), ""
             except ImageRejected as exc:
                 return None, exc.reason
             except Exception as exc:  # a bug met by one odd image must not fail the others
@@ -224,6 +226,7 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
     # ``model_input`` stays unannotated: MLflow reads predict's type hints as a signature (see above).
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         values = self._image_values(model_input)
+        standardized = self._standardized_param(params)
         n = len(values)
         proba = np.zeros((n, len(self.classes)), dtype=np.float32)
         errors = [""] * n
@@ -232,7 +235,8 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
                 rows: list[int] = []
                 images: list[np.ndarray] = []
                 chunk = range(start, min(n, start + self.chunk_size))
-                for i, (gray, error) in zip(chunk, self.standardize_many([values[i] for i in chunk]), strict=True):
+                prepared = self.standardize_many([values[i] for i in chunk], standardized=standardized)
+                for i, (gray, error) in zip(chunk, prepared, strict=True):
                     if gray is None:
                         errors[i] = error
                     else:
@@ -246,6 +250,14 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         if all(errors):
             raise BadRequest(describe_errors(errors, n))
         return self.result_frame(proba, errors)
+
+    @staticmethod
+    def _standardized_param(params: dict[str, Any] | None) -> bool:
+        """The ``standardized`` parameter (MLflow has checked its type where the signature declares it)."""
+        value = (params or {}).get(STANDARDIZED_PARAM, False)
+        if not isinstance(value, bool | np.bool_):
+            raise BadRequest(f"parameter '{STANDARDIZED_PARAM}': expected true or false, got {value!r:.40}")
+        return bool(value)
 
     @staticmethod
     def _image_values(model_input: Any) -> list[Any]:

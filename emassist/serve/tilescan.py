@@ -1,11 +1,12 @@
 """Needle in a haystack: classify overlapping tiles of a large overview image and map one class's score over it.
 
-The overview is decoded once (``imaging.decode_image``), its data bar cropped (``imaging.find_databar``), then
-cut into ``tile``×``tile`` windows every ``stride`` pixels (the last row and column are moved in to touch the
-edge, so every pixel is covered). Each tile takes the serving path of a whole image (``imaging.standardize``
-without a second data-bar search, then the model's own ``preprocess.to_model_input``) and tiles go through the
-model in batches. The result is a per-class score grid ``[rows, cols, classes]``; :func:`heatmap` spreads one
-class's scores back over the pixels (the mean over the tiles covering each pixel).
+The overview is decoded once and its data bar cropped once, by the model's own
+:class:`~emassist.data.preprocess.Preprocessor`; that image is cut into ``tile``×``tile`` windows every ``stride``
+pixels (the last row and column are moved in to touch the edge, so every pixel is covered), each resized to the
+cache size by :meth:`Preprocessor.tiles` (no data-bar search of its own), and the tiles go through the model in
+batches (in-process, or to the endpoint as already-standardized images). The result is a per-class score grid
+``[rows, cols, classes]``; :func:`heatmap` spreads one class's scores back over the pixels (the mean over the
+tiles covering each pixel).
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from emassist.core.atomic import atomic_path
+from emassist.data.preprocess import Preprocessor
+from emassist.serve.drawing import overlay, png_bytes
 
 #: standardized uint8 tiles ``[B, S, S]`` → probabilities ``[B, n_classes]``
 PredictFn = Callable[[np.ndarray], np.ndarray]
@@ -110,25 +117,22 @@ def scan(
     *,
     tile: int,
     stride: int,
-    cache_size: int,
-    crop_databar: bool = True,
+    preprocessor: Preprocessor,
     batch_size: int = 32,
     max_tiles: int | None = None,
     progress: bool | None = False,
 ) -> TileScan:
-    """Classify every tile of the full-resolution grayscale image ``gray`` ``[H, W]`` uint8."""
-    from tqdm import tqdm
+    """Classify every tile of the decoded full-resolution grayscale image ``gray`` ``[H, W]`` uint8.
 
-    from emassist.data.imaging import find_databar, standardize
-
+    ``preprocessor`` (the model's) crops the data bar once and resizes each tile to its cache size; ``predict``
+    gets uint8 ``[B, cache_size, cache_size]`` batches.
+    """
     started = time.perf_counter()
     g = np.asarray(gray)
     if g.ndim != 2:
         raise ScanError(f"expected a 2-D grayscale image, got shape {g.shape}")
     check_options(tile, stride)
-    bar_rows = find_databar(g) if crop_databar else 0
-    if bar_rows:
-        g = g[: g.shape[0] - bar_rows]
+    g, bar_rows = preprocessor.crop(g)
     h, w = g.shape
     check_options(tile, stride, max_tiles, (h, w))
     ys, xs = positions(h, tile, stride), positions(w, tile, stride)
@@ -139,13 +143,7 @@ def scan(
     with tqdm(total=len(coords), unit="tile", desc="scan", disable=None if progress is None else not progress) as bar:
         for start in range(0, len(coords), batch_size):
             chunk = coords[start : start + batch_size]
-            tiles = np.stack(
-                [
-                    standardize(g[ys[r] : ys[r] + tile, xs[c] : xs[c] + tile], cache_size=cache_size,
-                                crop_databar=False)[0]
-                    for r, c in chunk
-                ]
-            )  # fmt: skip
+            tiles = preprocessor.tiles(g, [(ys[r], xs[c]) for r, c in chunk], tile)
             proba = np.asarray(predict(tiles), dtype=np.float32)
             if proba.shape != (len(chunk), len(classes)):
                 raise RuntimeError(f"the model answered shape {proba.shape} for {len(chunk)} tiles")
@@ -190,10 +188,6 @@ def heatmap(result: TileScan, class_name: str, max_side: int = HEAT_MAX_SIDE) ->
 
 def heatmap_overlay(gray: np.ndarray, result: TileScan, class_name: str, max_side: int = HEAT_MAX_SIDE) -> np.ndarray:
     """uint8 RGB of the scanned area (downscaled to ``max_side``) with the class heat map blended over it."""
-    from PIL import Image
-
-    from emassist.serve.gradcam import overlay
-
     heat = heatmap(result, class_name, max_side)
     g = np.asarray(gray)[: result.height, : result.width]
     small = np.asarray(Image.fromarray(np.ascontiguousarray(g)).resize((heat.shape[1], heat.shape[0]),
@@ -205,9 +199,6 @@ def write_outputs(
     gray: np.ndarray, result: TileScan, class_name: str, out_png: Path | None, out_csv: Path | None
 ) -> None:
     """The overlay PNG and/or the tile-score CSV, each written atomically."""
-    from emassist.core.atomic import atomic_path
-    from emassist.serve.gradcam import png_bytes
-
     if out_png is not None:
         data = png_bytes(heatmap_overlay(gray, result, class_name))
         Path(out_png).parent.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,11 @@ HTTP API (every error is JSON ``{"error": "<one line>"}`` with a 4xx/5xx status;
   of class C, the score grid, the tile count and time. ``GET /api/scan/{id}/heatmap?class=C`` redraws it for
   another class; ``GET /api/scan/{id}/tiles.csv`` gives every tile's scores.
 
-Uploads are held in memory (bounded by ``webapp.max_upload_bytes`` and ``webapp.max_pixels``) and types are
-decided by content (``imaging.decode_image``), never by the name. The process's temporary folder is a private
-folder under ``webapp.temp_dir`` removed at exit, so nothing is written anywhere else.
+Uploads are held in memory, bounded by the page's own limits (``webapp.max_upload_bytes``, and
+``webapp.max_pixels`` on the declared size, checked from the header before decoding); types are decided by content,
+never by the name. Every image then goes through the model's own preprocessor (``backend.preprocessor``: its decode
+limits, data-bar crop and cache size), the one the classifier, Grad-CAM and the tile scan share. The process's
+temporary folder is a private folder under ``webapp.temp_dir`` removed at exit, so nothing is written anywhere else.
 """
 
 from __future__ import annotations
@@ -42,7 +44,11 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from emassist.config.settings import Params
-from emassist.serve.backend import Backend, BackendError
+from emassist.data.decode import DecodedImage, ImageRejected, check_pixels, probe_image
+from emassist.serve import tilescan
+from emassist.serve.backend import Backend, BackendError, load_backend
+from emassist.serve.drawing import overlay, png_bytes
+from emassist.serve.gradcam import GradCam, GradCamError
 
 log = logging.getLogger("emassist.webapp")
 
@@ -79,7 +85,7 @@ class ScanRecord:
     id: str
     filename: str
     gray: np.ndarray  # full resolution
-    result: Any  # emassist.serve.tilescan.TileScan
+    result: tilescan.TileScan
 
 
 def reject_status(reason: str) -> int:
@@ -134,17 +140,19 @@ class WebApp:
                 "max_files": self.cfg.max_files,
                 "max_tiles": self.cfg.max_tiles,
             },
+            "preprocessing": b.preprocessor.config(),
             "tile": {"size": self.cfg.tile_size, "stride": self.cfg.tile_stride},
             "formats": ["TIFF", "PNG", "JPEG", "BMP", "GIF", "WEBP"],
         }
 
-    def decode(self, data: bytes, filename: str) -> Any:
-        from emassist.data.imaging import ImageRejected, decode_image
-
+    def decode(self, data: bytes, filename: str) -> DecodedImage:
+        """The page's own limit on the declared size first (header only), then the model's preprocessor decodes."""
         if not data:
             raise HttpError(400, f"{filename}: empty upload (zero bytes)")
         try:
-            return decode_image(data, max_pixels=self.cfg.max_pixels, min_side=self.params.ingest.min_side)
+            header = probe_image(data, max_pixels=self.cfg.max_pixels)
+            check_pixels(header.width, header.height, self.cfg.max_pixels)
+            return self.backend.preprocessor.decode(data)
         except ImageRejected as exc:
             raise HttpError(reject_status(exc.reason), f"{filename}: {exc.reason}") from exc
 
@@ -157,13 +165,9 @@ class WebApp:
     # --------------------------------------------------------------------------------------------- classify
 
     def classify(self, data: bytes, filename: str) -> dict[str, Any]:
-        from emassist.data.imaging import standardize
-
         started = time.perf_counter()
         decoded = self.decode(data, filename)
-        gray, bar_rows = standardize(
-            decoded.gray, cache_size=self.backend.cache_size, crop_databar=self.backend.crop_databar
-        )
+        gray, bar_rows = self.backend.preprocessor.standardize(decoded.gray)
         try:
             proba = self.backend.classify_file(data, gray)
         except BackendError as exc:
@@ -209,15 +213,11 @@ class WebApp:
 
     @staticmethod
     def _png(image: np.ndarray) -> bytes:
-        from emassist.serve.gradcam import png_bytes
-
         return png_bytes(image)
 
     # --------------------------------------------------------------------------------------------- Grad-CAM
 
     def gradcam(self, result_id: str, class_name: str | None) -> dict[str, Any]:
-        from emassist.serve.gradcam import GradCam, GradCamError, overlay
-
         r = self.results.get(result_id)
         if r is None:
             raise HttpError(404, f"no classified image with id {result_id!r} (the server may have restarted)")
@@ -264,8 +264,6 @@ class WebApp:
     # --------------------------------------------------------------------------------------------- tile scan
 
     def scan(self, data: bytes, filename: str, class_name: str, tile: int, stride: int) -> dict[str, Any]:
-        from emassist.serve import tilescan
-
         classes = self.backend.classes
         if class_name not in classes:
             raise HttpError(400, f"unknown class {class_name!r} (the model knows: {', '.join(classes)})")
@@ -281,8 +279,7 @@ class WebApp:
                 classes,
                 tile=tile,
                 stride=stride,
-                cache_size=self.backend.cache_size,
-                crop_databar=self.backend.crop_databar,
+                preprocessor=self.backend.preprocessor,
                 batch_size=self.cfg.tile_batch,
                 max_tiles=self.cfg.max_tiles,
             )
@@ -301,8 +298,6 @@ class WebApp:
         return record
 
     def scan_json(self, record: ScanRecord, class_name: str) -> dict[str, Any]:
-        from emassist.serve import tilescan
-
         res = record.result
         try:
             k = res.class_index(class_name)
@@ -464,8 +459,6 @@ def serve(
 ) -> None:
     """Load the model (``webapp.source``, or ``model_uri`` / ``endpoint_url``) and serve the page until stopped."""
     import uvicorn
-
-    from emassist.serve.backend import load_backend
 
     # uvicorn re-raises SIGTERM after its graceful shutdown; as SystemExit it lets the temporary folder go too.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)

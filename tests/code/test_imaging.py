@@ -1,4 +1,5 @@
-"""emassist.data.imaging: decoding every kind of input, data-bar detection, standardisation and hashing."""
+"""Image jobs of emassist.data: decoding every kind of input (decode), data-bar detection (databar),
+standardisation (the Preprocessor's crop and resize) and hashing (hashing)."""
 
 from __future__ import annotations
 
@@ -14,15 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFile, ImageFont
 
-from emassist.data.imaging import (
-    DecodedImage,
-    ImageRejected,
-    decode_image,
-    dhash,
-    find_databar,
-    hamming,
-    standardize,
-)
+from emassist.data.databar import find_databar
+from emassist.data.decode import DecodedImage, ImageRejected, check_pixels, decode_image, probe_image
+from emassist.data.hashing import dhash, hamming
+from emassist.data.preprocess import Preprocessor
 
 LIMITS = {"max_pixels": 100_000_000, "min_side": 16}
 
@@ -393,22 +389,69 @@ def test_databar_on_real_files(real_sem_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------------- standardize
 
 
+def _pre(cache_size: int, crop_databar: bool) -> Preprocessor:
+    return Preprocessor(cache_size, crop_databar, LIMITS["max_pixels"], LIMITS["min_side"])
+
+
 def test_standardize_crops_and_squashes() -> None:
     arr, bar_h = with_databar(texture(300, 500, seed=2), 0.1)
-    out, rows = standardize(arr, cache_size=64, crop_databar=True)
+    out, rows = _pre(64, True).standardize(arr)
     assert rows == bar_h
     assert out.shape == (64, 64) and out.dtype == np.uint8
     assert out[-3:].mean() > 60  # the black bar is gone from the bottom
-    kept, none = standardize(arr, cache_size=64, crop_databar=False)
+    kept, none = _pre(64, False).standardize(arr)
     assert none == 0 and kept[-2:].mean() < 40
+    cropped, again = _pre(64, True).crop(arr)
+    assert again == bar_h and cropped.shape == (300 - bar_h, 500)
+    np.testing.assert_array_equal(_pre(64, True).resize(cropped), out)
 
 
 def test_standardize_upsamples_small_and_keeps_exact_size() -> None:
     arr = texture(20, 30)
-    out, rows = standardize(arr, cache_size=256, crop_databar=True)
+    out, rows = _pre(256, True).standardize(arr)
     assert out.shape == (256, 256) and rows == 0
-    same, _ = standardize(texture(64, 64), cache_size=64, crop_databar=False)
+    same, _ = _pre(64, False).standardize(texture(64, 64))
     np.testing.assert_array_equal(same, texture(64, 64))
+
+
+def test_tiles_are_cut_from_the_cropped_image_without_their_own_databar_search() -> None:
+    arr, bar_h = with_databar(texture(300, 500, seed=3), 0.1)
+    pre = _pre(32, True)
+    full, rows = pre.crop(arr)
+    assert rows == bar_h
+    bottom = full.shape[0] - 128
+    tiles = pre.tiles(full, [(0, 0), (bottom, 372)], 128)
+    assert tiles.shape == (2, 32, 32) and tiles.dtype == np.uint8
+    np.testing.assert_array_equal(tiles[1], pre.resize(full[bottom:, 372:]))
+    # A tile holding a data bar of its own keeps it: a tile never gets a data-bar search.
+    barred, _ = with_databar(texture(128, 128, seed=4), 0.15)
+    np.testing.assert_array_equal(pre.tiles(barred, [(0, 0)], 128)[0], pre.resize(barred))
+    assert pre.standardize(barred)[1] > 0
+
+
+def test_preprocessor_config_round_trip() -> None:
+    pre = Preprocessor(cache_size=128, crop_databar=False, max_pixels=5_000, min_side=20, image_size=64)
+    config = pre.config()
+    assert config == {"cache_size": 128, "crop_databar": False, "max_pixels": 5_000, "min_side": 20, "image_size": 64}
+    assert Preprocessor.from_config({**config, "classes": ["A"], "chunk_size": 32}) == pre
+    with pytest.raises(ImageRejected, match="max_pixels=5000"):
+        pre.decode(encode(texture(100, 100), "PNG"))
+    with pytest.raises(ValueError, match="no image_size"):
+        Preprocessor(64, True, 10**6, 16).to_model_input(np.zeros((8, 8), np.uint8))
+
+
+def test_probe_reads_the_header_only() -> None:
+    header = probe_image(encode(texture(40, 70), "PNG"), max_pixels=10)
+    assert (header.format, header.width, header.height) == ("PNG", 70, 40)
+    big = probe_image(png_header_only(12_000, 10_000), max_pixels=10)  # no pixel decoded: no memory spent
+    assert (big.width, big.height) == (12_000, 10_000)
+    with pytest.raises(ImageRejected, match="decompression bomb"):  # beyond what Pillow opens at all
+        probe_image(png_header_only(50_000, 40_000), max_pixels=10)
+    with pytest.raises(ImageRejected, match="content is text"):
+        probe_image(b"hello, a text file\n" * 4, max_pixels=10)
+    with pytest.raises(ImageRejected, match=r"decompression bomb: 70x40 exceeds max_pixels=2799"):
+        check_pixels(70, 40, 2799)
+    check_pixels(70, 40, 2800)
 
 
 # --------------------------------------------------------------------------------------------------- hashing

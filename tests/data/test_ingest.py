@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 import emassist.data.ingest as ingest_mod
 from emassist.config.classes import CLASSES
 from emassist.data.ingest import IngestSummary, run_ingest
+from emassist.data.preprocess import Preprocessor
 
 SETTINGS: dict[str, Any] = {
     "classes": CLASSES,
@@ -316,16 +317,16 @@ def test_unreadable_file_simulated(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_unexpected_error_in_one_image_is_quarantined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     raw = small_raw(tmp_path)
-    real = ingest_mod.standardize
+    real = Preprocessor.standardize
     calls = {"n": 0}
 
-    def flaky(gray: np.ndarray, **kwargs: Any) -> tuple[np.ndarray, int]:
+    def flaky(self: Preprocessor, gray: np.ndarray) -> tuple[np.ndarray, int]:
         calls["n"] += 1
         if calls["n"] == 2:
             raise ValueError("boom")
-        return real(gray, **kwargs)
+        return real(self, gray)
 
-    monkeypatch.setattr(ingest_mod, "standardize", flaky)
+    monkeypatch.setattr(Preprocessor, "standardize", flaky)
     summary = run_ingest(raw, tmp_path / "out", workers=1, **SETTINGS)
     _, rejected = load(tmp_path / "out")
     assert summary.n_accepted == 5
