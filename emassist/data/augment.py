@@ -7,16 +7,16 @@ augmentation of training), so ``rotation: 0.1`` means up to ±0.1 of a full turn
 
 Everything is deterministic: the order in which a class's images are cycled comes from ``(seed, label)``
 and the transform of each copy from ``(source sha256, copy index, seed)``, which is also the copy's id.
+
+The policy (:class:`emassist.config.settings.PolicyParams`) and the target were validated by ``load_params``; what
+is checked here is the data: the train list's columns and that its images exist and can be read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import operator
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,63 +24,13 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from emassist.config.settings import PolicyParams
 from emassist.core.atomic import atomic_open, atomic_path
 
-POLICY_KEYS: tuple[str, ...] = (
-    "rotation",
-    "width_shift",
-    "height_shift",
-    "shear",
-    "zoom",
-    "flip",
-    "rot90",
-    "brightness",
-    "contrast",
-)
 REQUIRED_COLUMNS: tuple[str, ...] = ("sha256", "label", "image_path")
 AUGMENTED_FROM = "augmented_from"
-_SWITCHES = ("flip", "rot90")  # the on/off keys of a policy; the others are fractions
 _SUPPORTED_MODES = ("L", "RGB")
 _MIN_VIEW = 0.1  # smallest zoom view (fraction of the image); keeps the affine invertible for zoom=1
-
-
-@dataclass(frozen=True)
-class Policy:
-    """Validated augmentation policy; missing keys mean "off"."""
-
-    rotation: float = 0.0  # fraction of a full turn (0.1 -> ±36°)
-    width_shift: float = 0.0  # fraction of the width
-    height_shift: float = 0.0  # fraction of the height
-    shear: float = 0.0  # shear coefficient of the affine (x += shear * y)
-    zoom: float = 0.0  # ± fraction of the visible field
-    flip: bool = False  # random horizontal and vertical flips (each with p = 0.5)
-    rot90: bool = False  # a random multiple of 90° (SEM images have no preferred orientation)
-    brightness: float = 0.0  # ± fraction of the 0..255 range added
-    contrast: float = 0.0  # contrast factor drawn from [1 - contrast, 1 + contrast]
-
-    @classmethod
-    def from_mapping(cls, policy: Mapping[str, float | bool], prefix: str = "augment.policy") -> Policy:
-        unknown = sorted(set(policy) - set(POLICY_KEYS))
-        if unknown:
-            raise ValueError(f"{prefix}: unknown key(s) {unknown} (known: {', '.join(POLICY_KEYS)})")
-        values: dict[str, float | bool] = {}
-        for key in POLICY_KEYS:
-            value = policy.get(key, False if key in _SWITCHES else 0.0)
-            if key in _SWITCHES:
-                if not isinstance(value, bool | np.bool_):
-                    raise ValueError(f"{prefix}.{key}: must be true or false, got {value!r}")
-                values[key] = bool(value)
-                continue
-            if isinstance(value, bool | np.bool_):
-                raise ValueError(f"{prefix}.{key}: must be a number between 0 and 1, got {value!r}")
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{prefix}.{key}: must be a number between 0 and 1, got {value!r}") from None
-            if not 0.0 <= number <= 1.0:  # also rejects NaN
-                raise ValueError(f"{prefix}.{key}: must be between 0 and 1, got {value!r}")
-            values[key] = number
-        return cls(**values)  # type: ignore[arg-type]
 
 
 def copy_id(source_sha256: str, copy_index: int, seed: int) -> str:
@@ -88,7 +38,7 @@ def copy_id(source_sha256: str, copy_index: int, seed: int) -> str:
     return hashlib.sha256(f"{source_sha256}:{copy_index}:{seed}".encode()).hexdigest()
 
 
-def augment_image(image: Image.Image, policy: Policy, rng: np.random.Generator) -> Image.Image:
+def augment_image(image: Image.Image, policy: PolicyParams, rng: np.random.Generator) -> Image.Image:
     """One random augmentation of ``image`` (same size and mode); parameters drawn from ``rng``.
 
     The geometric part (rotation, quarter turns, shear, zoom, shift, flips) is a single affine map sampled with bicubic
@@ -161,7 +111,7 @@ def oversample(
     *,
     target_per_class: int,
     seed: int,
-    policy: Mapping[str, float | bool],
+    policy: PolicyParams,
     root: Path = Path("."),
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -192,7 +142,7 @@ def write_augmented(
     *,
     target_per_class: int,
     seed: int,
-    policy: Mapping[str, float | bool],
+    policy: PolicyParams,
     root: Path = Path("."),
     progress: bool = True,
 ) -> Path:
@@ -221,18 +171,6 @@ def write_augmented(
     return out_dir / "train.csv"
 
 
-def _check_target(target_per_class: object) -> int:
-    if isinstance(target_per_class, bool | np.bool_):
-        raise ValueError(f"augment.target_per_class: must be an integer >= 0, got {target_per_class!r}")
-    try:
-        target = operator.index(target_per_class)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(f"augment.target_per_class: must be an integer >= 0, got {target_per_class!r}") from None
-    if target < 0:
-        raise ValueError(f"augment.target_per_class: must be >= 0, got {target}")
-    return target
-
-
 def _check_frame(train: pd.DataFrame) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in train.columns]
     if missing:
@@ -256,15 +194,12 @@ def _oversample_into(
     *,
     target_per_class: int,
     seed: int,
-    policy: Mapping[str, float | bool],
+    policy: PolicyParams,
     root: Path,
     progress: bool,
 ) -> pd.DataFrame:
     """Write the copies under ``write_dir/images``; rows point at ``out_dir/images`` (where they end up)."""
-    target = _check_target(target_per_class)
-    rules = Policy.from_mapping(policy)
     _check_frame(train)
-    seed = operator.index(seed)
 
     originals = train.reset_index(drop=True)
     for image_path in originals["image_path"]:
@@ -277,7 +212,7 @@ def _oversample_into(
     labels = originals["label"].astype(str)
     for label in sorted(labels.unique()):
         positions = np.flatnonzero((labels == label).to_numpy())
-        needed = target - len(positions)
+        needed = target_per_class - len(positions)
         if needed <= 0:
             continue
         first_by_sha: dict[str, int] = {}
@@ -317,7 +252,7 @@ def _oversample_into(
                     raise ValueError(f"{image_path}: unsupported image mode {cache[pos].mode!r} (expected L)")
             new_id = copy_id(source_sha, k, seed)
             rng = np.random.default_rng(int(new_id, 16))
-            augmented = augment_image(cache[pos], rules, rng)
+            augmented = augment_image(cache[pos], policy, rng)
             augmented.save(images_dir / f"{new_id}.png", format="PNG")
             ids.append(new_id)
             new_paths.append(_relative(final_images / f"{new_id}.png", root))

@@ -1,4 +1,9 @@
-"""Held-out evaluation of the trained model on the test split, logged to the training's MLflow run."""
+"""The evaluate stage's job: the trained model (``models/model.keras``) on the held-out test split.
+
+Predicts ``data/splits/test.csv`` with the training's input pipeline, computes the metrics
+(:mod:`emassist.model.metrics`), writes ``reports/metrics.json`` (the headline figures ``dvc metrics`` shows) and the
+report files (:mod:`emassist.model.reports`), and logs them to the training's MLflow run (``models/run.json``).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,15 @@ import numpy as np
 
 from emassist.config.settings import Params
 from emassist.data.dataset import make_dataset, read_split
-from emassist.model.training import MODEL_FILE, RUN_FILE
+from emassist.model.files import HISTORY_FILE, MODEL_FILE, RUN_FILE
+from emassist.model.metrics import HEADLINE_KEYS, compute_metrics, format_report
+from emassist.model.reports import write_reports
+from emassist.model.tracking import setup_mlflow
 
 log = logging.getLogger(__name__)
 REPORT_DIR = Path("reports")
 PLOTS_DIR = REPORT_DIR / "plots"
+METRICS_FILE = REPORT_DIR / "metrics.json"
 
 
 def predict_split(model: Any, params: Params, csv_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -29,21 +38,20 @@ def predict_split(model: Any, params: Params, csv_path: Path) -> tuple[np.ndarra
 
 
 def evaluate(params: Params) -> dict[str, Any]:
+    """Evaluate ``models/model.keras`` on the test split; write reports/ and log to the training's MLflow run."""
     test_csv = Path(params.data.splits_dir) / "test.csv"
     read_split(test_csv, params.data.classes)  # clear error before loading the model
     if not MODEL_FILE.is_file():
         raise FileNotFoundError(f"{MODEL_FILE} not found: run the train stage first (dvc repro train)")
+    # Keras and MLflow are imported here, not at module top: they take seconds to import.
     import keras
     import mlflow
-
-    from emassist.model.evaluation import compute_metrics, format_report, write_reports
 
     model = keras.models.load_model(MODEL_FILE, compile=False)
     y_true, proba = predict_split(model, params, test_csv)
     classes = list(params.data.classes)
     metrics = compute_metrics(y_true, proba, classes)
-    history_file = MODEL_FILE.parent / "history.json"
-    saved = json.loads(history_file.read_text()) if history_file.is_file() else {}
+    saved = json.loads(HISTORY_FILE.read_text()) if HISTORY_FILE.is_file() else {}
     paths = write_reports(
         PLOTS_DIR,
         metrics=metrics,
@@ -54,14 +62,12 @@ def evaluate(params: Params) -> dict[str, Any]:
         phase_boundaries=saved.get("phase_boundaries", []),
     )
     # The headline figures for `dvc metrics show/diff` live at reports/metrics.json.
-    headline = {k: metrics[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "top3_accuracy", "n")}
-    (REPORT_DIR / "metrics.json").write_text(json.dumps(headline, indent=2))
+    headline = {k: metrics[k] for k in HEADLINE_KEYS}
+    METRICS_FILE.write_text(json.dumps(headline, indent=2))
     print(format_report(metrics, classes))
 
     run = json.loads(RUN_FILE.read_text()) if RUN_FILE.is_file() else None
     if run:
-        from emassist.model.tracking import setup_mlflow
-
         setup_mlflow(params)
         with mlflow.start_run(run_id=run["run_id"]):
             mlflow.log_metrics({f"test_{k}": float(v) for k, v in headline.items()})

@@ -1,4 +1,11 @@
-"""MLflow helpers: tracking setup, run tags (git commit, data version) and flat params."""
+"""MLflow bookkeeping of the stages: tracking setup, run tags (git commit, data version, the process that owns the
+run), flat params, and the end of a run a process does not finish (a signal, or a process that is gone).
+
+A run started by a stage is tagged ``emassist.stage`` (e.g. ``train``), ``emassist.host`` and ``emassist.pid``
+(:func:`process_tags`). :func:`end_run_on_signal` marks the active run ``KILLED`` on SIGTERM/SIGINT, and
+:func:`close_orphaned_runs` marks ``FAILED`` the ``RUNNING`` runs of a stage whose process is gone (SIGKILL, a
+crashed machine), so no run stays ``RUNNING`` forever.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +13,14 @@ import dataclasses
 import hashlib
 import logging
 import os
+import signal
+import socket
 import subprocess
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import yaml
@@ -17,11 +29,15 @@ from emassist.config.settings import Params
 
 log = logging.getLogger(__name__)
 ARTIFACT_DIR = Path("mlartifacts")
+STAGE_TAG = "emassist.stage"
+HOST_TAG = "emassist.host"
+PID_TAG = "emassist.pid"
+CLOSED_TAG = "emassist.closed"  # why a run was ended by someone else than its own process
 
 
 def setup_mlflow(params: Params) -> str:
     """Point MLflow at the tracking URI (env ``MLFLOW_TRACKING_URI`` wins) and select the experiment."""
-    import mlflow
+    import mlflow  # lazy: importing MLflow takes seconds
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = params.mlflow.resolved_tracking_uri()
@@ -87,3 +103,94 @@ def run_tags(params: Params) -> dict[str, str]:
     if os.environ.get("PREFECT__FLOW_RUN_ID"):
         tags["prefect_flow_run_id"] = os.environ["PREFECT__FLOW_RUN_ID"]
     return tags
+
+
+# ------------------------------------------------------------------------------------------- runs that do not finish
+
+
+def process_tags(stage: str) -> dict[str, str]:
+    """Tags naming the stage and the process (host, pid) that owns a run: what :func:`close_orphaned_runs` reads."""
+    return {STAGE_TAG: stage, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def close_orphaned_runs(experiment_id: str, stage: str) -> list[str]:
+    """Mark ``FAILED`` the ``RUNNING`` runs of ``stage`` in the experiment whose process is gone; their ids.
+
+    Only runs tagged by :func:`process_tags` with this machine's host name and the pid of a process that no longer
+    exists are touched: a run of another machine (whose process cannot be seen from here), of a live process, or
+    without the tags (not started by the stage) is left as it is.
+    """
+    from mlflow import MlflowClient  # lazy: importing MLflow takes seconds
+
+    client = MlflowClient()
+    host = socket.gethostname()
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{STAGE_TAG}` = '{stage}'"
+    )
+    closed: list[str] = []
+    for run in runs:
+        tags = run.data.tags
+        try:
+            pid = int(tags.get(PID_TAG, ""))
+        except ValueError:
+            continue
+        if tags.get(HOST_TAG) != host or pid == os.getpid() or _process_alive(pid):
+            continue
+        client.set_tag(run.info.run_id, CLOSED_TAG, f"orphaned: process {pid} on {host} was gone")
+        client.set_terminated(run.info.run_id, status="FAILED")
+        log.warning("MLflow run %s (%s, pid %d) was left RUNNING by a process that is gone: marked FAILED",
+                    run.info.run_id, stage, pid)  # fmt: skip
+        closed.append(run.info.run_id)
+    return closed
+
+
+@contextmanager
+def end_run_on_signal(signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+    """While inside, SIGTERM / SIGINT first end the active MLflow run as ``KILLED``, then act as before.
+
+    After marking the run, the previous handler runs (SIGINT: ``KeyboardInterrupt``); a signal that had the default
+    action is raised again with it, so the process still ends with the usual signal status. Signal handlers can only
+    be set in the main thread: elsewhere (e.g. a Prefect task thread) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is not None:
+            log.warning("signal %s: MLflow run %s marked KILLED", signal.Signals(signum).name, run.info.run_id)
+            mlflow.end_run(status="KILLED")
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        old = previous[signum]
+        if callable(old):
+            old(signum, frame)
+        else:  # SIG_DFL: die of the same signal
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    for sig in signals:
+        current = signal.getsignal(sig)
+        if current in (signal.SIG_IGN, None):  # ignored (or set outside Python): leave it so
+            continue
+        previous[sig] = current
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

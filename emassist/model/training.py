@@ -1,4 +1,11 @@
-"""Train a model from params: tf.data → simple_cnn | xception (two phases) → MLflow run → models/."""
+"""The train stage's job: the model named in params, trained on the augmented train list, tracked in one MLflow run.
+
+tf.data (:mod:`emassist.data.dataset`, with the online augmentation of :mod:`emassist.model.online_augment`) →
+simple_cnn | compact_cnn | xception (:mod:`emassist.model.builders`; xception in two phases,
+:mod:`emassist.model.phases`) → the serving copy, history and curves under ``models/`` (:mod:`emassist.model.files`).
+The run is tagged as the train stage's; a SIGTERM/SIGINT marks it KILLED, and runs earlier trainings left RUNNING
+(their process gone) are closed as FAILED when a training starts (:mod:`emassist.model.tracking`).
+"""
 
 from __future__ import annotations
 
@@ -13,15 +20,20 @@ from typing import Any
 
 from emassist.config.settings import Params
 from emassist.core.atomic import atomic_open
-from emassist.data.dataset import SplitData, class_weights, make_dataset, read_split
+from emassist.data.dataset import DatasetError, SplitData, class_weights, make_dataset, read_split
+from emassist.model.files import CURVES_FILE, HISTORY_FILE, MODEL_DIR, MODEL_FILE, RUN_FILE
+from emassist.model.reports import plot_training_curves
+from emassist.model.tracking import (
+    close_orphaned_runs,
+    end_run_on_signal,
+    flat_params,
+    process_tags,
+    run_tags,
+    setup_mlflow,
+)
 
 log = logging.getLogger(__name__)
-
-MODEL_DIR = Path("models")
-MODEL_FILE = MODEL_DIR / "model.keras"
-RUN_FILE = MODEL_DIR / "run.json"
-HISTORY_FILE = MODEL_DIR / "history.json"
-CURVES_FILE = MODEL_DIR / "training_curves.png"
+STAGE = "train"
 
 
 @dataclass
@@ -34,9 +46,13 @@ class TrainResult:
 
 
 def train_split_csv(params: Params) -> Path:
-    """The training list: the augmented one when the augment stage produced it, else the raw train split."""
-    augmented = Path(params.data.splits_dir).parent / "augmented" / "train.csv"
-    return augmented if augmented.is_file() else Path(params.data.splits_dir) / "train.csv"
+    """The training list: ``data.augmented_dir/train.csv``, written by the augment stage (never the plain split)."""
+    augmented = Path(params.data.augmented_dir) / "train.csv"
+    if not augmented.is_file():
+        raise DatasetError(
+            f"{augmented}: the augmented training list is missing: run the augment stage first (dvc repro augment)"
+        )
+    return augmented
 
 
 def load_splits(params: Params) -> tuple[SplitData, SplitData]:
@@ -46,7 +62,7 @@ def load_splits(params: Params) -> tuple[SplitData, SplitData]:
 
 def _epoch_logger(offset: list[int]) -> Any:
     """Keras callback logging every epoch's metrics of both phases on one continuous step axis."""
-    import keras
+    import keras  # lazy: Keras and MLflow take seconds to import
     import mlflow
 
     class MlflowEpochLogger(keras.callbacks.Callback):
@@ -61,7 +77,7 @@ def _epoch_logger(offset: list[int]) -> Any:
 def _callbacks(params: Params, offset: list[int]) -> list[Any]:
     """Early stopping (best weights restored), ReduceLROnPlateau unless the rate follows a cosine schedule, and
     the per-epoch MLflow logger."""
-    import keras
+    import keras  # lazy, as above
 
     t = params.train
     callbacks: list[Any] = [
@@ -80,7 +96,7 @@ def _callbacks(params: Params, offset: list[int]) -> list[Any]:
 
 
 def _strategy() -> Any:
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: TensorFlow takes seconds to import
 
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
@@ -92,26 +108,20 @@ def _strategy() -> Any:
 def train(params: Params) -> TrainResult:
     """Run the whole training (both phases) inside one MLflow run; write models/ atomically."""
     train_split, val_split = load_splits(params)  # fails on bad inputs before anything heavy starts
+    # Lazy: these import Keras / MLflow (seconds), which the CLI and the other stages do not need.
     import keras
     import mlflow
 
-    from emassist.model.builders import (
-        build_augmentation,
-        build_model,
-        compile_model,
-        count_params,
-        save_serving_copy,
-        set_phase,
-    )
-    from emassist.model.evaluation import plot_training_curves
-    from emassist.model.tracking import flat_params, run_tags, setup_mlflow
+    from emassist.model.builders import build_model
+    from emassist.model.online_augment import build_augmentation
+    from emassist.model.phases import compile_model, count_params, set_phase
+    from emassist.model.saving import save_serving_copy
 
     t = params.train
     keras.utils.set_random_seed(t.seed)
     if t.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
-    online = params.augment.online_policy.as_dict()
-    augmentation = build_augmentation(online, seed=t.seed) if params.augment.online else None
+    augmentation = build_augmentation(params.augment.online_policy, seed=t.seed) if params.augment.online else None
     common = {"image_size": t.image_size, "batch_size": t.batch_size, "cache": t.cache, "seed": t.seed}
     train_ds = make_dataset(
         train_split, training=True, shuffle_buffer=t.shuffle_buffer, augmentation=augmentation, **common
@@ -120,12 +130,15 @@ def train(params: Params) -> TrainResult:
     weights = class_weights(train_split.labels, len(params.data.classes)) if t.class_weights else None
 
     setup_mlflow(params)
+    experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
+    if experiment is not None:
+        close_orphaned_runs(experiment.experiment_id, STAGE)
     verbose = 1 if sys.stdout.isatty() else 2
     history: dict[str, list[float]] = {}
     boundaries: list[int] = []
     started = time.perf_counter()
     seen_images = 0
-    with mlflow.start_run(run_name=f"{t.model}-{t.image_size}px") as run:
+    with end_run_on_signal(), mlflow.start_run(run_name=f"{t.model}-{t.image_size}px", tags=process_tags(STAGE)) as run:
         mlflow.log_params(flat_params(params))
         mlflow.set_tags(run_tags(params))
         mlflow.log_params({"n_train": len(train_split), "n_val": len(val_split)})

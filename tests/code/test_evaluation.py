@@ -1,4 +1,5 @@
-"""Evaluation metrics, confusion analysis and report files (no TensorFlow needed)."""
+"""Evaluation metrics and confusion analysis (emassist.model.metrics) and the figures and report files
+(emassist.model.reports); no TensorFlow needed."""
 
 from __future__ import annotations
 
@@ -22,12 +23,9 @@ from sklearn.metrics import (
 )
 
 from emassist.config.classes import CLASSES
-from emassist.model.evaluation import (
-    compute_metrics,
-    confusion,
+from emassist.model.metrics import compute_metrics, confusion, format_report, most_confused_pairs
+from emassist.model.reports import (
     confusion_figure,
-    format_report,
-    most_confused_pairs,
     plot_confusion_matrix,
     plot_training_curves,
     training_curves_figure,
@@ -395,9 +393,15 @@ def test_format_report() -> None:
     assert len({len(line) for line in long.splitlines()[:12]}) == 1  # columns line up
 
 
-def test_no_tensorflow_and_no_pyplot_import() -> None:
-    code = (
-        "import sys, emassist.model.evaluation; print('tensorflow' in sys.modules, 'matplotlib.pyplot' in sys.modules)"
-    )
+@pytest.mark.parametrize("module", ["emassist.model.metrics", "emassist.model.reports"])
+def test_no_tensorflow_and_no_pyplot_import(module: str) -> None:
+    code = f"import sys, {module}; print('tensorflow' in sys.modules, 'matplotlib.pyplot' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_metrics_module_draws_nothing() -> None:
+    """metrics is numbers only: importing it does not pull in matplotlib at all."""
+    code = "import sys, emassist.model.metrics; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"]

@@ -1,4 +1,5 @@
-"""emassist.model.builders: architectures, phases, compiling, augmentation, serving copy (tiny, CPU, no downloads)."""
+"""The model layer's Keras modules: architectures (builders), phases and compiling (phases), the loss (losses), the
+online augmentation (online_augment) and the serving copy (saving); tiny, CPU, no downloads."""
 
 from __future__ import annotations
 
@@ -11,15 +12,13 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from emassist.model.builders import (  # noqa: E402
-    MODEL_NAMES,
-    build_augmentation,
-    build_model,
-    compile_model,
-    count_params,
-    save_serving_copy,
-    set_phase,
-)
+from emassist.config.choices import MODEL_NAMES  # noqa: E402
+from emassist.config.settings import ParamsError, PolicyParams, TrainParams  # noqa: E402
+from emassist.model.builders import build_model  # noqa: E402
+from emassist.model.losses import SmoothedSparseCrossentropy  # noqa: E402
+from emassist.model.online_augment import ClipToRange, RandomRot90, build_augmentation  # noqa: E402
+from emassist.model.phases import compile_model, count_params, set_phase  # noqa: E402
+from emassist.model.saving import save_serving_copy  # noqa: E402
 
 SIZES = {"simple_cnn": 32, "compact_cnn": 32, "xception": 71}  # the smallest sizes worth building
 POLICY: dict[str, float | bool] = {
@@ -209,40 +208,39 @@ def test_xception_weights_from_local_file(filename: str, tmp_path: Path) -> None
 
 
 def test_bad_params_name_the_param(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"train\.model.*simple_cnn, compact_cnn, xception"):
-        build_model("resnet", num_classes=3, image_size=71)
-    with pytest.raises(ValueError, match=r"train\.weights"):
-        build_model("simple_cnn", num_classes=3, image_size=32, weights="imagenet")
+    """The settings the builders take are checked once, by load_params (TrainParams / PolicyParams.check); the
+    builders keep only the guards params cannot express (a weights file gone since load, an unknown phase)."""
+    bad_train = [
+        ({"model": "resnet"}, r"train\.model.*simple_cnn, compact_cnn, xception"),
+        ({"model": "simple_cnn", "image_size": 32, "weights": "imagenet"}, r"train\.weights"),
+        ({"model": "xception", "image_size": 70}, r"train\.image_size.*71"),
+        ({"model": "simple_cnn", "image_size": 4}, r"train\.image_size"),
+        ({"model": "compact_cnn", "image_size": 24}, r"train\.image_size: compact_cnn needs at least 32"),
+        ({"model": "xception", "image_size": 71, "dropout": 1.0}, r"train\.dropout"),
+        ({"optimizer": "adagrad"}, r"train\.optimizer.*rmsprop, adam, sgd"),
+    ]
+    for changes, pattern in bad_train:
+        with pytest.raises(ParamsError, match=pattern):
+            TrainParams(**changes).check()  # type: ignore[arg-type]
+    (tmp_path / "w.txt").write_text("not weights")
+    with pytest.raises(ParamsError, match=r"train\.weights"):
+        TrainParams(model="xception", image_size=71, weights=str(tmp_path / "w.txt")).check()
+    with pytest.raises(ParamsError, match=r"augment\.policy\.zoom"):
+        PolicyParams(zoom=1.5).check()
+    # A weights file that passed load_params but is gone by the time the model is built.
     missing = tmp_path / "nowhere.h5"
     with pytest.raises(FileNotFoundError, match=r"train\.weights") as err:
         build_model("xception", num_classes=3, image_size=71, weights=str(missing))
     assert str(missing) in str(err.value)
-    (tmp_path / "w.txt").write_text("not weights")
-    with pytest.raises(ValueError, match=r"train\.weights"):
-        build_model("xception", num_classes=3, image_size=71, weights=str(tmp_path / "w.txt"))
-    with pytest.raises(ValueError, match=r"train\.image_size.*71"):
-        build_model("xception", num_classes=3, image_size=70)
-    with pytest.raises(ValueError, match=r"train\.image_size"):
-        build_model("simple_cnn", num_classes=3, image_size=4)
-    with pytest.raises(ValueError, match=r"train\.image_size must be >= 32 for compact_cnn"):
-        build_model("compact_cnn", num_classes=3, image_size=24)
-    with pytest.raises(ValueError, match=r"train\.dropout"):
-        build_model("xception", num_classes=3, image_size=71, dropout=1.0)
     model = build("simple_cnn")
-    with pytest.raises(ValueError, match=r"train\.optimizer.*rmsprop, adam, sgd"):
-        compile_model(model, optimizer="adagrad", learning_rate=0.01)
     with pytest.raises(ValueError, match="phase"):
         set_phase(model, "warmup")
-    with pytest.raises(ValueError, match=r"augment\.policy"):
-        build_augmentation({"rotatoin": 0.1}, seed=0)
-    with pytest.raises(ValueError, match=r"augment\.policy\.zoom"):
-        build_augmentation({"zoom": 1.5}, seed=0)
 
 
 def test_rot90_turns_each_image_of_a_batch_on_its_own() -> None:
     import tensorflow as tf
 
-    aug = build_augmentation({"rot90": True}, seed=0)
+    aug = build_augmentation(PolicyParams(rot90=True), seed=0)
     assert [layer.name for layer in aug.layers] == ["rot90", "clip"]
     x = images(16, 32)
     out = next(iter(tf.data.Dataset.from_tensors(x).map(lambda b: aug(b, training=True)))).numpy()
@@ -253,13 +251,10 @@ def test_rot90_turns_each_image_of_a_batch_on_its_own() -> None:
         turns.append(matches[0])
     assert len(set(turns)) >= 2, turns  # drawn per image, not once per batch
     np.testing.assert_array_equal(aug(x, training=False), x)
-    with pytest.raises(ValueError, match=r"augment\.policy\.rot90"):
-        build_augmentation({"rot90": 1}, seed=0)
+    # A non-boolean rot90 stops at load: tests/code/test_settings.py (augment.policy.rot90 / online_policy.rot90).
 
 
 def test_label_smoothing_loss_matches_keras_categorical() -> None:
-    from emassist.model.builders import SmoothedSparseCrossentropy
-
     y = np.array([0, 2, 1])
     p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3]], np.float32)
     expected = keras.losses.CategoricalCrossentropy(label_smoothing=0.1)(np.eye(3)[y], p)
@@ -269,15 +264,15 @@ def test_label_smoothing_loss_matches_keras_categorical() -> None:
     model = build("compact_cnn")
     compile_model(model, optimizer="adam", learning_rate=0.01, label_smoothing=0.1)
     assert isinstance(model.loss, SmoothedSparseCrossentropy) and model.loss.label_smoothing == 0.1
-    with pytest.raises(ValueError, match=r"train\.label_smoothing"):
-        compile_model(model, optimizer="adam", learning_rate=0.01, label_smoothing=1.0)
+    with pytest.raises(ParamsError, match=r"train\.label_smoothing"):
+        TrainParams(label_smoothing=1.0).check()
 
 
 def test_finetune_blocks_range() -> None:
     model = build("xception")
-    for bad in (0, 15):
-        with pytest.raises(ValueError, match=r"train\.finetune_blocks"):
-            set_phase(model, "finetune", finetune_blocks=bad)
+    for bad in (0, 15):  # stops at load, before any training (with or without fine-tuning epochs)
+        with pytest.raises(ParamsError, match=r"train\.finetune_blocks"):
+            TrainParams(model="xception", image_size=71, finetune_epochs=1, finetune_blocks=bad).check()
     set_phase(model, "finetune", finetune_blocks=14)  # all blocks: only BatchNormalization stays frozen
     bn = sum(
         layer.count_params()
@@ -290,7 +285,7 @@ def test_finetune_blocks_range() -> None:
 def test_augmentation_in_tf_data() -> None:
     import tensorflow as tf
 
-    aug = build_augmentation(POLICY, seed=0)
+    aug = build_augmentation(PolicyParams(**POLICY), seed=0)
     assert [layer.name for layer in aug.layers] == [
         "rotation", "translation", "shear", "zoom", "flip", "brightness", "contrast", "clip",
     ]  # fmt: skip
@@ -308,11 +303,11 @@ def test_augmentation_in_tf_data() -> None:
 
 def test_augmentation_zero_policy_and_omitted_layers() -> None:
     off = {key: (False if key == "flip" else 0.0) for key in POLICY}
-    aug = build_augmentation(off, seed=0)
+    aug = build_augmentation(PolicyParams(**off), seed=0)
     assert [layer.name for layer in aug.layers] == ["clip"]
     x = images(2, 16)
     np.testing.assert_array_equal(np.asarray(aug(x, training=True)), x)
-    only = build_augmentation({**off, "brightness": 0.5}, seed=0)
+    only = build_augmentation(PolicyParams(**{**off, "brightness": 0.5}), seed=0)
     assert [layer.name for layer in only.layers] == ["brightness", "clip"]
     out = np.asarray(only(np.full((8, 4, 4, 3), 250.0, np.float32), training=True))
     assert out.max() <= 255.0 and out.min() >= 0.0 and not np.allclose(out, 250.0)
@@ -338,3 +333,30 @@ def test_serving_copy_is_smaller_and_equivalent(name: str, tmp_path: Path) -> No
     assert model.optimizer is not None  # the trained model itself is left as it was
     with pytest.raises(ValueError, match=r"\.keras"):
         save_serving_copy(model, tmp_path / "model.h5")
+
+
+def test_saved_models_with_the_custom_loss_and_layers_load_again(tmp_path: Path) -> None:
+    """The Keras registrations survive the split: a model saved WITH its compile config (the smoothed loss) and a
+    model holding the augmentation layers (RandomRot90, ClipToRange) load back as the same classes."""
+    model = build("compact_cnn", num_classes=3)
+    compile_model(model, optimizer="adam", learning_rate=0.01, label_smoothing=0.2)
+    x = images(4, SIZES["compact_cnn"])
+    model.train_on_batch(x, np.array([0, 1, 2, 0]))
+    path = tmp_path / "compiled.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)  # compile=True: the loss is rebuilt from its registered name
+    assert isinstance(loaded.loss, SmoothedSparseCrossentropy) and loaded.loss.label_smoothing == pytest.approx(0.2)
+    np.testing.assert_allclose(predict(loaded, x), predict(model, x), rtol=1e-6)
+
+    aug = build_augmentation(PolicyParams(flip=True, rot90=True, brightness=0.1), seed=3)
+    inputs = keras.Input((16, 16, 3))
+    wrapped = keras.Model(inputs, aug(inputs))
+    path = tmp_path / "augmentation.keras"
+    wrapped.save(path)
+    again = keras.models.load_model(path)
+    layers = {type(layer) for layer in again.get_layer("augmentation").layers}
+    assert {RandomRot90, ClipToRange} <= layers
+    x = images(2, 16)
+    np.testing.assert_array_equal(np.asarray(again(x, training=False)), x)
+    assert keras.saving.get_registered_name(RandomRot90) == "emassist>RandomRot90"
+    assert keras.saving.get_registered_name(SmoothedSparseCrossentropy) == "emassist>SmoothedSparseCrossentropy"

@@ -9,10 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
+from emassist.config.settings import ParamsError, PolicyParams, params_from_dict
 from emassist.data import augment
 from emassist.data.augment import oversample, write_augmented
+from tests.conftest import REPO_ROOT
 
 SIZE = 32
 POLICY = {
@@ -67,7 +70,15 @@ def workspace(tmp_path: Path) -> tuple[Path, pd.DataFrame]:
 def _run(root: Path, train: pd.DataFrame, out: str = "data/augmented", **kwargs) -> pd.DataFrame:
     options = {"target_per_class": TARGET, "seed": 7, "policy": POLICY, "root": root, "progress": False}
     options.update(kwargs)
+    options["policy"] = PolicyParams(**options["policy"])  # a policy lists what it turns on (the rest is off)
     return oversample(train, root / out, **options)
+
+
+def _load_augment(**augment: object) -> None:
+    """params.yaml with these augment.* values through load's validation (the one place they are checked)."""
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["augment"].update(augment)
+    params_from_dict(raw)
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -207,17 +218,16 @@ def test_target_zero_or_already_met_adds_nothing(workspace):
 
 
 def test_negative_target_is_refused(workspace):
-    root, train = workspace
-    with pytest.raises(ValueError, match=r"augment\.target_per_class"):
-        _run(root, train, target_per_class=-1)
+    root, _ = workspace
+    with pytest.raises(ParamsError, match=r"augment\.target_per_class"):
+        _load_augment(target_per_class=-1)
     assert not (root / "data" / "augmented").exists()
 
 
 @pytest.mark.parametrize("policy", [{"rotation": -0.1}, {"zoom": 1.5}, {"flip": "yes"}, {"rot90": 1}, {"rotaton": 0.1}])
 def test_bad_policy_is_refused(workspace, policy):
-    root, train = workspace
-    with pytest.raises(ValueError, match=r"augment\.policy"):
-        _run(root, train, policy=policy)
+    with pytest.raises(ParamsError, match=r"augment\.policy"):
+        _load_augment(policy=policy)
 
 
 def test_missing_source_image_names_its_path(workspace):
@@ -267,7 +277,12 @@ def test_write_augmented_writes_the_training_list(workspace):
     splits.mkdir(parents=True)
     train.to_csv(splits / "train.csv", index=False)
     out = write_augmented(
-        splits / "train.csv", root / "data" / "augmented", target_per_class=TARGET, seed=7, policy=POLICY, root=root
+        splits / "train.csv",
+        root / "data" / "augmented",
+        target_per_class=TARGET,
+        seed=7,
+        policy=PolicyParams(**POLICY),
+        root=root,
     )
     assert out == root / "data" / "augmented" / "train.csv"
     listed = pd.read_csv(out, keep_default_na=False)
@@ -280,4 +295,26 @@ def test_write_augmented_writes_the_training_list(workspace):
 
 def test_write_augmented_missing_csv(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "train.csv"))):
-        write_augmented(tmp_path / "train.csv", tmp_path / "out", target_per_class=5, seed=1, policy=POLICY)
+        write_augmented(
+            tmp_path / "train.csv", tmp_path / "out", target_per_class=5, seed=1, policy=PolicyParams(**POLICY)
+        )
+
+
+def test_augment_stage_writes_to_params_augmented_dir(workspace, monkeypatch, capsys):
+    """stages/augment.py reads data.splits_dir/train.csv and writes data.augmented_dir (the folder training reads)."""
+    from emassist.pipeline.stagerun import run_stage
+    from stages import augment as augment_stage
+
+    root, train = workspace
+    (root / "data" / "splits").mkdir(parents=True)
+    train.to_csv(root / "data" / "splits" / "train.csv", index=False)
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["data"]["augmented_dir"] = "data/grown"
+    raw["augment"]["target_per_class"] = TARGET
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(root)
+    assert run_stage("augment", "", augment_stage.main, ["--params", "params.yaml"]) == 0, capsys.readouterr().err
+    listed = pd.read_csv(root / "data" / "grown" / "train.csv", keep_default_na=False)
+    assert len(listed) == 12 + 3 * TARGET
+    assert all((root / p).is_file() for p in listed["image_path"])
+    assert not (root / "data" / "augmented").exists()
