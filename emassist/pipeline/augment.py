@@ -15,6 +15,6 @@ def main(params: Params) -> None:
         Path(params.data.augmented_dir),
         target_per_class=a.target_per_class,
         seed=a.seed,
-        policy=a.policy.as_dict(),
+        policy=a.policy,
     )
     print(f"augmented training list: {out}")
