@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -52,6 +59,11 @@ def make_project(root: Path, n_per_class: int = 24) -> None:
     splits.mkdir(parents=True)
     for name, part in frame.groupby("split"):
         part.drop(columns="split").to_csv(splits / f"{name}.csv", index=False)
+    # What the augment stage writes with nothing to grow: the train list with an empty augmented_from column.
+    augmented = root / "data" / "augmented"
+    augmented.mkdir(parents=True)
+    train = pd.read_csv(splits / "train.csv", keep_default_na=False)
+    train.assign(augmented_from="").to_csv(augmented / "train.csv", index=False)
 
 
 def tiny_params(**train: object):
@@ -87,8 +99,9 @@ def test_dataset_batches_have_model_shape(project: Path) -> None:
 def test_train_and_evaluate_track_everything_in_mlflow(project: Path) -> None:
     import mlflow
 
-    from emassist.model.heldout import evaluate
-    from emassist.model.training import MODEL_FILE, RUN_FILE, train
+    from emassist.model.files import MODEL_FILE, RUN_FILE
+    from emassist.model.testset import evaluate
+    from emassist.model.training import train
 
     params = tiny_params()
     result = train(params)
@@ -171,12 +184,144 @@ def test_train_stage_cli_reports_missing_split(project: Path, capsys: pytest.Cap
     from emassist.pipeline.stagerun import run_stage
     from stages import train as train_stage
 
-    Path("data/splits/train.csv").unlink()
     (project / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    Path("data/splits/val.csv").unlink()
     assert run_stage("train", "", train_stage.main, []) == 1
-    assert "train.csv: split file not found" in capsys.readouterr().err
+    assert "val.csv: split file not found" in capsys.readouterr().err
+    Path("data/augmented/train.csv").unlink()
+    assert run_stage("train", "", train_stage.main, []) == 1
+    err = capsys.readouterr().err
+    assert "data/augmented/train.csv" in err and "dvc repro augment" in err
+
+
+def test_training_reads_the_augmented_list_never_the_plain_split(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.augmented_dir/train.csv is what training reads; without it training stops (no silent fallback to
+    data/splits/train.csv), before any dataset is built."""
+    from emassist.model import training
+
+    started = []
+    monkeypatch.setattr(training, "make_dataset", lambda *a, **k: started.append(1))
+    params = tiny_params()
+    grown = Path("data/elsewhere")
+    grown.mkdir()
+    augmented = pd.read_csv("data/augmented/train.csv", keep_default_na=False)
+    augmented.iloc[:5].to_csv(grown / "train.csv", index=False)
+    moved = dataclasses.replace(params, data=dataclasses.replace(params.data, augmented_dir=str(grown)))
+    assert training.train_split_csv(moved) == grown / "train.csv"
+    assert len(training.load_splits(moved)[0]) == 5
+    shutil.rmtree("data/augmented")
+    assert Path("data/splits/train.csv").is_file()
+    with pytest.raises(
+        DatasetError, match=r"data/augmented/train\.csv.*run the augment stage first \(dvc repro augment\)"
+    ):
+        training.train(params)
+    assert not started
 
 
 def test_params_round_trip_of_repo_defaults() -> None:
     params = load_params(REPO_ROOT / "params.yaml")
     assert dataclasses.asdict(params)["train"]["model"] in ("simple_cnn", "compact_cnn", "xception")
+
+
+# ---------------------------------------------------------------------------------- runs a training does not finish
+
+
+def _store(project: Path) -> Any:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_sigterm_marks_the_run_killed_and_the_next_start_fails_orphans(project: Path) -> None:
+    """A real training in a subprocess, SIGTERMed during fit: its run ends KILLED (not RUNNING forever) and the
+    process dies of the signal. At its start it closed, as FAILED, the RUNNING train run left by a process that is
+    gone, and left alone a run whose process lives and a run the train stage did not start."""
+    from emassist.model.tracking import HOST_TAG, PID_TAG, STAGE_TAG, process_tags, setup_mlflow
+
+    params = tiny_params()
+    client = _store(project)
+    setup_mlflow(params)
+    experiment = client.get_experiment_by_name(params.mlflow.experiment).experiment_id
+    orphan = client.create_run(experiment, tags={**process_tags("train"), PID_TAG: str(_dead_pid())}).info.run_id
+    alive = client.create_run(experiment, tags=process_tags("train")).info.run_id  # this test's own process
+    elsewhere = client.create_run(
+        experiment, tags={**process_tags("train"), HOST_TAG: "another-host", PID_TAG: str(_dead_pid())}
+    ).info.run_id
+    untagged = client.create_run(experiment).info.run_id
+
+    script = (
+        "from tests.code.test_training import tiny_params\n"
+        "from emassist.model.training import train\n"
+        "train(tiny_params(epochs=400, early_stopping_patience=400))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    log = (project / "train.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        run_id = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            runs = client.search_runs([experiment], filter_string=f"tags.`{PID_TAG}` = '{proc.pid}'")
+            if runs and client.get_metric_history(runs[0].info.run_id, "loss"):  # inside fit: an epoch is logged
+                run_id = runs[0].info.run_id
+                break
+            time.sleep(0.5)
+        assert run_id is not None, (project / "train.log").read_text()[-3000:]
+        assert client.get_run(run_id).info.status == "RUNNING"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == -signal.SIGTERM, (project / "train.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    killed = client.get_run(run_id)
+    assert killed.info.status == "KILLED"
+    assert killed.data.tags[STAGE_TAG] == "train" and killed.data.tags[PID_TAG] == str(proc.pid)
+    assert client.get_run(orphan).info.status == "FAILED"
+    for kept in (alive, elsewhere, untagged):
+        assert client.get_run(kept).info.status == "RUNNING", kept
+
+
+def test_sigint_marks_the_active_run_killed_and_still_interrupts(project: Path) -> None:
+    import mlflow
+
+    from emassist.model.tracking import end_run_on_signal, setup_mlflow
+
+    _store(project)
+    setup_mlflow(tiny_params())
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), end_run_on_signal(), mlflow.start_run() as run:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler runs before this ends
+    assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
+    assert mlflow.active_run() is None
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+
+
+def test_orphans_are_closed_only_for_gone_processes_of_the_stage(project: Path) -> None:
+    from emassist.model.tracking import PID_TAG, close_orphaned_runs, process_tags, setup_mlflow
+
+    params = tiny_params()
+    client = _store(project)
+    setup_mlflow(params)
+    experiment = client.get_experiment_by_name(params.mlflow.experiment).experiment_id
+    gone = client.create_run(experiment, tags={**process_tags("train"), PID_TAG: str(_dead_pid())}).info.run_id
+    other_stage = client.create_run(experiment, tags={**process_tags("evaluate"), PID_TAG: str(_dead_pid())})
+    finished = client.create_run(experiment, tags={**process_tags("train"), PID_TAG: str(_dead_pid())}).info.run_id
+    client.set_terminated(finished, status="FINISHED")
+    assert close_orphaned_runs(experiment, "train") == [gone]
+    assert client.get_run(gone).info.status == "FAILED"
+    assert client.get_run(gone).data.tags["emassist.closed"].startswith("orphaned: process")
+    assert client.get_run(other_stage.info.run_id).info.status == "RUNNING"
+    assert client.get_run(finished).info.status == "FINISHED"
+    assert close_orphaned_runs(experiment, "train") == []
