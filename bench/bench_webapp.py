@@ -64,7 +64,8 @@ def overview_png(path: Path, side: int = 4096, block: int = 1024) -> Path:
 
 
 def untrained_model(params_file: Path, path: Path) -> Path:
-    from emassist.model.builders import build_model, save_serving_copy
+    from emassist.model.builders import build_model
+    from emassist.model.saving import save_serving_copy
 
     params = load_params(params_file)
     model = build_model(params.train.model, num_classes=len(params.data.classes), image_size=params.train.image_size)

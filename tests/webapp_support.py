@@ -69,19 +69,21 @@ def params_dict(root: Path, tracking_uri: str, **webapp: Any) -> dict[str, Any]:
 def train_model(path: Path) -> Path:
     import keras
 
-    from emassist.data.imaging import standardize
-    from emassist.data.preprocess import to_model_input
-    from emassist.model.builders import build_model, compile_model, save_serving_copy
+    from emassist.data.preprocess import Preprocessor
+    from emassist.model.builders import build_model
+    from emassist.model.phases import compile_model
+    from emassist.model.saving import save_serving_copy
 
+    pre = Preprocessor(CACHE_SIZE, crop_databar=False, max_pixels=10**8, min_side=16, image_size=IMAGE_SIZE)
     images, labels = [], []
     for i in range(N_PER_CLASS):
         for k, cls in enumerate(CLASSES):
-            images.append(standardize(demo_image(cls, i), cache_size=CACHE_SIZE, crop_databar=False)[0])
+            images.append(pre.standardize(demo_image(cls, i))[0])
             labels.append(k)
     keras.utils.set_random_seed(0)
     model = build_model("compact_cnn", num_classes=len(CLASSES), image_size=IMAGE_SIZE)
     compile_model(model, optimizer="adam", learning_rate=2e-3)
-    x = np.asarray(to_model_input(np.stack(images)[..., None], IMAGE_SIZE))
+    x = np.asarray(pre.to_model_input(np.stack(images)[..., None]))
     model.fit(x, np.array(labels), epochs=EPOCHS, batch_size=16, verbose=0)
     return save_serving_copy(model, path)
 

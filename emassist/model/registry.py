@@ -42,7 +42,8 @@ import emassist
 from emassist.config.settings import Params
 from emassist.data.dataset import read_split
 from emassist.data.preprocess import STANDARDIZED_PARAM, Preprocessor
-from emassist.model.evaluation import compute_metrics
+from emassist.model.files import MODEL_FILE, RUN_FILE
+from emassist.model.metrics import compute_metrics
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -54,8 +55,6 @@ LOGGED_MODEL_NAME = "sem_classifier"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 PREVIOUS_CHAMPION_TAG = "previous_champion"
-MODEL_FILE = Path("models/model.keras")
-RUN_FILE = Path("models/run.json")
 #: Tags copied from the training run onto the model version.
 RUN_TAGS_COPIED = ("data_version", "splits_md5", "git_commit", "model")
 

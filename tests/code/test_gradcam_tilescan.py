@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("keras")
 
 from emassist.config.settings import ParamsError, params_from_dict
+from emassist.data.preprocess import Preprocessor
 from emassist.serve import tilescan
 
 
@@ -91,7 +92,7 @@ def test_gradcam_refuses_a_model_without_conv_layers() -> None:
 
 
 def test_overlay_and_colorize() -> None:
-    from emassist.serve.gradcam import colorize, overlay
+    from emassist.serve.drawing import colorize, overlay
 
     heat = np.linspace(0, 1, 100, dtype=np.float32).reshape(10, 10)
     rgb = colorize(heat)
@@ -111,6 +112,10 @@ def test_positions_cover_the_whole_axis() -> None:
     assert tilescan.positions(128, 128, 128) == [0]
 
 
+def _pre(cache_size: int, crop_databar: bool = False) -> Preprocessor:
+    return Preprocessor(cache_size, crop_databar, max_pixels=10**8, min_side=16)
+
+
 def _brightness_predict(tiles: np.ndarray) -> np.ndarray:
     p = tiles.reshape(len(tiles), -1).mean(axis=1) / 255.0
     return np.stack([1 - p, p], axis=1)
@@ -126,7 +131,7 @@ def test_scan_grid_shape_and_heat_higher_where_the_class_is() -> None:
         assert tiles.dtype == np.uint8 and tiles.shape[1:] == (64, 64)
         return _brightness_predict(tiles)
 
-    res = tilescan.scan(gray, predict, ["dark", "bright"], tile=128, stride=64, cache_size=64, crop_databar=False,
+    res = tilescan.scan(gray, predict, ["dark", "bright"], tile=128, stride=64, preprocessor=_pre(64),
                         batch_size=8)  # fmt: skip
     rows, cols = len(tilescan.positions(300, 128, 64)), len(tilescan.positions(520, 128, 64))
     assert res.scores.shape == (rows, cols, 2)
@@ -144,10 +149,29 @@ def test_scan_grid_shape_and_heat_higher_where_the_class_is() -> None:
         tilescan.heatmap(res, "Nope")
 
 
+def test_scan_crops_the_databar_once_and_cuts_tiles_from_that_image() -> None:
+    rng = np.random.default_rng(5)
+    gray = rng.normal(120, 30, (300, 256)).clip(0, 255).astype(np.uint8)
+    gray[-30:] = 0  # a dark data bar with text-like marks
+    gray[-20:-14, 10:200:3] = 255
+    pre = _pre(32, crop_databar=True)
+    seen: list[np.ndarray] = []
+
+    def predict(tiles: np.ndarray) -> np.ndarray:
+        seen.append(tiles.copy())
+        return _brightness_predict(tiles)
+
+    res = tilescan.scan(gray, predict, ["dark", "bright"], tile=128, stride=128, preprocessor=pre)
+    full, rows = pre.crop(gray)
+    assert res.databar_rows == rows > 0 and res.height == full.shape[0] == 300 - rows
+    corners = [(y, x) for y in res.ys for x in res.xs]
+    np.testing.assert_array_equal(np.concatenate(seen), pre.tiles(full, corners, 128))
+
+
 def test_heatmap_is_downscaled_for_large_images() -> None:
     gray = np.zeros((3000, 2000), dtype=np.uint8)
-    res = tilescan.scan(gray, _brightness_predict, ["dark", "bright"], tile=500, stride=500, cache_size=32,
-                        crop_databar=False)  # fmt: skip
+    res = tilescan.scan(gray, _brightness_predict, ["dark", "bright"], tile=500, stride=500,
+                        preprocessor=_pre(32))  # fmt: skip
     heat = tilescan.heatmap(res, "dark")
     assert max(heat.shape) <= tilescan.HEAT_MAX_SIDE
     assert abs(heat.shape[0] / heat.shape[1] - 1.5) < 0.01
@@ -194,8 +218,7 @@ class _FixedBackend:
 
         self.info = ModelInfo("m", "7", "champion", "registry", "models:/m/7")
         self.classes = ["A", "B", "C", "D"]
-        self.cache_size = 32
-        self.crop_databar = False
+        self.preprocessor = _pre(32)
         self.proba = np.array(proba, dtype=np.float32)
 
     def classify_file(self, data: bytes, gray: np.ndarray) -> np.ndarray:
@@ -206,7 +229,7 @@ class _FixedBackend:
 
 
 def _png(side: int = 40) -> bytes:
-    from emassist.serve.gradcam import png_bytes
+    from emassist.serve.drawing import png_bytes
 
     return png_bytes(_noise(side))
 

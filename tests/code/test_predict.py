@@ -201,7 +201,7 @@ def test_bad_request_message_cannot_be_rewritten() -> None:
     ],
 )
 def test_decode_base64_rejects(value: Any, reason: str) -> None:
-    from emassist.data.imaging import ImageRejected
+    from emassist.data.decode import ImageRejected
     from emassist.serve.pyfunc import decode_base64
 
     with pytest.raises(ImageRejected, match=reason):
@@ -250,3 +250,29 @@ def test_internal_failure_is_a_short_500(classifier: Any, monkeypatch: pytest.Mo
         classifier.predict(None, pd.DataFrame({"image": [blob]}))
     assert info.value.get_http_status_code() == 500
     assert info.value.message == "internal error while predicting: RuntimeError"
+
+
+class _GenericPyfunc:
+    """A pyfunc-like model with only ``predict(frame)`` (not a SemClassifier): the batch fallback path."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return self.inner.predict(None, frame)
+
+
+def test_generic_pyfunc_fallback_agrees_and_names_each_bad_file(classifier: Any, tmp_path: Path) -> None:
+    from emassist.serve.predict import predict_paths
+
+    images = _folder(tmp_path)
+    native = predict_paths([str(images)], classifier, progress=False).set_index("path")
+    generic = predict_paths([str(images)], _GenericPyfunc(classifier), progress=False).set_index("path")
+    assert sorted(generic.index) == sorted(native.index)
+    good = [p for p in native.index if native.loc[p, "error"] == ""]
+    assert len(good) == 3
+    np.testing.assert_allclose(generic.loc[good, CLASSES].to_numpy(float), native.loc[good, CLASSES].to_numpy(float),
+                               rtol=1e-6)  # fmt: skip
+    for path in native.index.difference(good):  # the whole batch refused → asked one by one: each its own reason
+        assert generic.loc[path, "error"] and generic.loc[path, "label"] == ""
+    assert "content is text" in generic.loc[str(images / "notes.txt"), "error"]

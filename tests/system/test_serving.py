@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import time
 import zlib
@@ -26,6 +27,8 @@ pytest.importorskip("keras")
 
 pytestmark = pytest.mark.slow
 
+from emassist.data.preprocess import Preprocessor  # noqa: E402
+from emassist.model.registry import serving_config  # noqa: E402
 from tests.servers import mlflow_tracking_server, model_server, tracking_uri_env  # noqa: E402
 
 CLASSES = ["Fibres", "Particles", "Tips"]
@@ -118,8 +121,10 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def post(url: str, values: list[Any], column: str = "image") -> Any:
-    body = {"dataframe_split": {"columns": [column], "data": [[v] for v in values]}}
+def post(url: str, values: list[Any], column: str = "image", params: dict[str, Any] | None = None) -> Any:
+    body: dict[str, Any] = {"dataframe_split": {"columns": [column], "data": [[v] for v in values]}}
+    if params is not None:
+        body["params"] = params
     return requests.post(f"{url}/invocations", json=body, timeout=120)
 
 
@@ -180,7 +185,11 @@ def test_logged_model_is_self_contained(stack: dict[str, Any]) -> None:
     import mlflow
 
     path = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/{stack['mv'].version}"))
-    assert (path / "code" / "emassist" / "imaging.py").is_file()  # code_paths: loads where only the model is
+    # code_paths: loads where only the model is
+    assert (path / "code" / "emassist" / "data" / "preprocess.py").is_file()
+    config = json.loads((path / "artifacts" / "serving_config.json").read_text())
+    assert config == serving_config(stack["params"])  # the preprocessor's settings, exactly
+    assert Preprocessor.from_config(config).config() == Preprocessor.from_params(stack["params"]).config()
     assert (path / "artifacts" / "model.keras").is_file()
     reqs = (path / "requirements.txt").read_text()
     for dist in ("keras==", "pillow==", "tensorflow"):
@@ -322,3 +331,91 @@ def test_predict_paths_with_registered_model(stack: dict[str, Any], local_model:
     assert row["label"] == served["label"]
     np.testing.assert_allclose([row[c] for c in CLASSES], [served[c] for c in CLASSES], rtol=1e-5, atol=1e-6)
     assert frame[frame["path"].str.endswith("bad.png")]["error"].iloc[0]
+
+
+# --------------------------------------------------------------------------------------------- standardized images
+
+
+def barred_image(seed: int = 0, size: tuple[int, int] = (96, 128)) -> np.ndarray:
+    """uint8 gray noise with a dark data bar (text-like marks) over the bottom 12 rows."""
+    h, w = size
+    gray = np.random.default_rng(seed).normal(150, 40, (h, w)).clip(0, 255).astype(np.uint8)
+    gray[-12:] = 0
+    gray[-8:-5, 8 : w // 2 : 3] = 255
+    return gray
+
+
+def png_of(gray: np.ndarray) -> bytes:
+    from emassist.serve.drawing import png_bytes
+
+    return png_bytes(gray)
+
+
+def test_standardized_param_skips_the_databar_search(stack: dict[str, Any], local_model: Any) -> None:
+    gray = barred_image(1)
+    pre = Preprocessor.from_params(stack["params"])
+    assert pre.standardize(gray)[1] > 0  # a data bar the plain path crops
+    value = b64(png_of(gray))
+    classifier = local_model.unwrap_python_model()
+    as_tile = post(stack["url"], [value], params={"standardized": True})
+    as_file = post(stack["url"], [value], params={"standardized": False})
+    plain = post(stack["url"], [value])
+    assert as_tile.status_code == as_file.status_code == plain.status_code == 200, as_tile.text[:300]
+    tile_p = pd.DataFrame(as_tile.json()["predictions"])[CLASSES].to_numpy()
+    file_p = pd.DataFrame(as_file.json()["predictions"])[CLASSES].to_numpy()
+    np.testing.assert_allclose(tile_p, classifier.probabilities(pre.resize(gray)[None]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(file_p, classifier.probabilities(pre.standardize(gray)[0][None]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(file_p, pd.DataFrame(plain.json()["predictions"])[CLASSES].to_numpy())
+    assert not np.allclose(tile_p, file_p)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, [True]])
+def test_standardized_param_of_the_wrong_type_is_a_400(stack: dict[str, Any], bad: Any) -> None:
+    response = post(stack["url"], [b64(image_bytes("png"))], params={"standardized": bad})
+    assert response.status_code == 400, (response.status_code, response.text[:300])
+    body = response.json()
+    assert body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert "standardized" in body["message"] and "boolean" in body["message"], body["message"][:500]
+    assert "Traceback" not in response.text and "stack_trace" not in response.text
+    assert requests.get(f"{stack['url']}/ping", timeout=10).status_code == 200
+    assert post(stack["url"], [b64(image_bytes("png"))], params={"standardized": True}).status_code == 200
+
+
+def test_tile_scan_through_the_endpoint_equals_the_local_scan(stack: dict[str, Any], tmp_path: Path) -> None:
+    """The page's endpoint backend: the served version's registered preprocessing (not the page's params), the
+    overview's data bar cropped once here, tiles sent as standardized PNGs; the same scores as in-process."""
+    from emassist.config.settings import params_from_dict
+    from emassist.serve import tilescan
+    from emassist.serve.backend import load_endpoint, load_registry
+
+    registered = Preprocessor.from_params(stack["params"])
+    page = params_from_dict(  # a page whose own params disagree with the served model's settings
+        {
+            "data": {"classes": CLASSES[:2], "splits_dir": str(tmp_path / "splits")},
+            "ingest": {"cache_size": 48, "crop_databar": False, "max_pixels": 10_000, "min_side": 32},
+            "train": {"image_size": 32},
+            "mlflow": {"tracking_uri": stack["tracking_uri"], "registered_model": MODEL_NAME},
+            "webapp": {"endpoint_url": stack["url"]},
+        }
+    )
+    endpoint = load_endpoint(page)
+    local = load_registry(page)
+    assert endpoint.preprocessor == local.preprocessor == registered
+    assert endpoint.classes == local.classes == CLASSES
+    assert endpoint.info.version == str(stack["mv"].version) and endpoint.info.source == "endpoint"
+
+    gray = np.concatenate([barred_image(2, (200, 150))[:-12], barred_image(3, (200, 150))], axis=1)
+    gray[:-12, 150:] = (gray[:-12, 150:] * 0.3).astype(np.uint8)  # a darker right half: scores differ by tile
+    options = {"tile": 64, "stride": 48, "batch_size": 5}
+    via_endpoint = tilescan.scan(gray, endpoint.probabilities, endpoint.classes, preprocessor=endpoint.preprocessor,
+                                 **options)  # fmt: skip
+    in_process = tilescan.scan(gray, local.probabilities, local.classes, preprocessor=local.preprocessor, **options)
+    assert via_endpoint.databar_rows == in_process.databar_rows == registered.crop(gray)[1] > 0
+    assert (via_endpoint.xs, via_endpoint.ys) == (in_process.xs, in_process.ys) and via_endpoint.n_tiles > 8
+    np.testing.assert_allclose(via_endpoint.scores, in_process.scores, rtol=1e-5, atol=1e-6)
+    assert float(np.ptp(in_process.scores[..., 0])) > 1e-3  # the grid is not flat: the comparison means something
+    # A whole uploaded file goes as it is (the server crops its data bar) and agrees with the local path too.
+    data = png_of(gray)
+    local_gray = local.preprocessor.standardize_file(data)[0]
+    np.testing.assert_allclose(endpoint.classify_file(data, local_gray), local.classify_file(data, local_gray),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip

@@ -303,7 +303,9 @@ def test_cli_scan_writes_heatmap_png_and_tile_csv(champion: ws.Champion, images:
 # ------------------------------------------------------------------------------------------------ endpoint mode
 
 
-def test_page_in_endpoint_mode_calls_mlflow_models_serve(champion: ws.Champion, images: dict[str, Path]) -> None:
+def test_page_in_endpoint_mode_calls_mlflow_models_serve(
+    champion: ws.Champion, images: dict[str, Path], server: str
+) -> None:
     uri = f"models:/{ws.MODEL_NAME}@champion"
     with model_server(uri, champion.tracking_uri, champion.root) as endpoint:
         webtmp = champion.root / "webtmp-endpoint"
@@ -314,6 +316,17 @@ def test_page_in_endpoint_mode_calls_mlflow_models_serve(champion: ws.Champion, 
             info = requests.get(f"{url}/api/info", timeout=10).json()
             assert info["model"]["source"] == "endpoint" and info["model"]["uri"] == endpoint
             assert info["model"]["version"] == champion.version
+            # the served version's registered preprocessing, the same as the registry page's
+            local_info = requests.get(f"{server}/api/info", timeout=10).json()
+            assert info["preprocessing"] == local_info["preprocessing"]
+            assert info["preprocessing"]["cache_size"] == ws.CACHE_SIZE
+            scan_query = {"class": ws.RIGHT, "tile": "128", "stride": "64"}
+            composite = images["composite"].read_bytes()
+            remote = _post(url, composite, "composite.png", "/api/scan", **scan_query)
+            local = _post(server, composite, "composite.png", "/api/scan", **scan_query)
+            assert remote.status_code == local.status_code == 200, remote.text
+            assert remote.json()["n_tiles"] == local.json()["n_tiles"] == 49
+            np.testing.assert_allclose(remote.json()["grid"], local.json()["grid"], atol=2e-5)
             r = _post(url, images["particles"].read_bytes(), "particles.png")
             assert r.status_code == 200, r.text
             assert r.json()["label"] == ws.RIGHT
