@@ -2,32 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from emassist.config.classes import CLASSES, NFFA_COUNTS
+from emassist.config.settings import DemoParams, ParamsError, params_from_dict
 from emassist.data.demo import class_counts, generate_demo
 from emassist.data.demo import scenes as demo_scenes
 from emassist.data.demo.__main__ import main as demo_main
 from emassist.data.demo.generate import Job, plan, render_image
+from tests.conftest import REPO_ROOT
 
 NAME = re.compile(r"^L2_[0-9a-f]{32}\.(jpg|png|tif)$")
-SMALL = {
-    "n_images": 60,
-    "width": 64,
-    "height": 64,
-    "seed": 7,
-    "min_per_class": 3,
-    "tif_fraction": 0.2,
-    "databar_fraction": 0.5,
-    "progress": False,
-}
+SMALL = DemoParams(n_images=60, width=64, height=64, seed=7, min_per_class=3, tif_fraction=0.2, databar_fraction=0.5)
+
+
+def _generate(out: Path, workers: int = 0, **changes: Any) -> dict[str, int]:
+    """generate_demo with SMALL's settings and ``changes``, checked first as load_params would."""
+    demo = dataclasses.replace(SMALL, **changes)
+    demo.check()
+    return generate_demo(out, demo, workers=workers, progress=False)
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -58,7 +61,7 @@ def _has_databar(path: Path) -> bool:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
     out = tmp_path_factory.mktemp("demo") / "raw"
-    counts = generate_demo(out, **{**SMALL, "n_images": 100, "workers": 2})  # type: ignore[arg-type]
+    counts = _generate(out, n_images=100, workers=2)
     return out, counts
 
 
@@ -110,17 +113,17 @@ def test_floor_takes_images_from_large_classes() -> None:
 
 
 def test_same_seed_is_byte_identical_for_any_worker_count(tmp_path: Path) -> None:
-    a = generate_demo(tmp_path / "a", **{**SMALL, "workers": 1})  # type: ignore[arg-type]
-    b = generate_demo(tmp_path / "b", **{**SMALL, "workers": 2})  # type: ignore[arg-type]
+    a = _generate(tmp_path / "a", workers=1)
+    b = _generate(tmp_path / "b", workers=2)
     assert a == b
     ha, hb = _hashes(tmp_path / "a"), _hashes(tmp_path / "b")
-    assert len(ha) == SMALL["n_images"]
+    assert len(ha) == SMALL.n_images
     assert ha == hb
 
 
 def test_different_seed_gives_different_images(tmp_path: Path) -> None:
-    generate_demo(tmp_path / "a", **{**SMALL, "workers": 2})  # type: ignore[arg-type]
-    generate_demo(tmp_path / "b", **{**SMALL, "seed": 8, "workers": 2})  # type: ignore[arg-type]
+    _generate(tmp_path / "a", workers=2)
+    _generate(tmp_path / "b", seed=8, workers=2)
     ha, hb = _hashes(tmp_path / "a"), _hashes(tmp_path / "b")
     assert not set(ha) & set(hb)  # different names
     assert not set(ha.values()) & set(hb.values())  # and different contents
@@ -155,7 +158,7 @@ def test_formats_and_bit_depths(demo: tuple[Path, dict[str, int]]) -> None:
     for cls in CLASSES:
         files = list((out / cls).iterdir())
         n_tif = sum(p.suffix == ".tif" for p in files)
-        assert n_tif == math.floor(counts[cls] * SMALL["tif_fraction"] + 0.5), cls  # same share in every class
+        assert n_tif == math.floor(counts[cls] * SMALL.tif_fraction + 0.5), cls  # same share in every class
         for p in files:
             by_ext[p.suffix[1:]].append(p)
     assert all(by_ext.values()), {k: len(v) for k, v in by_ext.items()}
@@ -185,8 +188,7 @@ def test_databar_share_and_independence_of_class(demo: tuple[Path, dict[str, int
 
 @pytest.mark.parametrize(("fraction", "expected"), [(0.0, 0), (1.0, 20)])
 def test_databar_fraction_extremes(tmp_path: Path, fraction: float, expected: int) -> None:
-    kw = {**SMALL, "n_images": 20, "min_per_class": 1, "databar_fraction": fraction, "workers": 1}
-    generate_demo(tmp_path / "d", **kw)  # type: ignore[arg-type]
+    _generate(tmp_path / "d", n_images=20, min_per_class=1, databar_fraction=fraction, workers=1)
     found = sum(_has_databar(p) for p in (tmp_path / "d").rglob("*.*"))
     assert found == expected
 
@@ -211,8 +213,15 @@ def test_databar_fraction_extremes(tmp_path: Path, fraction: float, expected: in
     ],
 )
 def test_bad_arguments_name_the_argument(tmp_path: Path, changes: dict[str, object], name: str) -> None:
-    with pytest.raises(ValueError, match=rf"^{name}:"):
-        generate_demo(tmp_path / "x", **{**SMALL, **changes})  # type: ignore[arg-type]
+    """A bad demo setting stops at load (the one validator, naming demo.<key>); workers is generate_demo's own."""
+    if name == "workers":
+        with pytest.raises(ValueError, match=rf"^{name}:"):
+            _generate(tmp_path / "x", **changes)
+    else:
+        raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+        raw["demo"] = {**dataclasses.asdict(SMALL), **changes}
+        with pytest.raises(ParamsError, match=rf"^demo\.{name}:"):
+            params_from_dict(raw)
     assert not (tmp_path / "x").exists()
 
 
@@ -221,7 +230,7 @@ def test_refuses_to_replace_a_folder_with_other_content(tmp_path: Path) -> None:
     out.mkdir()
     (out / "thesis.tex").write_text("do not delete")
     with pytest.raises(ValueError, match=r"^out_dir:"):
-        generate_demo(out, **SMALL)  # type: ignore[arg-type]
+        _generate(out)
     assert (out / "thesis.tex").read_text() == "do not delete"
 
 
@@ -235,30 +244,33 @@ def _boom(*args: object) -> None:
 def test_failure_midway_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(demo_scenes.RENDERERS, "Powder", _boom)  # a class in the middle of the run
     with pytest.raises(RuntimeError, match="exploded"):
-        generate_demo(tmp_path / "out", **{**SMALL, "workers": 1})  # type: ignore[arg-type]
+        _generate(tmp_path / "out", workers=1)
     assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary folder
 
 
 def test_failure_keeps_previous_output_and_success_replaces_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
-    generate_demo(out, **{**SMALL, "workers": 1})  # type: ignore[arg-type]
+    _generate(out, workers=1)
     before = _hashes(out)
     with monkeypatch.context() as m:
         m.setitem(demo_scenes.RENDERERS, "Tips", _boom)
         with pytest.raises(RuntimeError):
-            generate_demo(out, **{**SMALL, "seed": 99, "workers": 1})  # type: ignore[arg-type]
+            _generate(out, seed=99, workers=1)
     assert _hashes(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    generate_demo(out, **{**SMALL, "seed": 99, "workers": 1})  # type: ignore[arg-type]
+    _generate(out, seed=99, workers=1)
     after = _hashes(out)
-    assert len(after) == SMALL["n_images"] and not set(after) & set(before)
+    assert len(after) == SMALL.n_images and not set(after) & set(before)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
 
 
 def test_cli_writes_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = demo_main(["--out", str(tmp_path / "cli"), "--n", "20", "--min-per-class", "1", "--width", "48"])
+    params = str(REPO_ROOT / "params.yaml")
+    rc = demo_main(
+        ["--out", str(tmp_path / "cli"), "--n", "20", "--min-per-class", "1", "--width", "48", "--params", params]
+    )
     assert rc == 0
     assert len(list((tmp_path / "cli").rglob("L2_*"))) == 20
     with Image.open(next((tmp_path / "cli").rglob("L2_*"))) as im:
@@ -272,6 +284,30 @@ def test_cli_help_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "--out" in text and "--databar-fraction" in text
-    assert demo_main(["--out", str(tmp_path / "bad"), "--n", "5", "--quiet"]) == 2
+    assert (
+        demo_main(["--out", str(tmp_path / "bad"), "--n", "5", "--quiet", "--params", str(REPO_ROOT / "params.yaml")])
+        == 2
+    )
     assert "n_images" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    assert "params.yaml" in text and "demo section" in text  # the defaults are the params file's
+
+
+def test_cli_defaults_are_the_params_files_demo_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With no overrides the CLI makes what `emassist demo` and the acquire stage make: params.yaml's demo section."""
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["demo"].update({"n_images": 20, "min_per_class": 2, "width": 40, "height": 36, "seed": 3})
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    assert demo_main(["--out", str(tmp_path / "cli"), "--params", str(params), "--quiet", "--workers", "1"]) == 0
+    files = sorted((tmp_path / "cli").rglob("L2_*"))
+    assert len(files) == 20
+    with Image.open(files[0]) as im:
+        assert im.size == (40, 36)
+    expected = generate_demo(tmp_path / "lib", params_from_dict(raw).demo, workers=1, progress=False)
+    assert _hashes(tmp_path / "cli") == _hashes(tmp_path / "lib") and sum(expected.values()) == 20
+    bad = tmp_path / "bad.yaml"
+    raw["demo"]["tif_fraction"] = 2
+    bad.write_text(yaml.safe_dump(raw))
+    assert demo_main(["--out", str(tmp_path / "x"), "--params", str(bad), "--quiet"]) == 2
+    assert "demo.tif_fraction" in capsys.readouterr().err

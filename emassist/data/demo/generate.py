@@ -1,10 +1,13 @@
-"""Driver: class counts, a deterministic per-image plan, parallel rendering, atomic output folder."""
+"""Driver: class counts, a deterministic per-image plan, parallel rendering, atomic output folder.
+
+The settings come as :class:`emassist.config.settings.DemoParams`, validated by ``load_params`` (or, for command-line
+overrides, by the same ``DemoParams.check``): they are not checked again here.
+"""
 
 from __future__ import annotations
 
 import math
 import multiprocessing
-import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +16,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from emassist.core.atomic import atomic_path
 from emassist.config.classes import CLASSES, NFFA_COUNTS
+from emassist.config.settings import DemoParams
+from emassist.core.atomic import atomic_path
 from emassist.data.demo import scenes
 from emassist.data.demo.sem_look import draw_databar, sem_image
 
-MIN_SIDE = 32
-MAX_SIDE = 8192
 EXTENSIONS = ("jpg", "png", "tif")
 JPG_SHARE = 0.75  # of the non-TIFF images; the rest are PNG
 
@@ -50,33 +52,13 @@ class Job:
         return self.name.rsplit(".", 1)[1]
 
 
-def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name}: must be an integer, got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise ValueError(f"{name}: must be {bound}, got {value}")
-    return int(value)
-
-
-def _check_fraction(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name}: must be a number between 0 and 1, got {value!r}")
-    return float(value)
-
-
 def class_counts(n_images: int, min_per_class: int) -> dict[str, int]:
     """Images per class: proportional to the real dataset's counts, but at least ``min_per_class`` each.
 
     Classes whose share falls below the floor are raised to it and the rest are re-apportioned among the
     other (larger) classes; integer counts by largest remainder, so the total is exactly ``n_images``.
+    ``n_images >= min_per_class * len(CLASSES)`` (``demo.n_images`` / ``demo.min_per_class``, checked at load).
     """
-    n_images = _check_int("n_images", n_images, len(CLASSES))
-    min_per_class = _check_int("min_per_class", min_per_class, 1)
-    if n_images < min_per_class * len(CLASSES):
-        raise ValueError(
-            f"n_images: {n_images} is less than min_per_class × {len(CLASSES)} classes = {min_per_class * len(CLASSES)}"
-        )
     fixed: dict[str, int] = {}
     while True:
         free = [c for c in CLASSES if c not in fixed]
@@ -174,35 +156,19 @@ def _check_out_dir(out_dir: Path) -> None:
         )
 
 
-def generate_demo(
-    out_dir: Path,
-    *,
-    n_images: int,
-    width: int,
-    height: int,
-    seed: int,
-    min_per_class: int,
-    tif_fraction: float,
-    databar_fraction: float,
-    workers: int = 0,
-    progress: bool = True,
-) -> dict[str, int]:
-    """Write a synthetic SEM dataset to ``out_dir/<Class>/L2_<hex>.<jpg|png|tif>``; returns images per class.
+def generate_demo(out_dir: Path, demo: DemoParams, *, workers: int = 0, progress: bool = True) -> dict[str, int]:
+    """Write a synthetic SEM dataset per ``demo`` to ``out_dir/<Class>/L2_<hex>.<jpg|png|tif>``; images per class.
 
-    The output is a pure function of the arguments other than ``workers``/``progress`` (byte-identical
-    files for any worker count). ``out_dir`` is replaced atomically: a failed or killed run leaves it
-    as it was. An existing ``out_dir`` may only hold class folders (an earlier demo run).
+    The output is a pure function of ``demo`` (byte-identical files for any ``workers`` count; 0: all cores).
+    ``out_dir`` is replaced atomically: a failed or killed run leaves it as it was. An existing ``out_dir`` may only
+    hold class folders (an earlier demo run).
     """
     out_dir = Path(out_dir)
-    width = _check_int("width", width, MIN_SIDE, MAX_SIDE)
-    height = _check_int("height", height, MIN_SIDE, MAX_SIDE)
-    seed = _check_int("seed", seed, 0)
-    workers = _check_int("workers", workers, 0)
-    tif_fraction = _check_fraction("tif_fraction", tif_fraction)
-    databar_fraction = _check_fraction("databar_fraction", databar_fraction)
-    counts = class_counts(n_images, min_per_class)
+    if workers < 0:  # an argument of this call, not a setting
+        raise ValueError(f"workers: must be >= 0 (0: all cores), got {workers}")
+    counts = class_counts(demo.n_images, demo.min_per_class)
     _check_out_dir(out_dir)
-    n_workers = min(workers or os.cpu_count() or 1, n_images)
+    n_workers = min(workers or os.cpu_count() or 1, demo.n_images)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for cls in CLASSES:
@@ -210,11 +176,11 @@ def generate_demo(
         jobs = plan(
             tmp,
             counts,
-            width=width,
-            height=height,
-            seed=seed,
-            tif_fraction=tif_fraction,
-            databar_fraction=databar_fraction,
+            width=demo.width,
+            height=demo.height,
+            seed=demo.seed,
+            tif_fraction=demo.tif_fraction,
+            databar_fraction=demo.databar_fraction,
         )
         with tqdm(total=len(jobs), desc="demo images", unit="img", disable=not progress) as bar:
             if n_workers == 1:
