@@ -34,12 +34,11 @@ import requests
 import urllib3
 from tqdm import tqdm
 
+from emassist.config.settings import NffaParams, ParamsError, check_class_names, load_params
 from emassist.core.atomic import atomic_path
-from emassist.config.classes import CLASSES
 
 log = logging.getLogger(__name__)
 
-NFFA_BASE_URL = "https://b2share.eudat.eu/api/records/862nr-cn036/files"
 NFFA_RECORD = "https://b2share.eudat.eu/records/862nr-cn036"
 NFFA_CITATION = (
     "Aversa, R., Modarres, M. H., Cozzini, S., Ciancio, R., Chiusole, A. The first annotated set of scanning "
@@ -122,34 +121,26 @@ class FetchReport:
 
 def fetch_nffa(
     raw_dir: Path,
+    nffa: NffaParams,
+    classes: Sequence[str],
     *,
-    base_url: str = NFFA_BASE_URL,
-    download_dir: Path,
-    classes: Sequence[str] = CLASSES,
     checksums: Mapping[str, str] = NFFA_MD5,
-    retries: int = 5,
-    timeout_s: float = 60,
     progress: bool = True,
     backoff_s: float = 1.0,
     session: requests.Session | None = None,
 ) -> FetchReport:
-    """Download, MD5-verify and extract one tar per class into ``raw_dir/<Class>/``.
+    """Download (into ``nffa.download_dir``), MD5-verify and extract one tar per class into ``raw_dir/<Class>/``.
 
-    A failed attempt is retried up to ``retries`` times, with a backoff of ``backoff_s * 2**(n-1)`` seconds
+    ``nffa`` (base URL, retries, timeout) and ``classes`` (``data.classes``) were validated by ``load_params``.
+    A failed attempt is retried up to ``nffa.retries`` times, with a backoff of ``backoff_s * 2**(n-1)`` seconds
     (capped at 60 s); an attempt that grew the partial file resets the count, so a long transfer that stalls
     now and then still completes.
-    ``timeout_s`` is both the connect timeout and the longest silence tolerated while reading.
+    ``nffa.timeout_s`` is both the connect timeout and the longest silence tolerated while reading.
     Raises :class:`FetchError` with a message that says what to do.
     """
-    raw_dir, download_dir = Path(raw_dir), Path(download_dir)
-    if retries < 0:
-        raise FetchError(f"retries must be >= 0, got {retries}")
-    if timeout_s <= 0:
-        raise FetchError(f"timeout_s must be > 0, got {timeout_s}")
-    if not base_url.startswith(("http://", "https://")):
-        raise FetchError(f"base_url must be an http(s) URL, got {base_url!r} (check nffa.base_url in params.yaml)")
-    for name in classes:
-        _check_class_name(name)
+    raw_dir, download_dir = Path(raw_dir), Path(nffa.download_dir)
+    base_url, retries, timeout_s = nffa.base_url, nffa.retries, nffa.timeout_s
+    for name in classes:  # the checksums are this module's table (or a caller's), not a setting
         md5 = checksums.get(name)
         if md5 is None:
             raise FetchError(f"no MD5 checksum known for {name}.tar: add it to the checksums mapping")
@@ -547,19 +538,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
-    from emassist.config.settings import ParamsError, load_params
-
     try:
         params = load_params(args.params)
-        report = fetch_nffa(
-            Path(params.data.raw_dir),
-            base_url=params.nffa.base_url,
-            download_dir=Path(params.nffa.download_dir),
-            classes=tuple(args.classes or params.data.classes),
-            retries=params.nffa.retries,
-            timeout_s=params.nffa.timeout_s,
-            progress=not args.quiet,
-        )
+        if args.classes:
+            check_class_names("--classes", args.classes)
+        classes = tuple(args.classes or params.data.classes)
+        report = fetch_nffa(Path(params.data.raw_dir), params.nffa, classes, progress=not args.quiet)
     except (FetchError, ParamsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

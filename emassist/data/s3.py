@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from emassist.config.settings import S3Params
 from emassist.core.atomic import atomic_open, atomic_path
 from emassist.data.ingest import REJECTED_COLUMNS, UPSTREAM_REJECTED_FILE
-from emassist.config.settings import S3Params
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client  # type: ignore[import-not-found]
@@ -387,18 +387,17 @@ def pull(
     page_size: int = 1000,
 ) -> PullReport:
     """Download ``s3://bucket/prefix/<Class>/...`` into ``raw_dir/<Class>/...`` (see the module docstring)."""
-    if not s3.bucket:
-        raise S3Error("s3.bucket is not set in params.yaml")
+    bucket = s3.require_bucket()  # optional in params in general, needed here (ParamsError naming s3.bucket)
     started = time.perf_counter()
     workers = workers or s3.workers
     client = client or make_client(s3, workers=workers)
     raw_dir = Path(raw_dir)
     prefix = s3.key_prefix
-    source = f"s3://{s3.bucket}/{prefix}" + ("/" if prefix else "")
-    objects = list(list_objects(client, s3.bucket, prefix, page_size=page_size))
+    source = f"s3://{bucket}/{prefix}" + ("/" if prefix else "")
+    objects = list(list_objects(client, bucket, prefix, page_size=page_size))
     if not objects:
-        raise S3Error(f"no objects under {source} at {describe_endpoint(client)} (s3.bucket, s3.prefix)")
-    plan = plan_download(objects, raw_dir, classes, bucket=s3.bucket, prefix=prefix)
+        raise S3Error(f"no objects under {source} at {describe_endpoint(client)} (bucket, s3.prefix)")
+    plan = plan_download(objects, raw_dir, classes, bucket=bucket, prefix=prefix)
     report = PullReport(source=source, target=str(raw_dir), n_listed=len(objects), n_refused=len(plan.refused),
                         n_folder_markers=plan.folder_markers)  # fmt: skip
     for row in plan.refused:
@@ -420,7 +419,7 @@ def pull(
             return "unchanged", 0, True
         target.parent.mkdir(parents=True, exist_ok=True)
         n, verified = _with_retries(
-            f"s3://{s3.bucket}/{obj.key}", s3.retries, lambda: _download(client, s3.bucket, obj, target), retries, lock
+            f"s3://{bucket}/{obj.key}", s3.retries, lambda: _download(client, bucket, obj, target), retries, lock
         )
         return "downloaded", n, verified
 
@@ -439,7 +438,7 @@ def pull(
                 why = (
                     f"{exc} (checked against the listing and ETag)"
                     if isinstance(exc, _Mismatch)
-                    else str(_explain(exc, client, s3.bucket))
+                    else str(_explain(exc, client, bucket))
                 )
                 failures.append((obj.key, f"{why}, after {s3.retries + 1} attempts" if _retryable(exc) else why))
                 if len(failures) == 1 and _is_connection_error(exc):
@@ -517,18 +516,17 @@ def push(
 ) -> PushReport:
     """Upload ``src/<Class>/...`` to ``s3://bucket/prefix/<Class>/...``; objects already there with the same MD5 are
     skipped. Each PUT carries Content-MD5 (the store refuses a corrupted body) and a SHA-256 checksum."""
-    if not s3.bucket:
-        raise S3Error("s3.bucket is not set in params.yaml")
+    bucket = s3.require_bucket()  # optional in params in general, needed here (ParamsError naming s3.bucket)
     started = time.perf_counter()
     workers = workers or s3.workers
     client = client or make_client(s3, workers=workers)
     prefix = s3.key_prefix
     full = f"{prefix}/" if prefix else ""
-    report = PushReport(target=f"s3://{s3.bucket}/{full}")
+    report = PushReport(target=f"s3://{bucket}/{full}")
     files = _local_files(Path(src))
     if not files:
         raise S3Error(f"nothing to upload under {src}")
-    existing = {o.rel: o for o in list_objects(client, s3.bucket, prefix)}
+    existing = {o.rel: o for o in list_objects(client, bucket, prefix)}
     report.n_files = len(files)
     retries = [0]
     lock = threading.Lock()
@@ -542,11 +540,11 @@ def push(
 
         def put() -> None:
             client.put_object(
-                Bucket=s3.bucket, Key=f"{full}{rel}", Body=data,
+                Bucket=bucket, Key=f"{full}{rel}", Body=data,
                 ContentMD5=base64.b64encode(md5.digest()).decode("ascii"), ChecksumAlgorithm="SHA256",
             )  # fmt: skip
 
-        _with_retries(f"s3://{s3.bucket}/{full}{rel}", s3.retries, put, retries, lock)
+        _with_retries(f"s3://{bucket}/{full}{rel}", s3.retries, put, retries, lock)
         return len(data)
 
     with (
@@ -562,7 +560,7 @@ def push(
                     report.bytes += n
                 bar.update(1)
         except Exception as exc:
-            raise (exc if isinstance(exc, S3Error) else _explain(exc, client, s3.bucket)) from exc
+            raise (exc if isinstance(exc, S3Error) else _explain(exc, client, bucket)) from exc
     report.retries = retries[0]
     report.seconds = time.perf_counter() - started
     return report

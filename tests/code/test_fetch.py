@@ -13,14 +13,33 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
 from emassist.config.classes import CLASSES
+from emassist.config.settings import NffaParams, ParamsError, check_class_names
 from emassist.data.fetch import NFFA_MD5, FetchError, extract_class_tar, fetch_nffa, md5_file
+from tests.conftest import REPO_ROOT
 
 FAST = {"retries": 3, "timeout_s": 5.0, "progress": False, "backoff_s": 0.01}
+
+
+def _fetch(
+    raw_dir: Path,
+    *,
+    base_url: str,
+    download_dir: Path,
+    classes: list[str],
+    retries: int = 5,
+    timeout_s: float = 60.0,
+    **kwargs: Any,
+) -> Any:
+    """fetch_nffa with an ``nffa`` section built from these values and checked as load_params checks it."""
+    nffa = NffaParams(base_url=base_url, download_dir=str(download_dir), retries=retries, timeout_s=timeout_s)
+    nffa.check()
+    return fetch_nffa(raw_dir, nffa, classes, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ test server
@@ -193,7 +212,7 @@ def test_download_verify_extract(server: Server, tmp_path: Path) -> None:
     sums = serve(server, tars)
     raw, dl = tmp_path / "raw", tmp_path / "dl"
 
-    report = fetch_nffa(
+    report = _fetch(
         raw, base_url=server.base_url, download_dir=dl, classes=["Fibres", "Powder"], checksums=sums, **FAST
     )
 
@@ -224,7 +243,7 @@ def test_truncated_download_is_resumed_with_range(server: Server, tmp_path: Path
     sums = serve(server, {"Fibres": data})
     server.state.truncate_first["Fibres.tar"] = 1000
 
-    report = fetch_nffa(
+    report = _fetch(
         tmp_path / "raw",
         base_url=server.base_url,
         download_dir=tmp_path / "dl",
@@ -245,7 +264,7 @@ def test_stalled_download_times_out_and_resumes(server: Server, tmp_path: Path) 
     sums = serve(server, {"Tips": data})
     server.state.stall_first["Tips.tar"] = (700, 1.5)
 
-    report = fetch_nffa(
+    report = _fetch(
         tmp_path / "raw",
         base_url=server.base_url,
         download_dir=tmp_path / "dl",
@@ -265,7 +284,7 @@ def test_server_ignoring_range_restarts_from_zero(server: Server, tmp_path: Path
     server.state.truncate_first["Nanowires.tar"] = 1500
     server.state.ignore_range = True
 
-    report = fetch_nffa(
+    report = _fetch(
         tmp_path / "raw",
         base_url=server.base_url,
         download_dir=tmp_path / "dl",
@@ -288,7 +307,7 @@ def test_server_failing_at_the_same_point_gives_up(server: Server, tmp_path: Pat
     server.state.ignore_range = True
 
     with pytest.raises(FetchError, match=r"kept failing .*re-run to resume"):
-        fetch_nffa(
+        _fetch(
             tmp_path / "raw",
             base_url=server.base_url,
             download_dir=tmp_path / "dl",
@@ -308,7 +327,7 @@ def test_complete_partial_file_gets_416_and_is_verified(server: Server, tmp_path
     dl.mkdir()
     (dl / "Particles.tar.part").write_bytes(data)  # a run killed after the last byte but before the rename
 
-    report = fetch_nffa(
+    report = _fetch(
         tmp_path / "raw", base_url=server.base_url, download_dir=dl, classes=["Particles"], checksums=sums, **FAST
     )
 
@@ -322,7 +341,7 @@ def test_transient_server_errors_are_retried(server: Server, tmp_path: Path) -> 
     sums = serve(server, {"Biological": data})
     server.state.fail_first["Biological.tar"] = 2
 
-    report = fetch_nffa(
+    report = _fetch(
         tmp_path / "raw",
         base_url=server.base_url,
         download_dir=tmp_path / "dl",
@@ -342,9 +361,7 @@ def test_checksum_mismatch(server: Server, tmp_path: Path) -> None:
     wrong = "0" * 32
 
     with pytest.raises(FetchError) as err:
-        fetch_nffa(
-            raw, base_url=server.base_url, download_dir=dl, classes=["Fibres"], checksums={"Fibres": wrong}, **FAST
-        )
+        _fetch(raw, base_url=server.base_url, download_dir=dl, classes=["Fibres"], checksums={"Fibres": wrong}, **FAST)
 
     msg = str(err.value)
     assert "checksum mismatch for Fibres.tar" in msg and wrong in msg and md5(data) in msg and "re-run" in msg
@@ -357,11 +374,11 @@ def test_already_downloaded_tar_skips_network(server: Server, tmp_path: Path) ->
     sums = serve(server, {"Porous_Sponge": data})
     raw, dl = tmp_path / "raw", tmp_path / "dl"
     kw = {"base_url": server.base_url, "download_dir": dl, "classes": ["Porous_Sponge"], "checksums": sums, **FAST}
-    fetch_nffa(raw, **kw)
+    _fetch(raw, **kw)
     assert server.state.count() == 1
     (raw / "Porous_Sponge" / "stale.png").write_bytes(b"old")
 
-    report = fetch_nffa(raw, **kw)
+    report = _fetch(raw, **kw)
 
     assert server.state.count() == 1  # no second request
     c = report.classes["Porous_Sponge"]
@@ -376,7 +393,7 @@ def test_corrupt_existing_tar_is_downloaded_again(server: Server, tmp_path: Path
     dl.mkdir()
     (dl / "Powder.tar").write_bytes(b"X" + data[1:])
 
-    report = fetch_nffa(
+    report = _fetch(
         tmp_path / "raw", base_url=server.base_url, download_dir=dl, classes=["Powder"], checksums=sums, **FAST
     )
 
@@ -388,7 +405,7 @@ def test_flat_tar_is_extracted_into_class_folder(server: Server, tmp_path: Path)
     data = build_tar("Patterned_surface", 3, flat=True)
     sums = serve(server, {"Patterned_surface": data})
 
-    report = fetch_nffa(
+    report = _fetch(
         tmp_path / "raw",
         base_url=server.base_url,
         download_dir=tmp_path / "dl",
@@ -443,9 +460,7 @@ def test_unsafe_members_are_refused(server: Server, tmp_path: Path, kind: str, w
     before = files_under(tmp_path)
 
     with pytest.raises(FetchError) as err:
-        fetch_nffa(
-            raw, base_url=server.base_url, download_dir=tmp_path / "dl", classes=["Fibres"], checksums=sums, **FAST
-        )
+        _fetch(raw, base_url=server.base_url, download_dir=tmp_path / "dl", classes=["Fibres"], checksums=sums, **FAST)
 
     msg = str(err.value)
     assert repr(evil.name) in msg and why in msg and "Fibres.tar" in msg
@@ -470,7 +485,7 @@ def test_not_a_tar_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_missing_file_is_a_clear_error(server: Server, tmp_path: Path) -> None:
     with pytest.raises(FetchError, match=r"Tips\.tar not found .*HTTP 404.*base_url"):
-        fetch_nffa(
+        _fetch(
             tmp_path / "raw",
             base_url=server.base_url,
             download_dir=tmp_path / "dl",
@@ -485,7 +500,7 @@ def test_unreachable_network_is_a_clear_error(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(FetchError, match=r"network unreachable.*proxy"):
-        fetch_nffa(
+        _fetch(
             tmp_path / "raw",
             base_url=f"http://127.0.0.1:{port}/files",
             download_dir=tmp_path / "dl",
@@ -496,8 +511,22 @@ def test_unreachable_network_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(FetchError, match="no MD5 checksum"):
-        fetch_nffa(tmp_path, base_url="http://x", download_dir=tmp_path, classes=["Fibres"], checksums={})
-    with pytest.raises(FetchError, match="invalid class name"):
-        fetch_nffa(tmp_path, base_url="http://x", download_dir=tmp_path, classes=["../x"], checksums={"../x": "0" * 32})
-    with pytest.raises(FetchError, match="http"):
-        fetch_nffa(tmp_path, base_url="ftp://x", download_dir=tmp_path, classes=["Fibres"])
+        _fetch(tmp_path, base_url="http://x", download_dir=tmp_path, classes=["Fibres"], checksums={})
+    # The settings (class names, base URL, retries, timeout) are checked once, at load (emassist.config.settings).
+    with pytest.raises(ParamsError, match="unknown class name"):
+        check_class_names("data.classes", ["../x"])
+    with pytest.raises(ParamsError, match="http"):
+        _fetch(tmp_path, base_url="ftp://x", download_dir=tmp_path, classes=["Fibres"])
+    with pytest.raises(ParamsError, match=r"nffa\.retries"):
+        _fetch(tmp_path, base_url="http://x", download_dir=tmp_path, classes=["Fibres"], retries=-1)
+    with pytest.raises(ParamsError, match=r"nffa\.timeout_s"):
+        _fetch(tmp_path, base_url="http://x", download_dir=tmp_path, classes=["Fibres"], timeout_s=0)
+    with pytest.raises(FetchError, match="invalid class name"):  # the tar extraction keeps its own path guard
+        extract_class_tar(tmp_path / "x.tar", tmp_path / "raw", "../x")
+
+
+def test_cli_checks_classes_with_the_settings_validator(capsys: pytest.CaptureFixture[str]) -> None:
+    from emassist.data.fetch import main
+
+    assert main(["--params", str(REPO_ROOT / "params.yaml"), "--classes", "../x", "--quiet"]) == 1
+    assert "--classes: unknown class name '../x'" in capsys.readouterr().err
