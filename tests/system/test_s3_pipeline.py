@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -33,9 +32,9 @@ import pytest
 import requests
 import yaml
 
+from tests.helpers import copy_repo, git_commit
 from tests.s3_support import aws_env, fake_secret, patched_environ, replay_recording, start_moto
 from tests.servers import mlflow_tracking_server, model_server, stop_process
-from tests.system.test_pipeline_dvc import _tracked_files
 
 pytestmark = pytest.mark.slow
 
@@ -109,11 +108,6 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout + result.stderr
 
 
-def commit(repo: Path, message: str) -> None:
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message], cwd=repo, check=True)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("s3-pipeline")
@@ -147,18 +141,7 @@ def built(world: World) -> World:
                   min_per_class=d["min_per_class"], tif_fraction=0.1, databar_fraction=0.5, progress=False)  # fmt: skip
     world.n_seed = sum(1 for p in seed_dir.rglob("*") if p.is_file())  # type: ignore[attr-defined]
 
-    repo = world.repo
-    for rel in _tracked_files():
-        src = Path(__file__).resolve().parents[2] / rel
-        if src.is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, repo / rel)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in PIPELINE.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    commit(repo, "copy")
+    repo = copy_repo(world.repo, overrides=PIPELINE)
     site = repo / ".dvc" / "site"
     site.mkdir(parents=True)
     ok(world.dvc("site", repo, "config", "--local", "core.site_cache_dir", str(site)))
@@ -251,7 +234,7 @@ def test_dvc_remote_on_s3_push_and_pull_into_a_fresh_clone(built: World) -> None
     out = ok(built.dvc("push", repo, "push"))
     assert "pushed" in out
     assert built.keys("dvcstore/files/md5/")
-    commit(repo, "pipeline outputs")
+    git_commit(repo, "pipeline outputs")
     clone = built.clone("clone")
     ok(built.dvc("pull", clone, "pull", *DVC_DATA))
     for rel in DVC_DATA:
@@ -268,7 +251,7 @@ def test_endpoint_killed_mid_push_then_retry_completes(built: World) -> None:
     generate_demo(extra, n_images=n_extra, width=48, height=48, seed=7, min_per_class=8, tif_fraction=0.0,
                   databar_fraction=0.0, progress=False)  # fmt: skip
     ok(built.dvc("add-extra", repo, "add", "data/extra"))
-    commit(repo, "extra data")
+    git_commit(repo, "extra data")
     before = len(built.keys("dvcstore/"))
     # DVC tries every remaining file against a dead endpoint; fewer botocore attempts make it give up sooner.
     env = {**os.environ, **built.env, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "AWS_MAX_ATTEMPTS": "2"}
