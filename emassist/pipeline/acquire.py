@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from emassist.config.settings import Params
+from emassist.config.settings import Params, ParamsError
 from emassist.data.demo import generate_demo
 from emassist.data.fetch import FetchError, FetchReport, fetch_nffa
 from emassist.data.s3 import PullReport, S3Error, pull
@@ -14,19 +15,15 @@ from emassist.pipeline.stagerun import StageError
 
 
 def generate(params: Params, out_dir: Path, **overrides: Any) -> dict[str, int]:
-    """Demo images from ``params.demo``; keyword overrides (n_images, width, height, seed, min_per_class) win."""
-    d = params.demo
-    settings = {
-        "n_images": d.n_images,
-        "width": d.width,
-        "height": d.height,
-        "seed": d.seed,
-        "min_per_class": d.min_per_class,
-        "tif_fraction": d.tif_fraction,
-        "databar_fraction": d.databar_fraction,
-    }
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    return generate_demo(out_dir, **settings)
+    """Demo images from ``params.demo``; keyword overrides (n_images, width, height, seed, min_per_class) win and go
+    through the same check as params.yaml's values (a value that does not fit is a :class:`StageError`)."""
+    demo = dataclasses.replace(params.demo, **{k: v for k, v in overrides.items() if v is not None})
+    if demo != params.demo:
+        try:
+            demo.check()
+        except ParamsError as exc:
+            raise StageError(f"{exc} (with the values given on the command line)") from exc
+    return generate_demo(out_dir, demo)
 
 
 def fetch(params: Params, out_dir: Path, classes: Sequence[str] | None = None) -> FetchReport:
