@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
+from tests.helpers import copy_repo
 from tests.servers import (
     VENV_BIN,
     free_port,
@@ -44,27 +44,11 @@ TINY: dict[str, dict[str, Any]] = {
     "train": {"model": "simple_cnn", "image_size": 32, "epochs": 1, "batch_size": 16, "work_pool": "gpu"},
     "orchestration": {"retries": 1, "retry_delay_s": 1, "train_timeout_s": 600, "connect_timeout_s": 3},
 }
-OUTPUTS = ("data/", "dvc.lock", "models/", "reports/", "mlflow.db", "mlartifacts/", "bench/results")
 
 
 def _copy_repo(root: Path, params: dict[str, Any], remote: Path) -> Path:
-    """A fresh copy of the repository (tracked and new files), its own git repo, DVC remote = ``remote``."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True,
-                         text=True, check=True).stdout  # fmt: skip
-    for rel in out.splitlines():
-        src = REPO_ROOT / rel
-        if rel and not rel.startswith(OUTPUTS) and src.is_file():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, root / rel)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
-    subprocess.run([*git, "init", "-q"], cwd=root, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=root, check=True)
-    dvc = [sys.executable, "-m", "dvc", "config", "--local"]
-    subprocess.run([*dvc, "core.site_cache_dir", str(root / ".dvc" / "site")], cwd=root, check=True)
-    subprocess.run([*dvc, "remote.local.url", str(remote)], cwd=root, check=True)
-    return root
+    """A fresh copy of the repository (its own git repo, DVC site cache inside), DVC remote ``local`` = ``remote``."""
+    return copy_repo(root, params=params, dvc_remote=remote, site_cache=True)
 
 
 def tiny_params(**overrides: dict[str, Any]) -> dict[str, Any]:
