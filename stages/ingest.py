@@ -1,35 +1,9 @@
 """ingest: decode every raw image, crop the data bar, cache 8-bit PNGs, quarantine what cannot be read."""
 
-from __future__ import annotations
-
 import sys
-from pathlib import Path
-from typing import Any
 
-from emassist.config.settings import Params
-from emassist.data.ingest import run_ingest
-from emassist.pipeline.stagerun import StageError, run_stage
-
-
-def ingest(params: Params, raw_dir: Path, out_dir: Path) -> Any:
-    if not raw_dir.is_dir():
-        raise StageError(f"{raw_dir} does not exist: run the acquire stage (dvc repro acquire) or dvc pull")
-    i = params.ingest
-    return run_ingest(
-        raw_dir,
-        out_dir,
-        classes=params.data.classes,
-        cache_size=i.cache_size,
-        max_pixels=i.max_pixels,
-        min_side=i.min_side,
-        crop_databar=i.crop_databar,
-        workers=i.workers,
-    )
-
-
-def main(params: Params) -> None:
-    print(ingest(params, Path(params.data.raw_dir), Path(params.data.interim_dir)))
-
+from emassist.pipeline.ingest import main
+from emassist.pipeline.stagerun import run_stage
 
 if __name__ == "__main__":
     sys.exit(run_stage("ingest", __doc__ or "", main))
