@@ -55,10 +55,9 @@ def _cmd_push(args: argparse.Namespace) -> int:
 def dvc_remote_commands(s3: S3Params, *, default: bool) -> list[list[str]]:
     """The ``dvc remote`` commands that configure the S3 remote in .dvc/config.local (machine-specific, not in git).
     No credentials: DVC takes them from the same AWS chain."""
-    if not s3.bucket:
-        raise ValueError("s3.bucket is not set in params.yaml")
+    bucket = s3.require_bucket()
     name = s3.dvc_remote
-    url = f"s3://{s3.bucket}/{s3.dvc_prefix.strip('/')}".rstrip("/")
+    url = f"s3://{bucket}/{s3.dvc_prefix.strip('/')}".rstrip("/")
     cmds = [["dvc", "remote", "add", "--local", "--force", name, url]]
     settings = {"endpointurl": s3.resolved_endpoint_url(), "region": s3.region, "profile": s3.profile,
                 "jobs": str(s3.dvc_jobs) if s3.dvc_jobs else None}  # fmt: skip
@@ -90,10 +89,9 @@ def mlflow_server_command(
 ) -> tuple[list[str], dict[str, str]]:
     """``mlflow server`` with proxied artifacts at s3://bucket/mlflow_prefix, and the environment it needs
     (only the endpoint; credentials stay in the caller's AWS chain)."""
-    if not s3.bucket:
-        raise ValueError("s3.bucket is not set in params.yaml")
+    bucket = s3.require_bucket()
     cmd = ["mlflow", "server", "--backend-store-uri", backend_store_uri,
-           "--artifacts-destination", f"s3://{s3.bucket}/{s3.mlflow_prefix.strip('/')}".rstrip("/"),
+           "--artifacts-destination", f"s3://{bucket}/{s3.mlflow_prefix.strip('/')}".rstrip("/"),
            "--host", host, "--port", str(port), "--workers", str(workers)]  # fmt: skip
     env = {}
     if endpoint := s3.resolved_endpoint_url():

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from emassist.config.settings import Params, ParamsError
+from emassist.config.settings import Params, ParamsError, check_class_names
 from emassist.data.demo import generate_demo
 from emassist.data.fetch import FetchError, FetchReport, fetch_nffa
 from emassist.data.s3 import PullReport, S3Error, pull
@@ -28,16 +28,13 @@ def generate(params: Params, out_dir: Path, **overrides: Any) -> dict[str, int]:
 
 def fetch(params: Params, out_dir: Path, classes: Sequence[str] | None = None) -> FetchReport:
     """The real dataset per ``params.nffa`` (resumable, MD5-verified, safely extracted)."""
-    n = params.nffa
+    if classes:
+        try:
+            check_class_names("--classes", classes)
+        except ParamsError as exc:
+            raise StageError(str(exc)) from exc
     try:
-        return fetch_nffa(
-            out_dir,
-            base_url=n.base_url,
-            download_dir=Path(n.download_dir),
-            classes=tuple(classes or params.data.classes),
-            retries=n.retries,
-            timeout_s=n.timeout_s,
-        )
+        return fetch_nffa(out_dir, params.nffa, tuple(classes or params.data.classes))
     except FetchError as exc:
         raise StageError(str(exc)) from exc
 
