@@ -30,8 +30,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from emassist.config.classes import CLASSES
-from emassist.data.imaging import decode_image, dhash, find_databar, standardize
+from emassist.data.databar import find_databar
+from emassist.data.decode import decode_image
+from emassist.data.hashing import dhash
 from emassist.data.ingest import _cpu_count, run_ingest
+from emassist.data.preprocess import Preprocessor
 
 STAGES = ("read", "decode", "hash", "standardize", "write")
 
@@ -60,17 +63,12 @@ def generate(out: Path, n: int, width: int, height: int, seed: int) -> str:
     except ImportError:
         _fallback_generate(out, n, width, height, seed)
         return "built-in JPEG generator"
-    generate_demo(
-        out,
-        n_images=n,
-        width=width,
-        height=height,
-        seed=seed,
-        min_per_class=max(1, min(40, n // 20)),
-        tif_fraction=0.1,
-        databar_fraction=0.8,
-        progress=True,
-    )
+    from emassist.config.settings import DemoParams
+
+    demo = DemoParams(n_images=n, width=width, height=height, seed=seed, min_per_class=max(1, min(40, n // 20)),
+                      tif_fraction=0.1, databar_fraction=0.8)  # fmt: skip
+    demo.check()
+    generate_demo(out, demo, progress=True)
     return "emassist.data.demo.generate_demo (jpg/png/16-bit tif)"
 
 
@@ -105,13 +103,14 @@ def time_stages(files: list[Path], out: Path, cache_size: int) -> dict[str, floa
     totals = dict.fromkeys(STAGES, 0.0)
     out.mkdir(parents=True, exist_ok=True)
     clock = time.perf_counter
+    pre = Preprocessor(cache_size=cache_size, crop_databar=True, max_pixels=100_000_000, min_side=16)
     for path in files:
         t0 = clock()
         data = path.read_bytes()
         t1 = clock()
-        decoded = decode_image(data, max_pixels=100_000_000, min_side=16)
+        decoded = pre.decode(data)
         t2 = clock()
-        std, _ = standardize(decoded.gray, cache_size=cache_size, crop_databar=True)
+        std, _ = pre.standardize(decoded.gray)
         t3 = clock()
         hashlib.sha256(data).hexdigest()
         dhash(std)

@@ -38,14 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from emassist.config.choices import MODEL_NAMES
 from emassist.config.classes import CLASSES
 
 if TYPE_CHECKING:
+    from emassist.config.settings import PolicyParams
     from emassist.data.dataset import SplitData
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported (lazily, below)
 
-MODEL_NAMES = ("simple_cnn", "compact_cnn", "xception")  # emassist.model.builders.MODEL_NAMES, without importing Keras
 
 GOAL_RATIO = 3.0
 LARGE_SIZE = 224  # xception at this size or above uses --large-batch-size / --large-steps
@@ -79,24 +80,18 @@ def build_split(work: Path, *, n_images: int, side: int, seed: int) -> SplitData
     """generate_demo → run_ingest (cache_size = ``side``) → one SplitData over every accepted image."""
     import pandas as pd
 
+    from emassist.config.settings import DemoParams
     from emassist.data.dataset import SplitData
     from emassist.data.demo import generate_demo
     from emassist.data.ingest import run_ingest
 
     raw, interim = work / "raw", work / "interim"
     t0 = time.perf_counter()
-    generate_demo(
-        raw,
-        n_images=n_images,
-        width=side,
-        height=side,
-        seed=seed,
-        min_per_class=max(1, min(10, n_images // len(CLASSES))),
-        tif_fraction=0.1,
-        databar_fraction=0.8,
-        workers=0,
-        progress=False,
-    )
+    demo = DemoParams(n_images=n_images, width=side, height=side, seed=seed,
+                      min_per_class=max(1, min(10, n_images // len(CLASSES))), tif_fraction=0.1,
+                      databar_fraction=0.8)  # fmt: skip
+    demo.check()
+    generate_demo(raw, demo, workers=0, progress=False)
     t1 = time.perf_counter()
     run_ingest(
         raw,
@@ -120,10 +115,10 @@ def build_split(work: Path, *, n_images: int, side: int, seed: int) -> SplitData
     return SplitData("bench", paths, labels)
 
 
-def training_dataset(split: SplitData, size: int, batch: int, policy: dict[str, Any], seed: int) -> Any:
+def training_dataset(split: SplitData, size: int, batch: int, policy: PolicyParams, seed: int) -> Any:
     """An endless make_dataset(training=True, cache=False, augmentation on)."""
     from emassist.data.dataset import make_dataset
-    from emassist.model.builders import build_augmentation
+    from emassist.model.online_augment import build_augmentation
 
     return make_dataset(
         split,
@@ -141,7 +136,7 @@ def training_dataset(split: SplitData, size: int, batch: int, policy: dict[str, 
 
 
 def bench_input(
-    split: SplitData, size: int, batch: int, policy: dict[str, Any], seed: int, *, window_images: int, repeats: int
+    split: SplitData, size: int, batch: int, policy: PolicyParams, seed: int, *, window_images: int, repeats: int
 ) -> Row:
     """Pull batches as fast as possible; the first epoch (tracing, buffers filling) is not timed."""
     it = iter(training_dataset(split, size, batch, policy, seed))
@@ -200,7 +195,7 @@ def train_rows(
     size: int,
     batch: int,
     *,
-    policy: dict[str, Any],
+    policy: PolicyParams,
     args: argparse.Namespace,
     steps: int,
     warmup_steps: int,
@@ -210,7 +205,8 @@ def train_rows(
     import keras
     import tensorflow as tf
 
-    from emassist.model.builders import build_model, compile_model, set_phase
+    from emassist.model.builders import build_model
+    from emassist.model.phases import compile_model, set_phase
 
     keras.backend.clear_session()
     gc.collect()
@@ -359,7 +355,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--params",
         type=Path,
         default=Path("params.yaml"),
-        help="params file whose augmentation policy is used (built-in defaults if it does not exist)",
+        help="params file whose augmentation policy is used (if missing: the dataclass defaults, equal to params.yaml)",
     )
     parser.add_argument(
         "--policy",
@@ -395,15 +391,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def load_policy(path: Path, which: str = "online") -> tuple[dict[str, Any], str]:
-    from emassist.config.settings import PolicyParams, load_params
+def load_policy(path: Path, which: str = "online") -> tuple[PolicyParams, str]:
+    from emassist.config.settings import AugmentParams, load_params
 
     if path.is_file():
         augment = load_params(path).augment
         policy = augment.online_policy if which == "online" else augment.policy
         key = "augment.online_policy" if which == "online" else "augment.policy"
-        return policy.as_dict(), f"{key} of {path}"
-    return PolicyParams().as_dict(), "built-in defaults"
+        return policy, f"{key} of {path}"
+    defaults = AugmentParams()  # the dataclass defaults are params.yaml's (tested)
+    return (defaults.online_policy if which == "online" else defaults.policy), f"{which} policy of params.yaml defaults"
 
 
 def main(argv: list[str] | None = None) -> int:
