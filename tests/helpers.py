@@ -185,6 +185,13 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def demo_params(**values: Any) -> Any:
+    """Checked ``DemoParams`` (``emassist demo``'s settings) from keyword values over params.yaml's ``demo``."""
+    from emassist.config.settings import params_from_dict
+
+    return params_from_dict({"demo": values}).demo
+
+
 def demo_float(cls: str, index: int, size: int = 128, seed: int = 7, *, databar: bool = False) -> np.ndarray:
     """One demo SEM image of class ``cls`` rendered in memory: float32 [size, size] in 0..1 (the generator's own)."""
     from emassist.config.classes import CLASSES as ALL

@@ -32,7 +32,7 @@ import pytest
 import requests
 import yaml
 
-from tests.helpers import copy_repo, git_commit
+from tests.helpers import copy_repo, demo_params, git_commit
 from tests.s3_support import aws_env, fake_secret, patched_environ, replay_recording, start_moto
 from tests.servers import mlflow_tracking_server, model_server, stop_process
 
@@ -137,8 +137,7 @@ def built(world: World) -> World:
 
     d = PIPELINE["demo"]
     seed_dir = world.tmp / "seed"
-    generate_demo(seed_dir, n_images=d["n_images"], width=d["width"], height=d["height"], seed=1,
-                  min_per_class=d["min_per_class"], tif_fraction=0.1, databar_fraction=0.5, progress=False)  # fmt: skip
+    generate_demo(seed_dir, demo_params(**d, seed=1, tif_fraction=0.1, databar_fraction=0.5), progress=False)
     world.n_seed = sum(1 for p in seed_dir.rglob("*") if p.is_file())  # type: ignore[attr-defined]
 
     repo = copy_repo(world.repo, overrides=PIPELINE)
@@ -154,16 +153,16 @@ def built(world: World) -> World:
     for key, body in CORRUPT_KEYS.items():
         client.put_object(Bucket=BUCKET, Key=key, Body=body)
 
-    # acquire (from the bucket) -> ingest -> validate -> split, as DVC stages with cached outputs
-    out = ok(world.dvc("repro", repo, "repro", "split"))
-    for stage in ("acquire", "ingest", "validate", "split"):
+    # acquire (from the bucket) -> ingest -> validate -> split -> augment, as DVC stages with cached outputs
+    out = ok(world.dvc("repro", repo, "repro", "augment"))
+    for stage in ("acquire", "ingest", "validate", "split", "augment"):
         assert f"Running stage '{stage}'" in out, stage
-    # train -> evaluate -> register in this process (the same library code the stages run; one TensorFlow start-up
+    # train -> evaluate -> register in this process (the pipeline steps the stages run; one TensorFlow start-up
     # instead of three on a shared 2-core machine), logging to the MLflow server with artifacts on S3
     from emassist.config.settings import load_params
-    from emassist.model.heldout import evaluate
-    from emassist.model.registry import register_and_gate
-    from emassist.model.training import train
+    from emassist.pipeline import evaluate as evaluate_step
+    from emassist.pipeline import register as register_step
+    from emassist.pipeline import train as train_step
     from tests.servers import tracking_uri_env
 
     cwd = Path.cwd()
@@ -171,13 +170,13 @@ def built(world: World) -> World:
     try:
         with tracking_uri_env(world.tracking_uri):
             params = load_params("params.yaml")
-            world.run_id = train(params).run_id  # type: ignore[attr-defined]
-            evaluate(params)
-            mv, decision = register_and_gate(params)
+            world.run_id = train_step.main(params).run_id  # type: ignore[attr-defined]
+            evaluate_step.main(params)
+            report = register_step.main(params)
     finally:
         os.chdir(cwd)
-    world.version = str(mv.version)  # type: ignore[attr-defined]
-    assert decision.promoted
+    world.version = report["version"]  # type: ignore[attr-defined]
+    assert report["decision"] == "promoted"
     return world
 
 
@@ -248,8 +247,9 @@ def test_endpoint_killed_mid_push_then_retry_completes(built: World) -> None:
     repo = built.repo
     extra = repo / "data" / "extra"
     n_extra, stop_after = 80, 10
-    generate_demo(extra, n_images=n_extra, width=48, height=48, seed=7, min_per_class=8, tif_fraction=0.0,
-                  databar_fraction=0.0, progress=False)  # fmt: skip
+    extra_demo = demo_params(n_images=n_extra, width=48, height=48, seed=7, min_per_class=8, tif_fraction=0.0,
+                             databar_fraction=0.0)  # fmt: skip
+    generate_demo(extra, extra_demo, progress=False)
     ok(built.dvc("add-extra", repo, "add", "data/extra"))
     git_commit(repo, "extra data")
     before = len(built.keys("dvcstore/"))
