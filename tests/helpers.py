@@ -1,7 +1,8 @@
 """One home for the builders and fixtures' plumbing that several test files share.
 
 * repository copies: :func:`tracked_files`, :func:`copy_repo`, :func:`tiny_params`, :func:`git_commit`
-* image builders: :func:`png_header_only` (a decompression bomb's header), :func:`image_bytes`, :func:`encode`,
+* image builders: :func:`png_header_only` (a decompression bomb's header), :func:`texture` (an SEM-like
+  micrograph), :func:`image_bytes`, :func:`encode`,
   :func:`demo_image` (one demo SEM image rendered in memory), :func:`b64`
 * models: :func:`brightness_model` (a hand-weighted tiny Keras model), the small *trained* model lives in
   ``tests/conftest.py`` (``small_model``, built by :func:`train_small_model`)
@@ -157,6 +158,18 @@ def encode(image: Any, fmt: str, **options: Any) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format=fmt, **options)
     return buf.getvalue()
+
+
+def texture(h: int, w: int, seed: int = 0, mean: float = 120.0, noise: float = 18.0) -> np.ndarray:
+    """An SEM-like micrograph (uint8 [h, w]): smooth random relief around ``mean`` plus pixel noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0.0, 1.0, (h // 8 + 1, w // 8 + 1))
+    base = ((base - base.min()) / np.ptp(base) * 255).astype(np.uint8)
+    relief = np.asarray(Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float64)
+    arr = relief * 0.5 + mean - 64 + rng.normal(0.0, noise, (h, w))
+    return np.clip(arr, 0, 255).astype(np.uint8)
 
 
 def image_bytes(kind: str, seed: int = 0, size: tuple[int, int] = (48, 40), level: int | None = None) -> bytes:

@@ -22,6 +22,7 @@ from emassist.config.classes import CLASSES
 from emassist.config.settings import NffaParams, ParamsError, check_class_names
 from emassist.data.fetch import NFFA_MD5, FetchError, extract_class_tar, fetch_nffa, md5_file
 from tests.conftest import REPO_ROOT
+from tests.helpers import encode
 
 FAST = {"retries": 3, "timeout_s": 5.0, "progress": False, "backoff_s": 0.01}
 
@@ -149,9 +150,7 @@ def server() -> Iterator[Server]:
 
 
 def _png(seed: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("L", (8, 6), color=seed % 256).save(buf, format="PNG")
-    return buf.getvalue()
+    return encode(Image.new("L", (8, 6), color=seed % 256), "PNG")
 
 
 def _file_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
@@ -190,6 +189,12 @@ def serve(server: Server, tars: dict[str, bytes]) -> dict[str, str]:
     return {cls: md5(data) for cls, data in tars.items()}
 
 
+def serve_class(server: Server, cls: str, n: int = 3, **tar_options: Any) -> tuple[bytes, dict[str, str]]:
+    """``build_tar(cls, n, ...)`` served by ``server``: (the tar's bytes, its checksum as ``{cls: md5}``)."""
+    data = build_tar(cls, n, **tar_options)
+    return data, serve(server, {cls: data})
+
+
 def files_under(path: Path) -> set[str]:
     return {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
 
@@ -197,6 +202,14 @@ def files_under(path: Path) -> set[str]:
 def expected_names(data: bytes) -> set[str]:
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         return {m.name.split("/", 1)[-1] for m in tf.getmembers() if m.isfile()}
+
+
+def fetch_class(server: Server, tmp_path: Path, cls: str, checksums: dict[str, str], *, raw: Path | None = None,
+                **options: Any) -> Any:  # fmt: skip
+    """:func:`_fetch` of the one class ``cls`` from ``server``: into ``raw`` (default ``tmp_path/raw``), downloads in
+    ``tmp_path/dl``, with :data:`FAST`'s options unless ``options`` say otherwise."""
+    return _fetch(raw or tmp_path / "raw", base_url=server.base_url, download_dir=tmp_path / "dl", classes=[cls],
+                  checksums=checksums, **{**FAST, **options})  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -239,18 +252,10 @@ def test_download_verify_extract(server: Server, tmp_path: Path) -> None:
 
 
 def test_truncated_download_is_resumed_with_range(server: Server, tmp_path: Path) -> None:
-    data = build_tar("Fibres", 4)
-    sums = serve(server, {"Fibres": data})
+    data, sums = serve_class(server, "Fibres", 4)
     server.state.truncate_first["Fibres.tar"] = 1000
 
-    report = _fetch(
-        tmp_path / "raw",
-        base_url=server.base_url,
-        download_dir=tmp_path / "dl",
-        classes=["Fibres"],
-        checksums=sums,
-        **FAST,
-    )
+    report = fetch_class(server, tmp_path, "Fibres", sums)
 
     assert server.state.ranges("Fibres.tar") == [None, "bytes=1000-"]
     c = report.classes["Fibres"]
@@ -260,18 +265,10 @@ def test_truncated_download_is_resumed_with_range(server: Server, tmp_path: Path
 
 
 def test_stalled_download_times_out_and_resumes(server: Server, tmp_path: Path) -> None:
-    data = build_tar("Tips", 3)
-    sums = serve(server, {"Tips": data})
+    data, sums = serve_class(server, "Tips", 3)
     server.state.stall_first["Tips.tar"] = (700, 1.5)
 
-    report = _fetch(
-        tmp_path / "raw",
-        base_url=server.base_url,
-        download_dir=tmp_path / "dl",
-        classes=["Tips"],
-        checksums=sums,
-        **{**FAST, "timeout_s": 0.3},
-    )
+    report = fetch_class(server, tmp_path, "Tips", sums, timeout_s=0.3)
 
     assert server.state.ranges("Tips.tar") == [None, "bytes=700-"]
     assert report.classes["Tips"].resumed
@@ -279,19 +276,11 @@ def test_stalled_download_times_out_and_resumes(server: Server, tmp_path: Path) 
 
 
 def test_server_ignoring_range_restarts_from_zero(server: Server, tmp_path: Path) -> None:
-    data = build_tar("Nanowires", 4)
-    sums = serve(server, {"Nanowires": data})
+    data, sums = serve_class(server, "Nanowires", 4)
     server.state.truncate_first["Nanowires.tar"] = 1500
     server.state.ignore_range = True
 
-    report = _fetch(
-        tmp_path / "raw",
-        base_url=server.base_url,
-        download_dir=tmp_path / "dl",
-        classes=["Nanowires"],
-        checksums=sums,
-        **FAST,
-    )
+    report = fetch_class(server, tmp_path, "Nanowires", sums)
 
     assert server.state.ranges("Nanowires.tar") == [None, "bytes=1500-"]  # asked to resume, got the whole body
     c = report.classes["Nanowires"]
@@ -301,35 +290,24 @@ def test_server_ignoring_range_restarts_from_zero(server: Server, tmp_path: Path
 
 
 def test_server_failing_at_the_same_point_gives_up(server: Server, tmp_path: Path) -> None:
-    data = build_tar("Nanowires", 4)
-    sums = serve(server, {"Nanowires": data})
+    _, sums = serve_class(server, "Nanowires", 4)
     server.state.truncate_all["Nanowires.tar"] = 1500
     server.state.ignore_range = True
 
     with pytest.raises(FetchError, match=r"kept failing .*re-run to resume"):
-        _fetch(
-            tmp_path / "raw",
-            base_url=server.base_url,
-            download_dir=tmp_path / "dl",
-            classes=["Nanowires"],
-            checksums=sums,
-            **{**FAST, "retries": 2},
-        )
+        fetch_class(server, tmp_path, "Nanowires", sums, retries=2)
 
     assert server.state.count() == 3  # the first attempt (progress), then 2 retries without progress
     assert not (tmp_path / "raw" / "Nanowires").exists()
 
 
 def test_complete_partial_file_gets_416_and_is_verified(server: Server, tmp_path: Path) -> None:
-    data = build_tar("Particles", 2)
-    sums = serve(server, {"Particles": data})
+    data, sums = serve_class(server, "Particles", 2)
     dl = tmp_path / "dl"
     dl.mkdir()
     (dl / "Particles.tar.part").write_bytes(data)  # a run killed after the last byte but before the rename
 
-    report = _fetch(
-        tmp_path / "raw", base_url=server.base_url, download_dir=dl, classes=["Particles"], checksums=sums, **FAST
-    )
+    report = fetch_class(server, tmp_path, "Particles", sums)
 
     assert server.state.ranges("Particles.tar") == [f"bytes={len(data)}-"]
     assert report.classes["Particles"].transferred == 0
@@ -337,31 +315,22 @@ def test_complete_partial_file_gets_416_and_is_verified(server: Server, tmp_path
 
 
 def test_transient_server_errors_are_retried(server: Server, tmp_path: Path) -> None:
-    data = build_tar("Biological", 2)
-    sums = serve(server, {"Biological": data})
+    _, sums = serve_class(server, "Biological", 2)
     server.state.fail_first["Biological.tar"] = 2
 
-    report = _fetch(
-        tmp_path / "raw",
-        base_url=server.base_url,
-        download_dir=tmp_path / "dl",
-        classes=["Biological"],
-        checksums=sums,
-        **FAST,
-    )
+    report = fetch_class(server, tmp_path, "Biological", sums)
 
     assert server.state.count("Biological.tar") == 3
     assert report.classes["Biological"].files == 2
 
 
 def test_checksum_mismatch(server: Server, tmp_path: Path) -> None:
-    data = build_tar("Fibres", 2)
-    serve(server, {"Fibres": data})
+    data, _ = serve_class(server, "Fibres", 2)
     raw, dl = tmp_path / "raw", tmp_path / "dl"
     wrong = "0" * 32
 
     with pytest.raises(FetchError) as err:
-        _fetch(raw, base_url=server.base_url, download_dir=dl, classes=["Fibres"], checksums={"Fibres": wrong}, **FAST)
+        fetch_class(server, tmp_path, "Fibres", {"Fibres": wrong})
 
     msg = str(err.value)
     assert "checksum mismatch for Fibres.tar" in msg and wrong in msg and md5(data) in msg and "re-run" in msg
@@ -370,8 +339,7 @@ def test_checksum_mismatch(server: Server, tmp_path: Path) -> None:
 
 
 def test_already_downloaded_tar_skips_network(server: Server, tmp_path: Path) -> None:
-    data = build_tar("Porous_Sponge", 3)
-    sums = serve(server, {"Porous_Sponge": data})
+    data, sums = serve_class(server, "Porous_Sponge", 3)
     raw, dl = tmp_path / "raw", tmp_path / "dl"
     kw = {"base_url": server.base_url, "download_dir": dl, "classes": ["Porous_Sponge"], "checksums": sums, **FAST}
     _fetch(raw, **kw)
@@ -387,32 +355,21 @@ def test_already_downloaded_tar_skips_network(server: Server, tmp_path: Path) ->
 
 
 def test_corrupt_existing_tar_is_downloaded_again(server: Server, tmp_path: Path) -> None:
-    data = build_tar("Powder", 2)
-    sums = serve(server, {"Powder": data})
+    data, sums = serve_class(server, "Powder", 2)
     dl = tmp_path / "dl"
     dl.mkdir()
     (dl / "Powder.tar").write_bytes(b"X" + data[1:])
 
-    report = _fetch(
-        tmp_path / "raw", base_url=server.base_url, download_dir=dl, classes=["Powder"], checksums=sums, **FAST
-    )
+    report = fetch_class(server, tmp_path, "Powder", sums)
 
     assert server.state.count() == 1 and report.classes["Powder"].downloaded
     assert md5_file(dl / "Powder.tar") == sums["Powder"]
 
 
 def test_flat_tar_is_extracted_into_class_folder(server: Server, tmp_path: Path) -> None:
-    data = build_tar("Patterned_surface", 3, flat=True)
-    sums = serve(server, {"Patterned_surface": data})
+    data, sums = serve_class(server, "Patterned_surface", 3, flat=True)
 
-    report = _fetch(
-        tmp_path / "raw",
-        base_url=server.base_url,
-        download_dir=tmp_path / "dl",
-        classes=["Patterned_surface"],
-        checksums=sums,
-        **FAST,
-    )
+    report = fetch_class(server, tmp_path, "Patterned_surface", sums)
 
     assert files_under(tmp_path / "raw" / "Patterned_surface") == expected_names(data)
     assert report.classes["Patterned_surface"].files == 3
@@ -454,13 +411,12 @@ def _evil_member(kind: str, tmp_path: Path) -> tarfile.TarInfo:
 )
 def test_unsafe_members_are_refused(server: Server, tmp_path: Path, kind: str, why: str) -> None:
     evil = _evil_member(kind, tmp_path)
-    data = build_tar("Fibres", 2, extra=[evil])
-    sums = serve(server, {"Fibres": data})
+    _, sums = serve_class(server, "Fibres", 2, extra=[evil])
     raw = tmp_path / "work" / "raw"
     before = files_under(tmp_path)
 
     with pytest.raises(FetchError) as err:
-        _fetch(raw, base_url=server.base_url, download_dir=tmp_path / "dl", classes=["Fibres"], checksums=sums, **FAST)
+        fetch_class(server, tmp_path, "Fibres", sums, raw=raw)
 
     msg = str(err.value)
     assert repr(evil.name) in msg and why in msg and "Fibres.tar" in msg
@@ -485,14 +441,7 @@ def test_not_a_tar_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_missing_file_is_a_clear_error(server: Server, tmp_path: Path) -> None:
     with pytest.raises(FetchError, match=r"Tips\.tar not found .*HTTP 404.*base_url"):
-        _fetch(
-            tmp_path / "raw",
-            base_url=server.base_url,
-            download_dir=tmp_path / "dl",
-            classes=["Tips"],
-            checksums={"Tips": "0" * 32},
-            **FAST,
-        )
+        fetch_class(server, tmp_path, "Tips", {"Tips": "0" * 32})
 
 
 def test_unreachable_network_is_a_clear_error(tmp_path: Path) -> None:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import time
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +17,12 @@ from emassist.data.databar import find_databar
 from emassist.data.decode import DecodedImage, ImageRejected, check_pixels, decode_image, probe_image
 from emassist.data.hashing import dhash, hamming
 from emassist.data.preprocess import Preprocessor
+from tests.helpers import encode, png_header_only, texture
 
 LIMITS = {"max_pixels": 100_000_000, "min_side": 16}
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-
-
-def texture(h: int, w: int, seed: int = 0, mean: float = 120.0, noise: float = 18.0) -> np.ndarray:
-    """An SEM-like micrograph: smooth random relief plus pixel noise."""
-    rng = np.random.default_rng(seed)
-    base = rng.normal(0.0, 1.0, (h // 8 + 1, w // 8 + 1))
-    base = ((base - base.min()) / np.ptp(base) * 255).astype(np.uint8)
-    relief = np.asarray(Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float64)
-    arr = relief * 0.5 + mean - 64 + rng.normal(0.0, noise, (h, w))
-    return np.clip(arr, 0, 255).astype(np.uint8)
 
 
 def with_databar(arr: np.ndarray, frac: float = 0.1, bg: int = 0, fg: int = 255) -> tuple[np.ndarray, int]:
@@ -50,28 +39,8 @@ def with_databar(arr: np.ndarray, frac: float = 0.1, bg: int = 0, fg: int = 255)
     return np.asarray(im), bar_h
 
 
-def encode(im: Image.Image | np.ndarray, fmt: str, **params: object) -> bytes:
-    if isinstance(im, np.ndarray):
-        im = Image.fromarray(im)
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **params)
-    return buf.getvalue()
-
-
 def roundtrip(arr: np.ndarray, fmt: str = "PNG", **params: object) -> np.ndarray:
     return decode_image(encode(arr, fmt, **params), **LIMITS).gray
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares a huge size but carries (almost) no pixel data: a decompression bomb stand-in."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
-    )
 
 
 def rejected_reason(source: bytes | Path, **limits: int) -> str:

@@ -126,12 +126,31 @@ MagCanvasRealWidth=0.128
 """
 
 
-def test_zeiss_tag() -> None:
-    meta = read_sem_metadata(tiff_with_tags({34118: ZEISS}))
-    assert_metadata(
-        meta, {"instrument": "Zeiss Sigma", "pixel_size_nm": 1500.0, "magnification": 4530.0, "hv_kv": 15.0,
-               "wd_mm": 8.5},
-    )  # fmt: skip
+JEOL = (
+    "$CM_FORMAT JEOL/SEM\n$CM_INSTRUMENT JSM-7600F\n$CM_MAG 20000\n$CM_ACCEL_VOLT 15.00\n"
+    "$SM_WD 8.0\n$$SM_MICRON_BAR 120\n$$SM_MICRON_MARKER 1um\n"
+)
+HITACHI = (
+    "[SemImageFile]\nInstructName=S-4800\nMagnification=50000\nAcceleratingVoltage=15000 Volt\n"
+    "WorkingDistance=8100 um\nPixelSize=2.480469\n"
+)
+# vendor -> (TIFF tag, its text, what read_sem_metadata makes of it)
+SYNTHETIC: dict[str, tuple[int, str, dict[str, Any]]] = {
+    "zeiss": (34118, ZEISS, {"instrument": "Zeiss Sigma", "pixel_size_nm": 1500.0, "magnification": 4530.0,
+                             "hv_kv": 15.0, "wd_mm": 8.5}),
+    "fei": (34682, FEI, {"instrument": "FEI Quanta 250 FEG", "pixel_size_nm": 0.5, "magnification": 250.0,
+                         "hv_kv": 20.0, "wd_mm": 10.1}),
+    "jeol": (270, JEOL, {"instrument": "JEOL JSM-7600F", "magnification": 20000.0, "hv_kv": 15.0, "wd_mm": 8.0,
+                         "pixel_size_nm": 1000.0 / 120}),  # the description tag
+    "hitachi": (270, HITACHI, {"instrument": "Hitachi S-4800", "magnification": 50000.0, "hv_kv": 15.0,
+                               "wd_mm": 8.1, "pixel_size_nm": 2.480469}),  # the description tag
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("vendor", sorted(SYNTHETIC))
+def test_vendor_tag(vendor: str) -> None:
+    tag, text, expected = SYNTHETIC[vendor]
+    assert_metadata(read_sem_metadata(tiff_with_tags({tag: text})), expected)
 
 
 def test_zeiss_width_over_pixels_wins() -> None:
@@ -142,14 +161,6 @@ def test_zeiss_width_over_pixels_wins() -> None:
 def test_zeiss_manual_kv_and_serial_number_fallbacks() -> None:
     meta = parse_zeiss("AP_MANUALKV\nEHT Target = 3.00 kV\nSV_SERIAL_NUMBER\nSerial No. = SUPRA 40-12-34\n")
     assert meta["hv_kv"] == 3.0 and meta["instrument"] == "Zeiss SUPRA 40"
-
-
-def test_fei_tag() -> None:
-    meta = read_sem_metadata(tiff_with_tags({34682: FEI}))
-    assert_metadata(
-        meta, {"instrument": "FEI Quanta 250 FEG", "pixel_size_nm": 0.5, "magnification": 250.0, "hv_kv": 20.0,
-               "wd_mm": 10.1},
-    )  # fmt: skip
 
 
 def test_fei_sfeg_tag_number_is_read_too() -> None:
@@ -174,30 +185,6 @@ def test_malformed_text_never_raises(text: str) -> None:
     for tag in (34118, 34680, 34682, 270):
         meta = read_sem_metadata(tiff_with_tags({tag: text}) if text else tiff_with_tags({tag: " "}))
         assert set(meta) == set(METADATA_KEYS)
-
-
-def test_jeol_description() -> None:
-    text = (
-        "$CM_FORMAT JEOL/SEM\n$CM_INSTRUMENT JSM-7600F\n$CM_MAG 20000\n$CM_ACCEL_VOLT 15.00\n"
-        "$SM_WD 8.0\n$$SM_MICRON_BAR 120\n$$SM_MICRON_MARKER 1um\n"
-    )
-    meta = read_sem_metadata(tiff_with_tags({270: text}))
-    assert_metadata(
-        meta, {"instrument": "JEOL JSM-7600F", "magnification": 20000.0, "hv_kv": 15.0, "wd_mm": 8.0,
-               "pixel_size_nm": 1000.0 / 120},
-    )  # fmt: skip
-
-
-def test_hitachi_description() -> None:
-    text = (
-        "[SemImageFile]\nInstructName=S-4800\nMagnification=50000\nAcceleratingVoltage=15000 Volt\n"
-        "WorkingDistance=8100 um\nPixelSize=2.480469\n"
-    )
-    meta = read_sem_metadata(tiff_with_tags({270: text}))
-    assert_metadata(
-        meta, {"instrument": "Hitachi S-4800", "magnification": 50000.0, "hv_kv": 15.0, "wd_mm": 8.1,
-               "pixel_size_nm": 2.480469},
-    )  # fmt: skip
 
 
 def test_generic_keys_in_a_png_text_chunk() -> None:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import multiprocessing
 import os
 import shutil
-import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,8 @@ import emassist.data.ingest as ingest_mod
 from emassist.config.classes import CLASSES
 from emassist.data.ingest import IngestSummary, run_ingest
 from emassist.data.preprocess import Preprocessor
+from tests import helpers
+from tests.helpers import encode, png_header_only
 
 SETTINGS: dict[str, Any] = {
     "classes": CLASSES,
@@ -35,29 +34,8 @@ SETTINGS: dict[str, Any] = {
 
 
 def texture(h: int, w: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    base = rng.normal(0.0, 1.0, (h // 8 + 1, w // 8 + 1))
-    base = ((base - base.min()) / np.ptp(base) * 255).astype(np.uint8)
-    relief = np.asarray(Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float64)
-    return np.clip(relief * 0.5 + 56 + rng.normal(0.0, 15.0, (h, w)), 0, 255).astype(np.uint8)
-
-
-def encode(im: Image.Image | np.ndarray, fmt: str, **params: Any) -> bytes:
-    if isinstance(im, np.ndarray):
-        im = Image.fromarray(im)
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **params)
-    return buf.getvalue()
-
-
-def png_bomb(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
-    )
+    """The shared SEM-like micrograph (:func:`tests.helpers.texture`) with this file's pixel noise."""
+    return helpers.texture(h, w, seed, noise=15.0)
 
 
 def write(root: Path, rel: str, data: bytes) -> Path:
@@ -129,8 +107,8 @@ def build_raw(root: Path) -> Path:
     jpeg = encode(texture(120, 160, 11), "JPEG", quality=90)
     write(raw, "Fibres/truncated.jpg", jpeg[: len(jpeg) // 2])
     write(raw, "Fibres/notes.png", b"operator notes: sample 3 charged badly\n")
-    write(raw, "Powder/bomb.png", png_bomb(100_000, 100_000))  # beyond Pillow's own hard limit
-    write(raw, "Powder/small_bomb.png", png_bomb(9_000, 9_000))  # only beyond our max_pixels
+    write(raw, "Powder/bomb.png", png_header_only(100_000, 100_000))  # beyond Pillow's own hard limit
+    write(raw, "Powder/small_bomb.png", png_header_only(9_000, 9_000))  # only beyond our max_pixels
     write(raw, "Powder/tiny.png", encode(Image.new("L", (1, 1)), "PNG"))
     write(raw, "Foo/stray.png", good)
     outside = write(root, "outside/secret.png", good)
