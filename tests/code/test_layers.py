@@ -4,6 +4,9 @@ Rules: a layer imports only its own layer or lower ones (core < config < data < 
 nothing in emassist imports an entry point (stages/, pipelines/, bench/, tests/); only emassist.cli may import
 serving/ (to start the web app); no import cycle between emassist modules (module-level imports). Every import
 counts for the layer rules, also those inside functions and under ``if TYPE_CHECKING:``.
+
+The tests keep the same rule among their own folders (code < data < model < system): a test imports only its own
+test layer, lower ones and the shared support modules (tests/helpers.py, servers.py, ...), which import no layer.
 """
 
 from __future__ import annotations
@@ -115,3 +118,38 @@ def test_graph_reader_sees_lazy_typing_and_relative_imports() -> None:
     problems = violations(list(edges))
     assert [p.split(":")[1] for p in problems] == ["6", "8", "9"], problems
     assert module_file("emassist.pipeline.acquire") == Path("emassist/pipeline/acquire.py")
+
+
+# ------------------------------------------------------------------------------------------------ the tests' own layers
+
+TEST_LAYERS = ("code", "data", "model", "system")  # tests/<layer>/, lowest first
+
+
+def rank_in_tests(module: str) -> int:
+    """Rank of a module under tests/: its test layer's, or -1 for the shared support modules (tests/helpers.py,
+    servers.py, conftest.py, ...), which every layer may use."""
+    parts = module.split(".")
+    return TEST_LAYERS.index(parts[1]) if len(parts) > 2 and parts[1] in TEST_LAYERS else -1
+
+
+def upward_test_imports(edges: list[Edge]) -> list[str]:
+    return [
+        f"{e.where()}: {e.source} imports {e.target}: a test imports only its own layer, lower ones and the support "
+        f"modules (order: {' < '.join(TEST_LAYERS)}; support modules import no layer)"
+        for e in edges
+        if e.target.startswith("tests.") and rank_in_tests(e.target) > rank_in_tests(e.source)
+    ]
+
+
+def test_a_test_layer_never_imports_a_higher_one() -> None:
+    edges = [e for m in package_modules("tests") for e in edges_from(m)]
+    assert any(e.target == "tests.helpers" for e in edges)  # the graph was read
+    problems = upward_test_imports(edges)
+    assert not problems, "\n  ".join(["tests importing upward:", *problems])
+    made_up = [
+        Edge("tests.code.test_x", "tests.system.test_serving", Path("tests/code/test_x.py"), 3, "top"),
+        Edge("tests.helpers", "tests.model.test_behaviour", Path("tests/helpers.py"), 4, "lazy"),
+        Edge("tests.system.test_x", "tests.system.test_serving", Path("tests/system/test_x.py"), 5, "top"),  # allowed
+        Edge("tests.model.test_x", "tests.helpers", Path("tests/model/test_x.py"), 6, "top"),  # allowed
+    ]
+    assert [p.split(": ")[0] for p in upward_test_imports(made_up)] == ["tests/code/test_x.py:3", "tests/helpers.py:4"]
