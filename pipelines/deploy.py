@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from emassist.config.settings import Params, ParamsError, load_params
+from emassist.pipeline.stagerun import error_exit
 from pipelines.preflight import (
     PIPELINE_DEPLOYMENT,
     RETRAIN_DEPLOYMENT,
@@ -168,12 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if problems else 0
         for name, deployment_id in deploy(params).items():
             print(f"{name}: {deployment_id}")
-    except ParamsError as exc:
-        print(f"error: bad parameter in {args.params}: {exc}", file=sys.stderr)
-        return 2
-    except OrchestrationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (ParamsError, OrchestrationError) as exc:
+        return error_exit(exc, args.params)
     return 0
 
 

@@ -42,7 +42,7 @@ from emassist.data.dataset import DatasetError
 from emassist.model.files import CURVES_FILE, HISTORY_FILE, MODEL_FILE, RUN_FILE
 from emassist.model.registry import RegistryError
 from emassist.model.tracking import setup_mlflow
-from emassist.pipeline.stagerun import StageError
+from emassist.pipeline.stagerun import StageError, error_exit
 from emassist.pipeline.steps import STEPS
 from pipelines import artifacts, dvc_io, faults
 from pipelines.preflight import (
@@ -321,12 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         preflight(params, args.params)  # before Prefect's own clients, which retry for minutes
-    except ParamsError as exc:
-        print(f"error: bad parameter in {args.params}: {exc}", file=sys.stderr)
-        return 2
-    except OrchestrationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (ParamsError, OrchestrationError) as exc:
+        return error_exit(exc, args.params)
     state = FLOWS[args.flow](params_path=str(args.params), return_state=True)
     if not state.is_completed():
         print(f"error: flow run {state.name}: {state.message}", file=sys.stderr)

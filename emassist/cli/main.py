@@ -12,9 +12,10 @@ from emassist import __version__
 from emassist.cli import models as cli_models
 from emassist.cli import s3 as cli_s3
 from emassist.cli import web as cli_web
-from emassist.config.settings import ParamsError, load_params
+from emassist.config.settings import load_params
 from emassist.pipeline.acquire import fetch, generate
 from emassist.pipeline.ingest import ingest
+from emassist.pipeline.stagerun import error_exit
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -112,12 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except ParamsError as exc:
-        print(f"error: bad parameter in {args.params}: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError, RuntimeError) as exc:  # a ParamsError (a ValueError) exits 2, naming the key
+        return error_exit(exc, args.params)
 
 
 if __name__ == "__main__":

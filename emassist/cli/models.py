@@ -11,9 +11,13 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from emassist.config.settings import Params, load_params
+from emassist.config.settings import load_params
+from emassist.model.tracking import tracking_client
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 CHAMPION_URI = "models:/{name}@champion"
 
@@ -36,12 +40,10 @@ def _registry_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[arg
     return wrapper
 
 
-def _tracking(params: Params) -> Any:
-    """An MlflowClient on the configured tracking URI (MLFLOW_TRACKING_URI wins); creates no experiment."""
-    import mlflow
-
-    mlflow.set_tracking_uri(params.mlflow.resolved_tracking_uri())
-    return mlflow.MlflowClient()
+def _registry(args: argparse.Namespace) -> tuple[str, MlflowClient]:
+    """(mlflow.registered_model, an MlflowClient on the configured tracking URI) from ``--params``."""
+    params = load_params(args.params)
+    return params.mlflow.registered_model, tracking_client(params)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -50,7 +52,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from emassist.serve.predict import predict_paths, top_k
 
     params = load_params(args.params)
-    _tracking(params)
+    tracking_client(params)  # models:/ URIs resolve against the configured tracking URI
     model = args.model or CHAMPION_URI.format(name=params.mlflow.registered_model)
     try:
         frame = predict_paths(
@@ -81,9 +83,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_promote(args: argparse.Namespace) -> int:
     from emassist.model.registry import promote
 
-    params = load_params(args.params)
-    client = _tracking(params)
-    name = params.mlflow.registered_model
+    name, client = _registry(args)
     previous = promote(name, str(args.version), client=client)
     print(f"{name}: champion is now version {args.version} (was {previous or 'none'})")
     return 0
@@ -93,9 +93,7 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 def _cmd_rollback(args: argparse.Namespace) -> int:
     from emassist.model.registry import rollback
 
-    params = load_params(args.params)
-    client = _tracking(params)
-    name = params.mlflow.registered_model
+    name, client = _registry(args)
     current, previous = rollback(name, client=client)
     print(f"{name}: champion rolled back from version {current or 'none'} to {previous}")
     return 0
@@ -105,9 +103,7 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 def _cmd_models_list(args: argparse.Namespace) -> int:
     from emassist.model.registry import list_versions
 
-    params = load_params(args.params)
-    client = _tracking(params)
-    name = params.mlflow.registered_model
+    name, client = _registry(args)
     frame = list_versions(name, client=client)
     if frame.empty:
         print(f"{name}: no registered versions (run `dvc repro register`)")

@@ -21,11 +21,14 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from emassist.config.settings import Params
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 ARTIFACT_DIR = Path("mlartifacts")
@@ -49,6 +52,15 @@ def setup_mlflow(params: Params) -> str:
         mlflow.create_experiment(name, artifact_location=location)
     mlflow.set_experiment(name)
     return uri
+
+
+def tracking_client(params: Params) -> MlflowClient:
+    """An MlflowClient on the configured tracking URI (env ``MLFLOW_TRACKING_URI`` wins), which also becomes MLflow's
+    current one (for ``models:/`` URIs); unlike :func:`setup_mlflow` it selects and creates no experiment."""
+    import mlflow  # lazy: importing MLflow takes seconds
+
+    mlflow.set_tracking_uri(params.mlflow.resolved_tracking_uri())
+    return mlflow.MlflowClient()
 
 
 def flat_params(params: Params, sections: tuple[str, ...] = ("data", "ingest", "split", "augment", "train")) -> dict:

@@ -26,6 +26,7 @@ import requests
 
 from emassist.config.settings import Params
 from emassist.data.preprocess import Preprocessor
+from emassist.model.tracking import tracking_client
 from emassist.serve.client import SemClient, ServingError
 from emassist.serve.drawing import png_bytes
 from emassist.serve.predict import load_predictor
@@ -148,20 +149,13 @@ class EndpointBackend(Backend):
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def _client(params: Params) -> Any:
-    import mlflow
-
-    mlflow.set_tracking_uri(params.mlflow.resolved_tracking_uri())
-    return mlflow.MlflowClient()
-
-
 def resolve_alias(params: Params) -> tuple[str, str]:
     """(version, run_id) the configured alias points at; raises BackendError."""
     from mlflow.exceptions import MlflowException
 
     name, alias = params.mlflow.registered_model, params.webapp.alias
     try:
-        mv = _client(params).get_model_version_by_alias(name, alias)
+        mv = tracking_client(params).get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         raise BackendError(
             f"no model {name}@{alias} in the registry at {params.mlflow.resolved_tracking_uri()} "
@@ -190,7 +184,7 @@ def load_model_uri(uri: str, params: Params) -> LocalBackend:
     """A model named by hand: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, a model folder or a ``.keras`` file."""
     from mlflow.exceptions import MlflowException
 
-    _client(params)
+    tracking_client(params)
     try:
         model = load_predictor(uri, params)
     except MlflowException as exc:
@@ -203,7 +197,7 @@ def load_model_uri(uri: str, params: Params) -> LocalBackend:
         if "@" in rest:
             name, alias = rest.split("@", 1)
             try:
-                version = str(_client(params).get_model_version_by_alias(name, alias).version)
+                version = str(tracking_client(params).get_model_version_by_alias(name, alias).version)
             except MlflowException:
                 version = ""
         else:
@@ -218,7 +212,7 @@ def served_config(params: Params, version: str) -> dict[str, Any]:
 
     name = params.mlflow.registered_model
     uri = f"models:/{name}/{version}/artifacts/serving_config.json"
-    _client(params)
+    tracking_client(params)
     try:
         path = mlflow.artifacts.download_artifacts(artifact_uri=uri)
         config = json.loads(Path(path).read_text(encoding="utf-8"))
