@@ -10,14 +10,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import requests
 
-VENV_BIN = Path(sys.executable).parent
+from tests.helpers import VENV_BIN, subprocess_env
 
 
 @contextlib.contextmanager
@@ -46,10 +45,9 @@ def free_port() -> int:
 
 
 def server_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    # `mlflow models serve` starts uvicorn through `bash -c`: the venv's bin must be on PATH.
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """:func:`tests.helpers.subprocess_env` (the venv's bin first on PATH: `mlflow models serve` starts uvicorn
+    through `bash -c`) with MLflow's job runner off unless ``extra`` or the environment says otherwise."""
+    env = subprocess_env()
     # `mlflow server` otherwise starts six huey job consumers (GenAI jobs we never use) that poll at ~5 % CPU each.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     env.update(extra)

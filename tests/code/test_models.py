@@ -19,18 +19,9 @@ from emassist.model.losses import SmoothedSparseCrossentropy  # noqa: E402
 from emassist.model.online_augment import ClipToRange, RandomRot90, build_augmentation  # noqa: E402
 from emassist.model.phases import compile_model, count_params, set_phase  # noqa: E402
 from emassist.model.saving import save_serving_copy  # noqa: E402
+from tests.helpers import POLICY  # noqa: E402
 
 SIZES = {"simple_cnn": 32, "compact_cnn": 32, "xception": 71}  # the smallest sizes worth building
-POLICY: dict[str, float | bool] = {
-    "rotation": 0.1,
-    "width_shift": 0.1,
-    "height_shift": 0.1,
-    "shear": 0.1,
-    "zoom": 0.1,
-    "flip": True,
-    "brightness": 0.1,
-    "contrast": 0.1,
-}
 
 
 def images(n: int, size: int, seed: int = 0) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 from pathlib import Path
@@ -12,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.system.test_serving import CLASSES, brightness_model, image_bytes, png_header_only
+from tests.helpers import BRIGHTNESS_CLASSES as CLASSES
+from tests.helpers import b64, brightness_model, image_bytes, models_cli, png_header_only
 
 pytest.importorskip("keras")
 
@@ -44,16 +44,6 @@ def classifier(model_dir: Path) -> Any:
     return SemClassifier.from_files(model_dir / "model.keras", serving_config(load_params(model_dir / "params.yaml")))
 
 
-def _cli(params_file: Path, *argv: str) -> int:
-    from emassist.cli.models import add_commands
-
-    parser = argparse.ArgumentParser(prog="emassist")
-    parser.add_argument("--params", type=Path, default=params_file)
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    return int(args.func(args))
-
-
 def _folder(root: Path) -> Path:
     images = root / "images"
     (images / "sub" / "deeper").mkdir(parents=True)
@@ -72,7 +62,7 @@ def test_predict_cli_folder_with_corrupt_files(
 ) -> None:
     images = _folder(tmp_path)
     out = tmp_path / "preds.csv"
-    code = _cli(
+    code = models_cli(
         model_dir / "params.yaml",
         "predict", str(images), "--model", str(model_dir / "model.keras"),
         "--out", str(out), "--top-k", "2", "--no-progress",
@@ -96,7 +86,7 @@ def test_predict_cli_folder_with_corrupt_files(
 def test_predict_cli_globs_and_missing(model_dir: Path, tmp_path: Path) -> None:
     images = _folder(tmp_path)
     out = tmp_path / "p.csv"
-    code = _cli(
+    code = models_cli(
         model_dir / "params.yaml",
         "predict", str(images / "**" / "*.jpg"), str(images / "a.png"), str(tmp_path / "nope.tif"),
         "--model", str(model_dir / "model.keras"), "--out", str(out), "--top-k", "0", "--no-progress",
@@ -110,7 +100,7 @@ def test_predict_cli_globs_and_missing(model_dir: Path, tmp_path: Path) -> None:
 def test_predict_cli_all_good_exit_zero(model_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "x.png").write_bytes(image_bytes("png"))
     out = tmp_path / "p.csv"
-    code = _cli(
+    code = models_cli(
         model_dir / "params.yaml",
         "predict", str(tmp_path / "x.png"), "--model", str(model_dir / "model.keras"), "--out", str(out),
         "--no-progress",
@@ -120,7 +110,7 @@ def test_predict_cli_all_good_exit_zero(model_dir: Path, tmp_path: Path) -> None
 
 def test_predict_help_is_helpful(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        _cli(Path("params.yaml"), "predict", "--help")
+        models_cli(Path("params.yaml"), "predict", "--help")
     text = capsys.readouterr().out
     for word in ("--model", "--out", "--top-k", "champion", "recursive", "Exit codes"):
         assert word in text
@@ -146,7 +136,7 @@ def test_native_and_pyfunc_paths_agree(classifier: Any, tmp_path: Path) -> None:
         paths.append(tmp_path / f"{i}.img")
         paths[-1].write_bytes(blob)
     native = predict_paths([str(p) for p in paths], classifier, progress=False)
-    rows = classifier.predict(None, pd.DataFrame({"image": [base64.b64encode(b).decode() for b in blobs]}))
+    rows = classifier.predict(None, pd.DataFrame({"image": [b64(b) for b in blobs]}))
     assert native["label"].tolist() == rows["label"].tolist()
     np.testing.assert_allclose(native[CLASSES].to_numpy(), rows[CLASSES].to_numpy(), rtol=1e-6)
 
@@ -159,7 +149,7 @@ def test_serving_matches_the_training_input_path(classifier: Any) -> None:
     from emassist.data.preprocess import to_model_input
 
     blob = image_bytes("png", seed=11, size=(64, 64))
-    served = classifier.predict(None, pd.DataFrame({"image": [base64.b64encode(blob).decode()]}))
+    served = classifier.predict(None, pd.DataFrame({"image": [b64(blob)]}))
     x = to_model_input(decode_cached_png(tf.constant(_tmp_png(blob))), 32)
     expected = classifier.model.predict(x[None], verbose=0)[0]
     np.testing.assert_allclose(served[CLASSES].to_numpy()[0], expected, rtol=1e-5, atol=1e-6)
@@ -212,7 +202,7 @@ def test_decode_base64_accepts_variants() -> None:
     from emassist.serve.pyfunc import decode_base64
 
     data = bytes(range(256)) * 3
-    plain = base64.b64encode(data).decode()
+    plain = b64(data)
     assert decode_base64(plain) == data
     assert decode_base64(base64.urlsafe_b64encode(data).decode()) == data
     assert decode_base64("data:image/tiff;base64," + plain) == data
@@ -231,7 +221,7 @@ def test_in_process_errors(classifier: Any) -> None:
 
 
 def test_large_batch_is_chunked(classifier: Any) -> None:
-    blobs = [base64.b64encode(image_bytes("png", seed=s, size=(40, 40))).decode() for s in range(70)]
+    blobs = [b64(image_bytes("png", seed=s, size=(40, 40))) for s in range(70)]
     whole = classifier.predict(None, pd.DataFrame({"image": blobs}))
     one = classifier.predict(None, pd.DataFrame({"image": blobs[65:66]}))
     assert len(whole) == 70 and (whole["error"] == "").all()
@@ -245,7 +235,7 @@ def test_internal_failure_is_a_short_500(classifier: Any, monkeypatch: pytest.Mo
         raise RuntimeError("boom")
 
     monkeypatch.setattr(classifier, "probabilities", broken)
-    blob = base64.b64encode(image_bytes("png")).decode()
+    blob = b64(image_bytes("png"))
     with pytest.raises(BadRequest) as info:
         classifier.predict(None, pd.DataFrame({"image": [blob]}))
     assert info.value.get_http_status_code() == 500

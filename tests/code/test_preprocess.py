@@ -7,23 +7,21 @@ tensor: ingest's cached PNG → ``dataset.make_dataset`` (``to_model_input``).
 
 from __future__ import annotations
 
-import base64
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from emassist.data import dataset, preprocess
 from emassist.data.ingest import run_ingest
+from tests.helpers import BRIGHTNESS_CLASSES as CLASSES
+from tests.helpers import b64, brightness_model, encode
 
 pytest.importorskip("keras")
 
-CACHE, SIZE = 64, 32  # SIZE: the input side of tests.system.test_serving.brightness_model
-CLASSES = ["Fibres", "Particles", "Tips"]
+CACHE, SIZE = 64, 32  # SIZE: the input side of tests.helpers.brightness_model
 
 
 def _sem_like(seed: int) -> np.ndarray:
@@ -35,12 +33,8 @@ def _sem_like(seed: int) -> np.ndarray:
 
 
 def _encode(gray: np.ndarray, kind: str) -> bytes:
-    buf = io.BytesIO()
-    if kind == "tiff16":
-        Image.fromarray(gray.astype(np.uint16) * 257).save(buf, format="TIFF")
-    else:
-        Image.fromarray(gray).save(buf, format=kind)
-    return buf.getvalue()
+    """``gray`` as a ``kind`` file; ``tiff16``: the same picture as a 16-bit TIFF (×257)."""
+    return encode(gray.astype(np.uint16) * 257, "TIFF") if kind == "tiff16" else encode(gray, kind)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +42,6 @@ def classifier(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from emassist.config.settings import params_from_dict
     from emassist.model.registry import serving_config
     from emassist.serve.pyfunc import SemClassifier
-    from tests.system.test_serving import brightness_model
 
     tmp = tmp_path_factory.mktemp("parity")
     params = params_from_dict(
@@ -91,7 +84,7 @@ def test_training_input_equals_serving_input(tmp_path: Path, classifier: Any) ->
     )
     batch, _ = next(iter(dataset.make_dataset(split, image_size=SIZE, batch_size=8, training=False)))
     trained_on = batch.numpy()
-    encoded = [base64.b64encode(images[Path(p).name]).decode("ascii") for p in manifest["source_path"]]
+    encoded = [b64(images[Path(p).name]) for p in manifest["source_path"]]
     for value, expected in zip(encoded, trained_on, strict=True):
         # What the served model does with the uploaded bytes, through SemClassifier's own building blocks:
         gray = classifier.standardized(value)
@@ -109,7 +102,7 @@ def test_training_input_equals_serving_input(tmp_path: Path, classifier: Any) ->
 def test_standardized_images_get_no_databar_search(classifier: Any) -> None:
     """The inference parameter ``standardized``: a tile is only resized, its own "data bar" stays."""
     gray = _sem_like(7)
-    value = base64.b64encode(_encode(gray, "PNG")).decode("ascii")
+    value = b64(_encode(gray, "PNG"))
     pre = classifier.preprocessor
     np.testing.assert_array_equal(classifier.standardized(value), pre.standardize(gray)[0])
     np.testing.assert_array_equal(classifier.standardized(value, standardized=True), pre.resize(gray))
@@ -126,7 +119,7 @@ def test_standardized_images_get_no_databar_search(classifier: Any) -> None:
 def test_standardized_param_of_the_wrong_type_is_a_bad_request(classifier: Any) -> None:
     from emassist.serve.pyfunc import BadRequest
 
-    value = base64.b64encode(_encode(_sem_like(1), "PNG")).decode("ascii")
+    value = b64(_encode(_sem_like(1), "PNG"))
     with pytest.raises(BadRequest, match="parameter 'standardized': expected true or false"):
         classifier.predict(None, pd.DataFrame({"image": [value]}), params={"standardized": "yes"})
 

@@ -16,18 +16,9 @@ from emassist.config.settings import ParamsError, PolicyParams, params_from_dict
 from emassist.data import augment
 from emassist.data.augment import oversample, write_augmented
 from tests.conftest import REPO_ROOT
+from tests.helpers import POLICY
 
 SIZE = 32
-POLICY = {
-    "rotation": 0.1,
-    "width_shift": 0.1,
-    "height_shift": 0.1,
-    "shear": 0.1,
-    "zoom": 0.1,
-    "flip": True,
-    "brightness": 0.1,
-    "contrast": 0.1,
-}
 ZERO_POLICY = {key: (False if key == "flip" else 0.0) for key in POLICY}
 COUNTS = {"Big": 12, "Rare": 3, "Tiny": 1, "Exact": 8}
 TARGET = 8
