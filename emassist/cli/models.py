@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 CHAMPION_URI = "models:/{name}@champion"
 
 
+# The commands import the serving/registry modules inside their functions: those pull in MLflow (seconds), and
+# `emassist --help` and the other commands should not wait for it.
+
+
 def _registry_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Registry failures (unknown version, unreachable server, ...) as one line and exit code 1."""
 

@@ -13,6 +13,9 @@ from typing import Any
 
 from emassist.config.settings import load_params
 
+# The commands import the serving/registry modules inside their functions: those pull in MLflow (seconds), and
+# `emassist --help` and the other commands should not wait for it.
+
 
 def _backend(args: argparse.Namespace, params: Any) -> Any:
     from emassist.serve.backend import load_backend

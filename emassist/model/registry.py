@@ -44,6 +44,7 @@ from emassist.data.dataset import read_split
 from emassist.data.preprocess import STANDARDIZED_PARAM, Preprocessor
 from emassist.model.files import MODEL_FILE, RUN_FILE
 from emassist.model.metrics import compute_metrics
+from emassist.model.tracking import data_version, setup_mlflow
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -171,8 +172,6 @@ def _client(params: Params | None = None) -> MlflowClient:
     import mlflow
 
     if params is not None:
-        from emassist.model.tracking import setup_mlflow
-
         setup_mlflow(params)
     return mlflow.MlflowClient()
 
@@ -437,8 +436,6 @@ def gate(
 
 def register_and_gate(params: Params, run_id: str | None = None) -> tuple[ModelVersion, Decision]:
     """The register stage: log + register the trained model, then gate it against the champion."""
-    from emassist.model.tracking import data_version
-
     mv = log_and_register(params, run_id)
     client = _client()
     splits = Path(params.data.splits_dir)
