@@ -18,8 +18,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from emassist.config.settings import ParamsError, load_params, params_from_dict
+from emassist.config.settings import Params, ParamsError, load_params, params_from_dict
 from emassist.data.dataset import DatasetError, class_weights, make_dataset, read_split
+from tests import helpers
 from tests.conftest import REPO_ROOT
 
 CLASSES = ["Particles", "Nanowires", "Tips"]
@@ -66,15 +67,15 @@ def make_project(root: Path, n_per_class: int = 24) -> None:
     train.assign(augmented_from="").to_csv(augmented / "train.csv", index=False)
 
 
-def tiny_params(**train: object):
-    import yaml
-
-    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    raw["data"]["classes"] = CLASSES
-    raw["augment"]["online"] = True
-    raw["train"].update({"model": "simple_cnn", "image_size": 32, "batch_size": 8, "epochs": 3,
-                         "early_stopping_patience": 5, "learning_rate": 0.003, **train})  # fmt: skip
-    return params_from_dict(raw)
+def tiny_params(**train: object) -> Params:
+    """Checked settings: params.yaml with this file's classes, online augmentation and a tiny simple_cnn."""
+    return params_from_dict(
+        helpers.tiny_params(
+            {"data": {"classes": CLASSES}, "augment": {"online": True},
+             "train": {"model": "simple_cnn", "image_size": 32, "batch_size": 8, "epochs": 3,
+                       "early_stopping_patience": 5, "learning_rate": 0.003, **train}}
+        )
+    )  # fmt: skip
 
 
 @pytest.fixture
