@@ -7,7 +7,6 @@ data versions each scenario needs, each scenario under its own registered-model 
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from collections.abc import Iterator
@@ -18,15 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.system.test_serving import (
-    CLASSES,
-    MODEL_NAME,
-    brightness_model,
-    make_params,
-    make_run,
-    mlflow_tracking_server,
-    tracking_uri_env,
-)
+from tests.helpers import BRIGHTNESS_CLASSES as CLASSES
+from tests.helpers import brightness_model, models_cli
+from tests.servers import mlflow_tracking_server, tracking_uri_env
+from tests.system.test_serving import MODEL_NAME, make_params, make_run
 
 pytestmark = pytest.mark.slow
 
@@ -210,16 +204,6 @@ def test_promote_rollback_round_trip(reg: dict[str, Any]) -> None:
     assert {"version", "aliases", "test_macro_f1", "created", "run_id"} <= set(frame.columns)
 
 
-def _cli(params_file: Path, *argv: str) -> int:
-    from emassist.cli.models import add_commands
-
-    parser = argparse.ArgumentParser(prog="emassist")
-    parser.add_argument("--params", type=Path, default=params_file)
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    return int(args.func(args))
-
-
 def test_cli_promote_rollback_list(reg: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import yaml
 
@@ -229,18 +213,18 @@ def test_cli_promote_rollback_list(reg: dict[str, Any], tmp_path: Path, capsys: 
     params_file.write_text(
         yaml.safe_dump({"data": {"classes": CLASSES}, "mlflow": {"tracking_uri": reg["uri"], "registered_model": name}})
     )
-    assert _cli(params_file, "rollback") == 1
+    assert models_cli(params_file, "rollback") == 1
     assert "nothing to roll back" in capsys.readouterr().err
-    assert _cli(params_file, "promote", "--version", v1) == 0
-    assert _cli(params_file, "promote", "--version", v2) == 0
+    assert models_cli(params_file, "promote", "--version", v1) == 0
+    assert models_cli(params_file, "promote", "--version", v2) == 0
     assert f"champion is now version {v2} (was {v1})" in capsys.readouterr().out
-    assert _cli(params_file, "rollback") == 0
+    assert models_cli(params_file, "rollback") == 0
     assert f"rolled back from version {v2} to {v1}" in capsys.readouterr().out
     assert champion(reg, name) == v1
-    assert _cli(params_file, "models", "list", "--format", "json") == 0
+    assert models_cli(params_file, "models", "list", "--format", "json") == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["version"], r["aliases"]) for r in rows] == [(int(v2), ""), (int(v1), "champion")]
-    assert _cli(params_file, "models", "list") == 0
+    assert models_cli(params_file, "models", "list") == 0
     assert "champion" in capsys.readouterr().out
 
 

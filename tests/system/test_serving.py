@@ -7,12 +7,8 @@ run through it and registered with ``emassist.model.registry.log_and_register``,
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-import struct
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,9 +25,10 @@ pytestmark = pytest.mark.slow
 
 from emassist.data.preprocess import Preprocessor  # noqa: E402
 from emassist.model.registry import serving_config  # noqa: E402
+from tests.helpers import BRIGHTNESS_CLASSES as CLASSES  # noqa: E402
+from tests.helpers import b64, brightness_model, image_bytes, png_header_only  # noqa: E402
 from tests.servers import mlflow_tracking_server, model_server, tracking_uri_env  # noqa: E402
 
-CLASSES = ["Fibres", "Particles", "Tips"]
 MODEL_NAME = "sem-test"
 
 
@@ -48,31 +45,6 @@ def make_params(tmp: Path, tracking_uri: str, **mlflow_extra: Any) -> Any:
     )
 
 
-def brightness_model(path: Path, *, good: bool = True, conv: bool = False) -> Path:
-    """A tiny Keras model on (32, 32, 3) 0..255 input: ``good`` classifies by mean brightness
-    (dark → Fibres, mid → Particles, bright → Tips); otherwise it always says Fibres."""
-    import keras
-
-    inp = keras.Input((32, 32, 3), name="image")
-    x = keras.layers.Rescaling(1.0 / 255)(inp)
-    if conv:
-        x = keras.layers.Conv2D(3, 3, padding="same", kernel_initializer=keras.initializers.GlorotUniform(seed=1))(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    dense = keras.layers.Dense(3, activation="softmax")
-    out = dense(x)
-    model = keras.Model(inp, out)
-    if not conv:
-        w = np.zeros((3, 3), dtype=np.float32)
-        if good:
-            w[:, 0], w[:, 2] = -10.0 / 3, 10.0 / 3  # the same on each (equal) channel
-            b = np.array([10.0 / 3, 0.0, -20.0 / 3], dtype=np.float32)
-        else:
-            b = np.array([5.0, 0.0, 0.0], dtype=np.float32)
-        dense.set_weights([w, b])
-    model.save(path)
-    return path
-
-
 def make_run(params: Any, *, f1: float | None, data_version: str = "dv-1") -> str:
     import mlflow
 
@@ -84,41 +56,6 @@ def make_run(params: Any, *, f1: float | None, data_version: str = "dv-1") -> st
             mlflow.log_metric("test_macro_f1", f1)
         mlflow.set_tags({"data_version": data_version, "git_commit": "abc123", "model": "tiny"})
     return run.info.run_id
-
-
-def image_bytes(kind: str, seed: int = 0, size: tuple[int, int] = (48, 40), level: int | None = None) -> bytes:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    w, h = size
-    base = rng.integers(0, 256, (h, w)) if level is None else np.full((h, w), level) + rng.integers(-10, 10, (h, w))
-    buf = io.BytesIO()
-    if kind == "png":
-        Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(buf, "PNG")
-    elif kind == "jpeg":
-        rgb = np.stack([base, np.roll(base, 3, axis=1), base[::-1]], axis=-1)
-        Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB").save(buf, "JPEG", quality=90)
-    elif kind == "tiff16":
-        Image.fromarray((np.clip(base, 0, 255) * 235).astype(np.uint16)).save(buf, "TIFF")
-    elif kind == "bmp":
-        Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(buf, "BMP")
-    else:
-        raise ValueError(kind)
-    return buf.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares ``width``×``height`` (a decompression bomb's header) with one tiny IDAT."""
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def post(url: str, values: list[Any], column: str = "image", params: dict[str, Any] | None = None) -> Any:
