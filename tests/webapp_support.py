@@ -1,8 +1,8 @@
-"""A small real champion for the web-page tests: compact_cnn trained on demo images of two distinct classes.
+"""The web-page tests' champion: the session's small trained model (``small_model`` in tests/conftest.py, a
+compact_cnn trained by the train stage on demo images of Fibres, Particles and Patterned_surface at 48 px), logged
+into a run of a local sqlite MLflow store, registered and made champion; and ``emassist web`` as a real process.
 
-Fibres (long smooth strands) and Particles (round blobs) rendered by the demo generator in memory, 48 px,
-12 epochs: about 25 s on two cores, held-out accuracy ≈ 0.9, and on a composite image (Fibres left, Particles
-right) its tile scores separate the halves cleanly. Registered in a local sqlite MLflow store and made champion.
+On a composite image (Fibres left, Particles right, :func:`composite`) its tile scores separate the halves.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ from typing import Any
 import numpy as np
 import yaml
 
+from tests.helpers import REPO_ROOT, SMALL_CLASSES, SMALL_SPEC, SmallModel, demo_image, encode
 from tests.servers import free_port, server_env, stop_process, tracking_uri_env, wait_http
 
+__all__ = ["demo_image"]  # ws.demo_image: the tests render their images through this module too
+
 LEFT, RIGHT = "Fibres", "Particles"
-CLASSES = [LEFT, RIGHT]
+CLASSES = list(SMALL_CLASSES)  # the small model's classes, in its output order (LEFT and RIGHT among them)
 MODEL_NAME = "sem-web-test"
-IMAGE_SIZE = 48
-CACHE_SIZE = 64
-N_PER_CLASS = 60
-EPOCHS = 12
+IMAGE_SIZE = SMALL_SPEC["image_size"]
+CACHE_SIZE = SMALL_SPEC["cache_size"]
 
 
 @dataclass
@@ -37,15 +38,6 @@ class Champion:
     tracking_uri: str
     model_file: Path
     version: str
-
-
-def demo_image(cls: str, index: int, size: int = 128, seed: int = 7) -> np.ndarray:
-    """One demo SEM image (no data bar) as uint8 grayscale, rendered in memory."""
-    from emassist.config.classes import CLASSES as ALL
-    from emassist.data.demo.generate import Job, render_image
-
-    img, _ = render_image(Job("", ALL.index(cls), index, "x.png", False, size, size, seed))
-    return (img * 255.0 + 0.5).astype(np.uint8)
 
 
 def composite(side: int = 256, index: int = 200) -> np.ndarray:
@@ -66,42 +58,22 @@ def params_dict(root: Path, tracking_uri: str, **webapp: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def train_model(path: Path) -> Path:
-    import keras
-
-    from emassist.data.preprocess import Preprocessor
-    from emassist.model.builders import build_model
-    from emassist.model.phases import compile_model
-    from emassist.model.saving import save_serving_copy
-
-    pre = Preprocessor(CACHE_SIZE, crop_databar=False, max_pixels=10**8, min_side=16, image_size=IMAGE_SIZE)
-    images, labels = [], []
-    for i in range(N_PER_CLASS):
-        for k, cls in enumerate(CLASSES):
-            images.append(pre.standardize(demo_image(cls, i))[0])
-            labels.append(k)
-    keras.utils.set_random_seed(0)
-    model = build_model("compact_cnn", num_classes=len(CLASSES), image_size=IMAGE_SIZE)
-    compile_model(model, optimizer="adam", learning_rate=2e-3)
-    x = np.asarray(pre.to_model_input(np.stack(images)[..., None]))
-    model.fit(x, np.array(labels), epochs=EPOCHS, batch_size=16, verbose=0)
-    return save_serving_copy(model, path)
-
-
-def register_champion(root: Path) -> Champion:
-    """Train, log into a run of a local sqlite store (artifacts under ``root``), register, promote to champion."""
+def register_champion(root: Path, small_model: SmallModel) -> Champion:
+    """The small model's ``.keras`` file copied to ``root``, logged into a run of a local sqlite store (artifacts
+    under ``root``), registered and promoted to champion."""
     import mlflow
 
     from emassist.config.settings import params_from_dict
     from emassist.model.registry import log_and_register, promote
 
+    assert (small_model.classes, small_model.image_size, small_model.cache_size) == (CLASSES, IMAGE_SIZE, CACHE_SIZE)
     root.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     raw = params_dict(root, tracking_uri)
     params = params_from_dict(raw)
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-    model_file = train_model(root / "model.keras")
+    model_file = small_model.copy_to(root)
     with tracking_uri_env(tracking_uri):
         mlflow.create_experiment("webapp-tests", artifact_location=(root / "artifacts").as_uri())
         mlflow.set_experiment("webapp-tests")
@@ -126,7 +98,7 @@ def web_server(champion: Champion, params_file: Path | None = None, *extra: str)
     log_file = champion.root / f"web-{port}.log"
     cmd = [sys.executable, "-m", "emassist.cli.main", "--params", str(params_file or champion.params_file), "web",
            "--host", "127.0.0.1", "--port", str(port), *extra]  # fmt: skip
-    env = server_env(MLFLOW_TRACKING_URI=champion.tracking_uri, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = server_env(MLFLOW_TRACKING_URI=champion.tracking_uri, PYTHONPATH=str(REPO_ROOT))
     with open(log_file, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=champion.root,
                                 start_new_session=True)  # fmt: skip
@@ -139,7 +111,5 @@ def web_server(champion: Champion, params_file: Path | None = None, *extra: str)
 
 
 def png_file(path: Path, gray: np.ndarray) -> Path:
-    from PIL import Image
-
-    Image.fromarray(gray).save(path, format="PNG")
+    path.write_bytes(encode(gray, "PNG"))
     return path
