@@ -14,15 +14,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.system.test_prefect_orchestration import TINY, _copy_repo, tiny_params
+from tests.helpers import copy_repo
+from tests.system.test_prefect_orchestration import TINY, prefect_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.prefect]
 
 
 def test_local_run_needs_no_server(tmp_path: Path) -> None:
     remote = tmp_path / "dvc-remote"
-    params = tiny_params(train={**TINY["train"], "work_pool": None})
-    repo = _copy_repo(tmp_path / "repo", params, remote)
+    params = prefect_params(train={**TINY["train"], "work_pool": None})
+    repo = copy_repo(tmp_path / "repo", params=params, dvc_remote=remote, site_cache=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "EMASSIST_FAULTS"))}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", TF_CPP_MIN_LOG_LEVEL="2")  # fmt: skip

@@ -22,8 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
-from tests.helpers import copy_repo
+from tests.helpers import copy_repo, tiny_params
 from tests.servers import (
     VENV_BIN,
     free_port,
@@ -46,16 +45,9 @@ TINY: dict[str, dict[str, Any]] = {
 }
 
 
-def _copy_repo(root: Path, params: dict[str, Any], remote: Path) -> Path:
-    """A fresh copy of the repository (its own git repo, DVC site cache inside), DVC remote ``local`` = ``remote``."""
-    return copy_repo(root, params=params, dvc_remote=remote, site_cache=True)
-
-
-def tiny_params(**overrides: dict[str, Any]) -> dict[str, Any]:
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    for section, values in {**TINY, **overrides}.items():
-        params[section] = {**params[section], **values}
-    return params
+def prefect_params(**overrides: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml with :data:`TINY`'s sections merged in (a section of ``overrides`` replaces TINY's)."""
+    return tiny_params({**TINY, **overrides})
 
 
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
@@ -113,8 +105,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         env["MLFLOW_TRACKING_URI"] = mlflow_url
         wait_http(f"{prefect_url}/health", server, logs["prefect-server"])
 
-        orchestrator = _copy_repo(tmp / "orchestrator", tiny_params(), remote)
-        worker = _copy_repo(tmp / "gpu-worker", tiny_params(), remote)
+        orchestrator = copy_repo(tmp / "orchestrator", params=prefect_params(), dvc_remote=remote, site_cache=True)
+        worker = copy_repo(tmp / "gpu-worker", params=prefect_params(), dvc_remote=remote, site_cache=True)
         s = Stack(tmp, prefect_url, mlflow_url, orchestrator, worker, remote, env, logs)
         from prefect.client.schemas.actions import WorkPoolCreate
         from prefect.workers.process import ProcessWorker
@@ -269,7 +261,7 @@ def test_pipeline_trains_on_gpu_pool_and_registers(stack: Stack) -> None:
 def test_step_that_keeps_failing_fails_the_flow_run(stack: Stack) -> None:
     """The scheduled retraining deployment, run now, with its data refresh failing on every attempt."""
     before = len(_model_versions(stack))
-    params = tiny_params(data={"raw_dir": "data/raw-new"}, train={**TINY["train"], "work_pool": None})
+    params = prefect_params(data={"raw_dir": "data/raw-new"}, train={**TINY["train"], "work_pool": None})
     (stack.orchestrator / "fault.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     flow_run = _run_deployment(
         stack,
@@ -287,7 +279,7 @@ def test_step_that_keeps_failing_fails_the_flow_run(stack: Stack) -> None:
 
 def test_deployment_run_with_unknown_pool_fails_in_preflight(stack: Stack) -> None:
     before = len(_model_versions(stack))
-    params = tiny_params(train={**TINY["train"], "work_pool": "no-such-pool"})
+    params = prefect_params(train={**TINY["train"], "work_pool": "no-such-pool"})
     (stack.orchestrator / "nopool.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     flow_run = _run_deployment(stack, "sem-pipeline/pipeline", timeout=120, parameters={"params_path": "nopool.yaml"})
     assert flow_run.state.is_failed(), flow_run.state
@@ -313,9 +305,9 @@ def test_bad_inputs_fail_fast_with_a_clear_error(stack: Stack, case: str, expect
     before = len(_model_versions(stack))
     env: dict[str, str] = {}
     if case == "unknown-pool":
-        params = tiny_params(train={**TINY["train"], "work_pool": "no-such-pool"})
+        params = prefect_params(train={**TINY["train"], "work_pool": "no-such-pool"})
     else:
-        params = tiny_params()
+        params = prefect_params()
         key = "PREFECT_API_URL" if case == "prefect-down" else "MLFLOW_TRACKING_URI"
         env[key] = f"http://127.0.0.1:{free_port()}" + ("/api" if case == "prefect-down" else "")
     (stack.orchestrator / f"{case}.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

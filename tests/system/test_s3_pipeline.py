@@ -15,7 +15,6 @@ in that bucket (``--artifacts-destination s3://...``), ``dvc`` and the pipeline 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -32,7 +31,7 @@ import pytest
 import requests
 import yaml
 
-from tests.helpers import copy_repo, demo_params, git_commit
+from tests.helpers import b64, copy_repo, demo_params, git_commit
 from tests.s3_support import aws_env, fake_secret, patched_environ, replay_recording, start_moto
 from tests.servers import mlflow_tracking_server, model_server, stop_process
 
@@ -208,7 +207,7 @@ def test_registered_model_loads_back_and_serves_from_s3(built: World) -> None:
     from tests.servers import tracking_uri_env
 
     image = next((built.repo / "data/raw/Tips").glob("*.*")).read_bytes()
-    frame = pd.DataFrame({"image": [base64.b64encode(image).decode("ascii")]})
+    frame = pd.DataFrame({"image": [b64(image)]})
     classes = yaml.safe_load((built.repo / "params.yaml").read_text())["data"]["classes"]
     with tracking_uri_env(built.tracking_uri):
         model = mlflow.pyfunc.load_model("models:/sem-classifier@champion")
