@@ -151,14 +151,11 @@ def test_served_equals_in_process(stack: dict[str, Any], local_model: Any, kind:
 
 def test_hundred_images_in_one_request(stack: dict[str, Any]) -> None:
     images = [b64(image_bytes("png", seed=s, size=(64, 64))) for s in range(100)]
-    started = time.perf_counter()
-    response = post(stack["url"], images)
-    elapsed = time.perf_counter() - started
+    response = post(stack["url"], images)  # a hung server fails on post()'s request timeout, not a timing assert
     assert response.status_code == 200, response.text[:500]
     predictions = response.json()["predictions"]
     assert len(predictions) == 100
     assert all(p["error"] == "" and p["label"] in CLASSES for p in predictions)
-    assert elapsed < 60
 
 
 BAD_INPUTS = {
