@@ -16,5 +16,5 @@ if [ ! -x .venv/bin/uv ]; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
 fi
 echo "==> installing locked dependencies (requirements.lock)"
-.venv/bin/uv pip sync --quiet --python .venv/bin/python requirements.lock
+.venv/bin/uv pip sync --quiet --compile-bytecode --python .venv/bin/python requirements.lock
 .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps -e .

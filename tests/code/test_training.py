@@ -300,13 +300,31 @@ def test_sigint_marks_the_active_run_killed_and_still_interrupts(project: Path) 
 
     _store(project)
     setup_mlflow(tiny_params())
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt), end_run_on_signal(), mlflow.start_run() as run:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(5)  # the handler runs before this ends
-    assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
-    assert mlflow.active_run() is None
-    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+    # Python's own SIGINT handler, whatever the suite was started from (a shell's background job ignores SIGINT,
+    # and end_run_on_signal rightly leaves an ignored signal alone).
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), end_run_on_signal(), mlflow.start_run() as run:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler runs before this ends
+        assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
+        assert mlflow.active_run() is None
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def test_an_ignored_signal_stays_ignored(project: Path) -> None:
+    from emassist.model.tracking import end_run_on_signal
+
+    outer = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with end_run_on_signal():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # e.g. a background job: not taken over
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_orphans_are_closed_only_for_gone_processes_of_the_stage(project: Path) -> None:
