@@ -54,9 +54,17 @@ def server_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _default_signals() -> None:
+    """In the child: SIGINT and SIGTERM act as in a terminal, also when the suite runs as a shell's background job
+    (which starts it with SIGINT ignored; a Prefect worker then takes the whole stop timeout to die)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def start_process(cmd: list[str], log_file: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     with open(log_file, "wb") as fh:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=_default_signals)  # fmt: skip
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
