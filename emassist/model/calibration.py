@@ -126,7 +126,7 @@ def calibration_report(
     return {
         "temperature": temperature,
         "bins": bins,
-        "n_val": int(len(y_val)),
+        "n_val": len(y_val),
         "val_classes_missing": sorted(set(range(np.asarray(p_val).shape[1])) - set(np.asarray(y_val).tolist()))
         if np.asarray(p_val).ndim == 2
         else [],

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from emassist.config.settings import Params
-from emassist.data.dataset import make_dataset, read_split
 from emassist.core.atomic import atomic_open
+from emassist.data.dataset import make_dataset, read_split
 from emassist.model.calibration import calibration_report
 from emassist.model.files import CALIBRATION_FILE, HISTORY_FILE, MODEL_FILE, RUN_FILE
 from emassist.model.metrics import HEADLINE_KEYS, compute_metrics, format_report

@@ -144,7 +144,7 @@ def test_serving_config_carries_the_temperature_when_the_file_exists(tmp_path: P
     calibration.write_text(json.dumps({"temperature": 1.7, "ece_before": 0.1}))
     assert serving_config(params, calibration)["temperature"] == 1.7
     calibration.write_text(json.dumps({"temperature": -1}))
-    with pytest.raises(ValueError, match="calibration.json"):
+    with pytest.raises(ValueError, match=r"calibration\.json"):
         serving_config(params, calibration)
 
 
