@@ -42,7 +42,7 @@ import emassist
 from emassist.config.settings import Params
 from emassist.data.dataset import read_split
 from emassist.data.preprocess import STANDARDIZED_PARAM, Preprocessor
-from emassist.model.files import MODEL_FILE, RUN_FILE
+from emassist.model.files import CALIBRATION_FILE, MODEL_FILE, RUN_FILE
 from emassist.model.metrics import compute_metrics
 from emassist.model.tracking import data_version, setup_mlflow
 
@@ -98,14 +98,35 @@ def pyfunc_code_path() -> Path:
     return Path(spec.origin)
 
 
-def serving_config(params: Params) -> dict[str, Any]:
+def serving_config(params: Params, calibration_file: Path | None = None) -> dict[str, Any]:
     """What the pyfunc needs beside the Keras model: the classes and its preprocessor's exact settings
-    (:meth:`Preprocessor.config`, read back with :meth:`Preprocessor.from_config`)."""
-    return {
+    (:meth:`Preprocessor.config`, read back with :meth:`Preprocessor.from_config`), and ``temperature`` (fitted by
+    the evaluate stage) when ``calibration_file`` exists; without it the model is served uncalibrated (T = 1)."""
+    config: dict[str, Any] = {
         "classes": list(params.data.classes),
         **Preprocessor.from_params(params).config(),
         "chunk_size": 32,
     }
+    temperature = read_temperature(calibration_file)
+    if temperature is not None:
+        config["temperature"] = temperature
+    return config
+
+
+def read_temperature(calibration_file: Path | None) -> float | None:
+    """The temperature in ``calibration_file`` (``{"temperature": T, ...}``); None when there is no such file.
+
+    A file that exists but holds no positive finite temperature is an error naming the file."""
+    if calibration_file is None or not Path(calibration_file).is_file():
+        return None
+    try:
+        value = json.loads(Path(calibration_file).read_text(encoding="utf-8"))["temperature"]
+        temperature = float(value)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{calibration_file}: no valid 'temperature' ({exc})") from exc
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{calibration_file}: temperature must be a positive number, got {value!r}")
+    return temperature
 
 
 def model_signature(classes: Sequence[str]) -> Any:
@@ -220,7 +241,9 @@ def log_and_register(
     name = params.mlflow.registered_model
     with tempfile.TemporaryDirectory(prefix="emassist-register-") as tmp:
         config_file = Path(tmp) / "serving_config.json"
-        config_file.write_text(json.dumps(serving_config(params), indent=2))
+        # the temperature the evaluate stage fitted for this model (calibration.json beside it), when there is one
+        calibration = Path(model_file).parent / CALIBRATION_FILE.name
+        config_file.write_text(json.dumps(serving_config(params, calibration), indent=2))
         example = pd.DataFrame({"image": [example_image_base64(params)]})
         active = mlflow.active_run()
         same = active is not None and active.info.run_id == run_id  # e.g. called from inside the training run

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from emassist.config.settings import Params
+from emassist.model.files import CALIBRATION_FILE
 from emassist.model.registry import serving_config
 from emassist.serve.client import ServingError, predict_in_batches
 from emassist.serve.pyfunc import SemClassifier
@@ -81,7 +82,8 @@ def load_predictor(model: Any, params: Params | None = None) -> Any:
     if text.endswith(".keras") and Path(text).is_file():
         if params is None:
             raise ValueError(f"{text}: a .keras file needs params (classes, image sizes) to be served")
-        return SemClassifier.from_files(text, serving_config(params))
+        # a temperature fitted for this model (calibration.json beside it, as models/ has it) calibrates it
+        return SemClassifier.from_files(text, serving_config(params, Path(text).parent / CALIBRATION_FILE.name))
     import mlflow
 
     return _unwrap(mlflow.pyfunc.load_model(text))

@@ -15,6 +15,11 @@ refused by MLflow's signature check (HTTP 400 naming the parameter).
 Response: one row per input row: ``label``, ``confidence``, one probability column per class (named by the
 class) and ``error`` ("" when the row is fine).
 
+Calibration: the probabilities are ``softmax(log p / T)`` of the Keras model's softmax ``p``, with the temperature
+``T`` of the serving config (``temperature``, fitted on val by the evaluate stage, see
+:mod:`emassist.model.calibration`). A model registered without one (before calibration existed) is served
+uncalibrated (``T = 1``, :attr:`SemClassifier.calibrated` false).
+
 Bad requests (see serving/README.md):
 
 * no ``image`` column or no rows → HTTP 400 ``INVALID_PARAMETER_VALUE`` with a one-line message;
@@ -47,6 +52,7 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from emassist.data.decode import ImageRejected
 from emassist.data.preprocess import STANDARDIZED_PARAM, Preprocessor
+from emassist.model.calibration import apply_temperature
 
 log = logging.getLogger("emassist.serving")
 
@@ -108,6 +114,22 @@ def describe_errors(errors: Sequence[str], n_rows: int) -> str:
     return f"{what}: {shown}{more}"
 
 
+def config_temperature(config: dict[str, Any]) -> tuple[float, bool]:
+    """``(T, calibrated)`` from a serving config: its ``temperature``, or ``(1.0, False)`` when it has none (a model
+    registered before calibration) or an unusable one (logged; serving it uncalibrated beats not serving it)."""
+    value = config.get("temperature")
+    if value is None:
+        return 1.0, False
+    try:
+        temperature = float(value)
+    except (TypeError, ValueError):
+        temperature = float("nan")
+    if not (np.isfinite(temperature) and temperature > 0):
+        log.warning("serving config temperature %r is not a positive number: serving uncalibrated", value)
+        return 1.0, False
+    return temperature, True
+
+
 class SemClassifier(mlflow.pyfunc.PythonModel):
     """Keras SEM morphology classifier behind the ingest/training preprocessing."""
 
@@ -119,6 +141,8 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
     preprocessor: Preprocessor
     chunk_size: int
     decode_threads: int
+    temperature: float  # 1.0 when the serving config has none (uncalibrated)
+    calibrated: bool  # whether the serving config carried a temperature
 
     def load_context(self, context: Any) -> None:
         with open(context.artifacts["config"], encoding="utf-8") as fh:
@@ -156,6 +180,7 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
             raise ValueError("the serving config has no image_size")
         self.chunk_size = max(1, int(config.get("chunk_size", DEFAULT_CHUNK_SIZE)))
         self.decode_threads = max(1, int(config.get("decode_threads", min(4, os.cpu_count() or 1))))
+        self.temperature, self.calibrated = config_temperature(config)
         self._pool: ThreadPoolExecutor | None = None
 
     # ----------------------------------------------------------------------------------------- building blocks
@@ -208,7 +233,10 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
             out.append(np.asarray(self._forward(batch[start : start + self.chunk_size]), dtype=np.float32))
         if not out:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        return np.concatenate(out)
+        proba = np.concatenate(out)
+        if self.temperature == 1.0:
+            return proba
+        return apply_temperature(proba, self.temperature).astype(np.float32)
 
     def result_frame(self, proba: np.ndarray, errors: Sequence[str]) -> pd.DataFrame:
         ok = np.array([not e for e in errors], dtype=bool)

@@ -100,7 +100,7 @@ def test_dataset_batches_have_model_shape(project: Path) -> None:
 def test_train_and_evaluate_track_everything_in_mlflow(project: Path) -> None:
     import mlflow
 
-    from emassist.model.files import MODEL_FILE, RUN_FILE
+    from emassist.model.files import CALIBRATION_FILE, MODEL_FILE, RUN_FILE
     from emassist.model.testset import evaluate
     from emassist.model.training import train
 
@@ -116,6 +116,15 @@ def test_train_and_evaluate_track_everything_in_mlflow(project: Path) -> None:
     assert headline["accuracy"] > 0.6, headline  # three easy textures
     for name in ("confusion_matrix.png", "confusion.csv", "history.csv", "training_curves.png"):
         assert (Path("reports/plots") / name).is_file(), name
+    # calibration: the temperature fitted on val, the test ECE/NLL before and after, the reliability diagram
+    calibration = json.loads(CALIBRATION_FILE.read_text())
+    assert calibration["temperature"] > 0 and calibration["n_val"] > 0
+    for key in ("ece_before", "ece_after", "nll_before", "nll_after"):
+        assert headline[key] == pytest.approx(calibration[key]), key
+        assert 0 <= headline[key] < 100, key
+    assert calibration["val_classes_missing"] == []
+    for name in ("reliability.csv", "reliability_diagram.png"):
+        assert (Path("reports/plots") / name).is_file(), name
 
     mlflow.set_tracking_uri("sqlite:///mlflow.db")
     run = mlflow.get_run(result.run_id)
@@ -125,6 +134,8 @@ def test_train_and_evaluate_track_everything_in_mlflow(project: Path) -> None:
     for tag in ("git_commit", "data_version", "splits_md5"):
         assert run.data.tags.get(tag), tag
     assert run.data.metrics["test_macro_f1"] == pytest.approx(metrics["macro_f1"])
+    assert run.data.metrics["test_ece_after"] == pytest.approx(calibration["ece_after"])
+    assert run.data.metrics["test_temperature"] == pytest.approx(calibration["temperature"])
     client = mlflow.MlflowClient()
     val_loss = client.get_metric_history(result.run_id, "val_loss")
     assert [m.step for m in val_loss] == [0, 1, 2]
@@ -132,6 +143,15 @@ def test_train_and_evaluate_track_everything_in_mlflow(project: Path) -> None:
     assert {"plots", "model", "evaluation", "history.json"} <= artifacts
     evaluation = {Path(a.path).name for a in client.list_artifacts(result.run_id, "evaluation")}
     assert {"confusion_matrix.png", "metrics.json", "confused_pairs.csv"} <= evaluation
+    assert {"reliability.csv", "reliability_diagram.png", "calibration.json"} <= evaluation
+
+    # a val split with a class missing: the temperature is still fitted, the report names the class
+    val = pd.read_csv("data/splits/val.csv", keep_default_na=False)
+    val[val["label"] != CLASSES[-1]].to_csv("data/splits/val.csv", index=False)
+    evaluate(params)
+    calibration = json.loads(CALIBRATION_FILE.read_text())
+    assert calibration["val_classes_missing"] == [CLASSES[-1]]
+    assert calibration["temperature"] > 0 and calibration["n_val"] == int((val["label"] != CLASSES[-1]).sum())
 
 
 def test_cosine_schedule_replaces_reduce_on_plateau(project: Path) -> None:

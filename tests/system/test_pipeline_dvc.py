@@ -54,6 +54,13 @@ def test_repro_builds_everything_then_does_nothing(repo_copy: Path) -> None:
     assert sum(len(f) for f in splits.values()) == manifest["sha256"].nunique()
     metrics = json.loads((repo_copy / "reports/metrics.json").read_text())
     assert 0 <= metrics["macro_f1"] <= 1 and metrics["n"] == len(splits["test"])
+    # calibration: T fitted on val, ECE/NLL on test before and after, the reliability plot and its dvc plots data
+    calibration = json.loads((repo_copy / "models/calibration.json").read_text())
+    assert calibration["temperature"] > 0 and calibration["n_val"] == len(splits["val"])
+    assert {"ece_before", "ece_after", "nll_before", "nll_after"} <= set(metrics)
+    assert metrics["ece_after"] == calibration["ece_after"]
+    for name in ("reliability.csv", "reliability_diagram.png"):
+        assert (repo_copy / "reports/plots" / name).is_file(), name
     assert (repo_copy / "models/model.keras").is_file()
     assert json.loads((repo_copy / "reports/split.json").read_text())  # the split counts: a report ...
     shown = _dvc(repo_copy, "metrics", "show")

@@ -85,6 +85,17 @@ def add_version(reg: dict[str, Any], name: str, source: str, *, f1: float | None
     return str(created.version)
 
 
+def _b64_level(level: int) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64), level, dtype=np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def champion(reg: dict[str, Any], name: str) -> str | None:
     from emassist.model.registry import champion_version
 
@@ -239,6 +250,8 @@ def test_register_stage_writes_report(
     shutil.copy(reg["good_file"], tmp_path / "models" / "model.keras")
     run_id = make_run(reg["params"], f1=0.75, data_version=reg["dv"])
     (tmp_path / "models" / "run.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": reg["uri"]}))
+    # what the evaluate stage writes: the temperature fitted on val goes into the registered serving config
+    (tmp_path / "models" / "calibration.json").write_text(json.dumps({"temperature": 1.5, "ece_before": 0.1}))
     monkeypatch.chdir(tmp_path)
     params = params_from_dict(
         {
@@ -254,3 +267,24 @@ def test_register_stage_writes_report(
     assert sorted(report["aliases"]) == ["challenger", "champion"]
     assert report["run_id"] == run_id
     assert "promoted" in capsys.readouterr().out
+
+    import mlflow
+
+    config_uri = f"models:/{name}/1/artifacts/serving_config.json"
+    config = json.loads(Path(mlflow.artifacts.download_artifacts(artifact_uri=config_uri)).read_text())
+    assert config["temperature"] == 1.5
+    served = mlflow.pyfunc.load_model(f"models:/{name}/1").unwrap_python_model()
+    assert (served.temperature, served.calibrated) == (1.5, True)
+
+
+def test_version_registered_without_calibration_is_served_uncalibrated(reg: dict[str, Any]) -> None:
+    """A model registered before calibration (no calibration.json, no temperature in its config): T = 1."""
+    import mlflow
+
+    config_uri = f"models:/{MODEL_NAME}/{reg['good'].version}/artifacts/serving_config.json"
+    config = json.loads(Path(mlflow.artifacts.download_artifacts(artifact_uri=config_uri)).read_text())
+    assert "temperature" not in config
+    served = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{reg['good'].version}").unwrap_python_model()
+    assert (served.temperature, served.calibrated) == (1.0, False)
+    frame = served.predict(None, pd.DataFrame({"image": [_b64_level(220)]}))
+    assert frame.loc[0, "label"] == "Tips" and frame.loc[0, "error"] == ""
