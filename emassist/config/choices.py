@@ -59,3 +59,4 @@ LR_SCHEDULES: tuple[str, ...] = ("plateau", "cosine")
 # ------------------------------------------------------------------------------------------------------ serve
 
 WEBAPP_SOURCES: tuple[str, ...] = ("registry", "endpoint")
+MIN_TILE = 16  # smallest tile side of a tile scan, in pixels

@@ -29,6 +29,7 @@ from emassist.config.choices import (
     DEMO_MIN_SIDE,
     LR_SCHEDULES,
     MIN_IMAGE_SIZE,
+    MIN_TILE,
     MODEL_NAMES,
     OPTIMIZERS,
     POLICY_FRACTIONS,
@@ -313,13 +314,7 @@ class WebappParams:
         _at_least("webapp.max_upload_bytes", self.max_upload_bytes, 1024)
         _at_least("webapp.max_pixels", self.max_pixels, 256)
         _at_least("webapp.max_files", self.max_files, 1)
-        _at_least("webapp.tile_size", self.tile_size, 16)
-        _at_least("webapp.tile_stride", self.tile_stride, 1)
-        if self.tile_stride > self.tile_size:
-            raise ParamsError(
-                f"webapp.tile_stride: {self.tile_stride} is larger than webapp.tile_size {self.tile_size} "
-                "(parts of the image would never be looked at)"
-            )
+        check_tiling(self.tile_size, self.tile_stride, tile_key="webapp.tile_size", stride_key="webapp.tile_stride")
         _at_least("webapp.tile_batch", self.tile_batch, 1)
         _at_least("webapp.max_tiles", self.max_tiles, 1)
 
@@ -555,6 +550,19 @@ def _fraction(key: str, value: float) -> None:
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ParamsError(f"{key}: unknown value {value!r} (choose one of: {', '.join(allowed)})")
+
+
+def check_tiling(tile: int, stride: int, *, tile_key: str = "tile", stride_key: str = "stride") -> None:
+    """The one rule for a tile scan's tile side and stride (params.yaml's defaults and every request's values):
+    :class:`ParamsError` naming ``tile_key`` / ``stride_key``."""
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < MIN_TILE:
+        raise ParamsError(f"{tile_key}: must be an integer >= {MIN_TILE} pixels, got {tile!r}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ParamsError(f"{stride_key}: must be an integer >= 1 pixel, got {stride!r}")
+    if stride > tile:
+        raise ParamsError(
+            f"{stride_key}: {stride} is larger than the tile ({tile_key} {tile}); parts of the image would be skipped"
+        )
 
 
 def check_class_names(key: str, names: typing.Iterable[str]) -> None:

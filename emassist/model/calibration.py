@@ -17,13 +17,24 @@ LOG_T_BOUNDS = (-4.0, 4.0)  # T between about 0.018 and 55
 EPS = 1e-12
 
 
+def as_temperature(value: Any) -> float:
+    """``value`` as a temperature: a positive finite number, else ``ValueError`` (the one check of a temperature,
+    wherever one is read: the calibration file, a serving config, a call)."""
+    try:
+        temperature = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"temperature must be a positive number, got {value!r}") from exc
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {value!r}")
+    return temperature
+
+
 def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
     """``softmax(log p / T)`` row by row; ``T = 1`` returns the probabilities unchanged (renormalised)."""
     p = np.asarray(proba, dtype=np.float64)
     if p.ndim != 2:
         raise ValueError(f"expected probabilities of shape [n, classes], got {p.shape}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    temperature = as_temperature(temperature)
     logits = np.log(np.clip(p, EPS, None)) / float(temperature)
     logits -= logits.max(axis=1, keepdims=True) if len(logits) else 0.0
     e = np.exp(logits)

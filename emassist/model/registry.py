@@ -42,6 +42,7 @@ import emassist
 from emassist.config.settings import Params
 from emassist.data.dataset import read_split
 from emassist.data.preprocess import STANDARDIZED_PARAM, Preprocessor
+from emassist.model.calibration import as_temperature
 from emassist.model.files import CALIBRATION_FILE, MODEL_FILE, RUN_FILE
 from emassist.model.metrics import compute_metrics
 from emassist.model.tracking import data_version, setup_mlflow
@@ -121,12 +122,12 @@ def read_temperature(calibration_file: Path | None) -> float | None:
         return None
     try:
         value = json.loads(Path(calibration_file).read_text(encoding="utf-8"))["temperature"]
-        temperature = float(value)
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{calibration_file}: no valid 'temperature' ({exc})") from exc
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"{calibration_file}: temperature must be a positive number, got {value!r}")
-    return temperature
+    try:
+        return as_temperature(value)
+    except ValueError as exc:
+        raise ValueError(f"{calibration_file}: {exc}") from exc
 
 
 def model_signature(classes: Sequence[str]) -> Any:

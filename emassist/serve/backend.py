@@ -164,40 +164,41 @@ def resolve_alias(params: Params) -> tuple[str, str]:
     return str(mv.version), str(mv.run_id or "")
 
 
-def load_registry(params: Params) -> LocalBackend:
-    """``models:/<mlflow.registered_model>/<version of webapp.alias>``, loaded in-process."""
+def _load_classifier(uri: str, params: Params) -> Any:
+    """The SEM classifier pyfunc at ``uri`` (``params`` give a ``.keras`` file its classes and preprocessing);
+    BackendError when it cannot be loaded or is another kind of model."""
     from mlflow.exceptions import MlflowException
 
-    name, alias = params.mlflow.registered_model, params.webapp.alias
-    version, run_id = resolve_alias(params)
-    uri = f"models:/{name}/{version}"
-    try:
-        model = load_predictor(uri)
-    except MlflowException as exc:
-        raise BackendError(f"cannot load {uri}: {exc.message.splitlines()[0]}") from exc
-    if not hasattr(model, "probabilities"):
-        raise BackendError(f"{uri} is not the SEM classifier pyfunc (emassist/serve/pyfunc.py)")
-    return LocalBackend(model, ModelInfo(name, version, alias, "registry", uri, run_id))
-
-
-def load_model_uri(uri: str, params: Params) -> LocalBackend:
-    """A model named by hand: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, a model folder or a ``.keras`` file."""
-    from mlflow.exceptions import MlflowException
-
-    tracking_client(params)
     try:
         model = load_predictor(uri, params)
     except MlflowException as exc:
         raise BackendError(f"cannot load {uri}: {exc.message.splitlines()[0]}") from exc
     if not hasattr(model, "probabilities"):
         raise BackendError(f"{uri} is not the SEM classifier pyfunc (emassist/serve/pyfunc.py)")
+    return model
+
+
+def load_registry(params: Params) -> LocalBackend:
+    """``models:/<mlflow.registered_model>/<version of webapp.alias>``, loaded in-process."""
+    name, alias = params.mlflow.registered_model, params.webapp.alias
+    version, run_id = resolve_alias(params)
+    uri = f"models:/{name}/{version}"
+    return LocalBackend(_load_classifier(uri, params), ModelInfo(name, version, alias, "registry", uri, run_id))
+
+
+def load_model_uri(uri: str, params: Params) -> LocalBackend:
+    """A model named by hand: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, a model folder or a ``.keras`` file."""
+    from mlflow.exceptions import MlflowException
+
+    client = tracking_client(params)  # models:/ URIs resolve against the configured tracking URI
+    model = _load_classifier(uri, params)
     name, version, alias = os.path.basename(uri.rstrip("/")), "", ""
     if uri.startswith("models:/"):
         rest = uri[len("models:/") :]
         if "@" in rest:
             name, alias = rest.split("@", 1)
             try:
-                version = str(tracking_client(params).get_model_version_by_alias(name, alias).version)
+                version = str(client.get_model_version_by_alias(name, alias).version)
             except MlflowException:
                 version = ""
         else:

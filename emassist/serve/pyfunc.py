@@ -52,7 +52,7 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from emassist.data.decode import ImageRejected
 from emassist.data.preprocess import STANDARDIZED_PARAM, Preprocessor
-from emassist.model.calibration import apply_temperature
+from emassist.model.calibration import apply_temperature, as_temperature
 
 log = logging.getLogger("emassist.serving")
 
@@ -121,13 +121,10 @@ def config_temperature(config: dict[str, Any]) -> tuple[float, bool]:
     if value is None:
         return 1.0, False
     try:
-        temperature = float(value)
-    except (TypeError, ValueError):
-        temperature = float("nan")
-    if not (np.isfinite(temperature) and temperature > 0):
+        return as_temperature(value), True
+    except ValueError:
         log.warning("serving config temperature %r is not a positive number: serving uncalibrated", value)
         return 1.0, False
-    return temperature, True
 
 
 class SemClassifier(mlflow.pyfunc.PythonModel):

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from emassist.config.settings import ParamsError, check_tiling
 from emassist.core.atomic import atomic_path
 from emassist.data.preprocess import Preprocessor
 from emassist.serve.drawing import overlay, png_bytes
@@ -94,12 +95,10 @@ def positions(length: int, tile: int, stride: int) -> list[int]:
 
 
 def check_options(tile: int, stride: int, max_tiles: int | None = None, shape: tuple[int, int] | None = None) -> None:
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 16:
-        raise ScanError(f"tile: must be an integer >= 16 pixels, got {tile!r}")
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ScanError(f"stride: must be an integer >= 1 pixel, got {stride!r}")
-    if stride > tile:
-        raise ScanError(f"stride: {stride} is larger than the tile ({tile}); parts of the image would be skipped")
+    try:
+        check_tiling(tile, stride)  # the same rule as webapp.tile_size / webapp.tile_stride in params.yaml
+    except ParamsError as exc:
+        raise ScanError(str(exc)) from exc
     if max_tiles is not None and shape is not None:
         h, w = shape
         n = len(positions(h, tile, stride)) * len(positions(w, tile, stride))
