@@ -56,6 +56,11 @@ XCEPTION_BLOCKS = 14  # blocks of keras.applications.Xception; train.finetune_bl
 OPTIMIZERS: tuple[str, ...] = ("rmsprop", "adam", "sgd")
 LR_SCHEDULES: tuple[str, ...] = ("plateau", "cosine")
 
+# --------------------------------------------------------------------------------------------------- split
+
+EMBEDDING_BACKBONES: tuple[str, ...] = ("xception", "mobilenet_v2")  # frozen backbones of the embedding grouping
+MIN_EMBEDDING_SIZE = 32  # keras.applications' smallest input among EMBEDDING_BACKBONES (MobileNetV2)
+
 # ------------------------------------------------------------------------------------------------------ serve
 
 WEBAPP_SOURCES: tuple[str, ...] = ("registry", "endpoint")

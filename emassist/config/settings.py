@@ -27,7 +27,9 @@ from emassist.config.choices import (
     DATA_SOURCES,
     DEMO_MAX_SIDE,
     DEMO_MIN_SIDE,
+    EMBEDDING_BACKBONES,
     LR_SCHEDULES,
+    MIN_EMBEDDING_SIZE,
     MIN_IMAGE_SIZE,
     MIN_TILE,
     MODEL_NAMES,
@@ -108,10 +110,12 @@ class IngestParams:
     max_pixels: int = 100_000_000
     min_side: int = 16
     crop_databar: bool = True
+    min_contrast: float = 2.0  # std of gray levels (0..255) after the data-bar crop; flatter frames: featureless
     workers: int = 0
 
     def check(self) -> None:
         _at_least("ingest.cache_size", self.cache_size, 16)
+        _at_least("ingest.min_contrast", self.min_contrast, 0)
         _at_least("ingest.max_pixels", self.max_pixels, 1)
         _at_least("ingest.min_side", self.min_side, 1)
         _at_least("ingest.workers", self.workers, 0)
@@ -139,6 +143,10 @@ class SplitParams:
     val: float = 0.2
     test: float = 0.1
     near_dup_distance: int = 4
+    embedding: str | None = None  # null: no embedding grouping | imagenet | path to a local weights file
+    embedding_backbone: str = "xception"  # the frozen backbone whose global-pooled features are compared
+    embedding_image_size: int = 224  # side of the images the backbone sees
+    embedding_threshold: float = 0.94  # cosine similarity at or above which two images are near duplicates
 
     def check(self) -> None:
         for name in ("train", "val", "test"):
@@ -151,6 +159,10 @@ class SplitParams:
         _at_least("split.near_dup_distance", self.near_dup_distance, 0)
         if self.near_dup_distance > 32:
             raise ParamsError(f"split.near_dup_distance: at most 32 of 64 hash bits, got {self.near_dup_distance}")
+        _one_of("split.embedding_backbone", self.embedding_backbone, EMBEDDING_BACKBONES)
+        _at_least("split.embedding_image_size", self.embedding_image_size, MIN_EMBEDDING_SIZE)
+        _between("split.embedding_threshold", self.embedding_threshold, -1.0, 1.0)
+        check_weights_file("split.embedding", self.embedding, f"the {self.embedding_backbone} backbone")
 
     @property
     def ratios(self) -> dict[str, float]:
@@ -256,15 +268,19 @@ class TrainParams:
         _at_least("train.shuffle_buffer", self.shuffle_buffer, 1)
         if self.model not in PRETRAINED_MODELS and self.weights is not None:
             raise ParamsError(f"train.weights: {self.model} trains from scratch; set train.weights to null")
-        if self.weights not in (None, "imagenet"):
-            path = Path(self.weights).expanduser()
-            if not path.is_file():
-                raise ParamsError(
-                    f"train.weights: weights file {self.weights!r} does not exist "
-                    "(use imagenet, null, or the path of a local .h5 / .weights.h5 file of the Xception base)"
-                )
-            if path.suffix.lower() not in WEIGHTS_SUFFIXES:
-                raise ParamsError(f"train.weights: {self.weights!r} is not an .h5 / .weights.h5 weights file")
+        check_weights_file("train.weights", self.weights, "the Xception base")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """What the evaluate stage fits on val and ships with the model: the review threshold and the familiarity one."""
+
+    target_accuracy: float = 0.99  # review threshold: the lowest confidence whose accepted val images reach this
+    unfamiliar_quantile: float = 0.99  # share of val images whose familiarity score sits below the threshold
+
+    def check(self) -> None:
+        _fraction("evaluate.target_accuracy", self.target_accuracy)
+        _fraction("evaluate.unfamiliar_quantile", self.unfamiliar_quantile)
 
 
 @dataclass(frozen=True)
@@ -293,7 +309,7 @@ class WebappParams:
     alias: str = "champion"
     endpoint_url: str = "http://127.0.0.1:5001"  # a running `mlflow models serve` (source: endpoint)
     endpoint_timeout_s: float = 60.0
-    low_confidence: float = 0.5  # top-1 confidence below this is flagged "low confidence: check this one"
+    low_confidence: float | None = None  # null: the model's review threshold | a fixed confidence that overrides it
     max_upload_bytes: int = 50_000_000
     max_pixels: int = 64_000_000  # of one uploaded image (declared size, checked before decoding)
     max_files: int = 50  # per batch on the page
@@ -310,7 +326,8 @@ class WebappParams:
         if not self.endpoint_url.startswith(("http://", "https://")):
             raise ParamsError(f"webapp.endpoint_url: must be an http(s) URL, got {self.endpoint_url!r}")
         _positive("webapp.endpoint_timeout_s", self.endpoint_timeout_s)
-        _fraction("webapp.low_confidence", self.low_confidence)
+        if self.low_confidence is not None:
+            _fraction("webapp.low_confidence", self.low_confidence)
         _at_least("webapp.max_upload_bytes", self.max_upload_bytes, 1024)
         _at_least("webapp.max_pixels", self.max_pixels, 256)
         _at_least("webapp.max_files", self.max_files, 1)
@@ -424,6 +441,7 @@ class Params:
     split: SplitParams = field(default_factory=SplitParams)
     augment: AugmentParams = field(default_factory=AugmentParams)
     train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
     orchestration: OrchestrationParams = field(default_factory=OrchestrationParams)
     webapp: WebappParams = field(default_factory=WebappParams)
@@ -563,6 +581,21 @@ def check_tiling(tile: int, stride: int, *, tile_key: str = "tile", stride_key: 
         raise ParamsError(
             f"{stride_key}: {stride} is larger than the tile ({tile_key} {tile}); parts of the image would be skipped"
         )
+
+
+def check_weights_file(key: str, value: str | None, what: str) -> None:
+    """``value`` is null, ``imagenet`` or an existing local ``.h5`` / ``.weights.h5`` file (else a ParamsError naming
+    ``key``): checked when params load, before any work."""
+    if value in (None, "imagenet"):
+        return
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ParamsError(
+            f"{key}: weights file {value!r} does not exist "
+            f"(use imagenet, null, or the path of a local .h5 / .weights.h5 file of {what})"
+        )
+    if path.suffix.lower() not in WEIGHTS_SUFFIXES:
+        raise ParamsError(f"{key}: {value!r} is not an .h5 / .weights.h5 weights file")
 
 
 def check_class_names(key: str, names: typing.Iterable[str]) -> None:
