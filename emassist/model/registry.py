@@ -45,6 +45,7 @@ from emassist.data.preprocess import STANDARDIZED_PARAM, Preprocessor
 from emassist.model.calibration import as_temperature
 from emassist.model.files import CALIBRATION_FILE, MODEL_FILE, RUN_FILE
 from emassist.model.metrics import compute_metrics
+from emassist.model.provenance import training_data
 from emassist.model.tracking import data_version, setup_mlflow
 
 if TYPE_CHECKING:
@@ -107,6 +108,7 @@ def serving_config(params: Params, calibration_file: Path | None = None) -> dict
         "classes": list(params.data.classes),
         **Preprocessor.from_params(params).config(),
         "chunk_size": 32,
+        "training_data": training_data(params),
     }
     temperature = read_temperature(calibration_file)
     if temperature is not None:
