@@ -12,5 +12,7 @@ MODEL_FILE = MODEL_DIR / "model.keras"  # the serving copy (architecture + weigh
 RUN_FILE = MODEL_DIR / "run.json"  # {"run_id", "tracking_uri"} of the training's MLflow run
 HISTORY_FILE = MODEL_DIR / "history.json"  # per-epoch metrics of both phases and the phase boundaries
 CURVES_FILE = MODEL_DIR / "training_curves.png"
-# written by the evaluate stage: {"temperature": T fitted on val, "ece_before", "ece_after", "nll_before", ...}
+# written by the evaluate stage: {"temperature": T fitted on val, "ece_before", ..., "review_threshold", ...}
 CALIBRATION_FILE = MODEL_DIR / "calibration.json"
+# written by the evaluate stage: class means, shared precision matrix and threshold of the familiarity score
+FAMILIARITY_FILE = MODEL_DIR / "familiarity.npz"

@@ -43,9 +43,10 @@ from emassist.config.settings import Params
 from emassist.data.dataset import read_split
 from emassist.data.preprocess import STANDARDIZED_PARAM, Preprocessor
 from emassist.model.calibration import as_temperature
-from emassist.model.files import CALIBRATION_FILE, MODEL_FILE, RUN_FILE
+from emassist.model.files import CALIBRATION_FILE, FAMILIARITY_FILE, MODEL_FILE, RUN_FILE
 from emassist.model.metrics import compute_metrics
 from emassist.model.provenance import training_data
+from emassist.model.selective import ReviewPolicy
 from emassist.model.tracking import data_version, setup_mlflow
 
 if TYPE_CHECKING:
@@ -100,36 +101,46 @@ def pyfunc_code_path() -> Path:
     return Path(spec.origin)
 
 
+#: What the serving config takes from the evaluate stage's calibration file (see emassist.model.testset).
+SERVED_CALIBRATION_KEYS = ("temperature", "review_threshold", "target_accuracy", "target_reached")
+
+
 def serving_config(params: Params, calibration_file: Path | None = None) -> dict[str, Any]:
-    """What the pyfunc needs beside the Keras model: the classes and its preprocessor's exact settings
-    (:meth:`Preprocessor.config`, read back with :meth:`Preprocessor.from_config`), and ``temperature`` (fitted by
-    the evaluate stage) when ``calibration_file`` exists; without it the model is served uncalibrated (T = 1)."""
+    """What the pyfunc needs beside the Keras model: the classes, its preprocessor's exact settings
+    (:meth:`Preprocessor.config`, read back with :meth:`Preprocessor.from_config`), where its training data came
+    from, and, when ``calibration_file`` exists, what the evaluate stage fitted on val: ``temperature``,
+    ``review_threshold`` (null: every answer needs review), ``target_accuracy``, ``target_reached``. Without it the
+    model is served uncalibrated (T = 1) with the legacy fixed review threshold, labelled so."""
     config: dict[str, Any] = {
         "classes": list(params.data.classes),
         **Preprocessor.from_params(params).config(),
         "chunk_size": 32,
         "training_data": training_data(params),
     }
-    temperature = read_temperature(calibration_file)
-    if temperature is not None:
-        config["temperature"] = temperature
+    config.update(read_calibration(calibration_file))
     return config
 
 
-def read_temperature(calibration_file: Path | None) -> float | None:
-    """The temperature in ``calibration_file`` (``{"temperature": T, ...}``); None when there is no such file.
+def read_calibration(calibration_file: Path | None) -> dict[str, Any]:
+    """The served keys of ``calibration_file`` (:data:`SERVED_CALIBRATION_KEYS`); ``{}`` when there is no such file.
 
-    A file that exists but holds no positive finite temperature is an error naming the file."""
+    A file that exists but holds no positive finite temperature, or a review threshold that is not a confidence
+    (or null), is an error naming the file."""
     if calibration_file is None or not Path(calibration_file).is_file():
-        return None
+        return {}
     try:
-        value = json.loads(Path(calibration_file).read_text(encoding="utf-8"))["temperature"]
+        saved = json.loads(Path(calibration_file).read_text(encoding="utf-8"))
+        value = saved["temperature"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{calibration_file}: no valid 'temperature' ({exc})") from exc
     try:
-        return as_temperature(value)
+        served = {"temperature": as_temperature(value)}
+        if "review_threshold" in saved or "target_reached" in saved:
+            served.update({k: saved.get(k) for k in SERVED_CALIBRATION_KEYS[1:]})
+            ReviewPolicy.from_config(served)  # the one check of a review threshold
     except ValueError as exc:
         raise ValueError(f"{calibration_file}: {exc}") from exc
+    return served
 
 
 def model_signature(classes: Sequence[str]) -> Any:
@@ -143,6 +154,8 @@ def model_signature(classes: Sequence[str]) -> Any:
         [ColSpec("string", "label"), ColSpec("double", "confidence")]
         + [ColSpec("double", c) for c in classes]
         + [ColSpec("string", "error")]
+        + [ColSpec("boolean", "needs_review"), ColSpec("string", "review_reason")]
+        + [ColSpec("boolean", "unfamiliar"), ColSpec("double", "unfamiliar_score")]
     )
     # Inference parameter: images already standardized by the caller (tiles): no data-bar search, only the resize.
     params = ParamSchema([ParamSpec(STANDARDIZED_PARAM, "boolean", False)])
@@ -183,6 +196,16 @@ def example_image_base64(params: Params, side: int = 64) -> str:
     buf = io.BytesIO()
     Image.fromarray(gray).save(buf, format="PNG", optimize=True)
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _artifacts(model_file: Path, config_file: Path) -> dict[str, str]:
+    """The pyfunc's artifacts: the Keras model, the serving config, and the familiarity file the evaluate stage
+    wrote beside the model (when there is one; without it the model serves no ``unfamiliar`` flag)."""
+    artifacts = {"keras_model": str(model_file), "config": str(config_file)}
+    familiarity = Path(model_file).parent / FAMILIARITY_FILE.name
+    if familiarity.is_file():
+        artifacts["familiarity"] = str(familiarity)
+    return artifacts
 
 
 def _package_copy(tmp: Path) -> Path:
@@ -254,7 +277,7 @@ def log_and_register(
             info = mlflow.pyfunc.log_model(
                 name=LOGGED_MODEL_NAME,
                 python_model=str(pyfunc_code_path()),
-                artifacts={"keras_model": str(model_file), "config": str(config_file)},
+                artifacts=_artifacts(model_file, config_file),
                 code_paths=[str(_package_copy(Path(tmp)))],
                 signature=model_signature(params.data.classes),
                 input_example=example,

@@ -4,9 +4,17 @@ Predicts ``data/splits/test.csv`` with the training's input pipeline, computes t
 (:mod:`emassist.model.metrics`), writes ``reports/metrics.json`` (the headline figures ``dvc metrics`` shows) and the
 report files (:mod:`emassist.model.reports`), and logs them to the training's MLflow run (``models/run.json``).
 
-Calibration (:mod:`emassist.model.calibration`): a temperature is fitted on ``data/splits/val.csv`` and written to
-``models/calibration.json`` (the register step ships it with the model); ECE and NLL on test before and after go
-into ``reports/metrics.json`` and the reliability diagram into ``reports/plots/`` (:mod:`emassist.model.reliability`).
+What it fits on val and the register step ships with the model (``models/calibration.json``,
+``models/familiarity.npz``):
+
+* a temperature (:mod:`emassist.model.calibration`); ECE and NLL on test before and after, and the reliability
+  diagram (:mod:`emassist.model.reliability`);
+* the familiarity score (:mod:`emassist.model.familiarity`: fitted on the train split's features, its threshold on
+  val's) and the share of test images it calls unfamiliar;
+* the review threshold (:mod:`emassist.model.selective`: the lowest calibrated confidence at which the accepted
+  familiar val images reach ``evaluate.target_accuracy``); coverage and selective accuracy at it on test, and the
+  risk–coverage curve (:mod:`emassist.model.riskcoverage`).
+
 The headline metrics (accuracy, F1, ...) stay those of the raw model: a temperature never changes the argmax.
 """
 
@@ -22,11 +30,15 @@ import numpy as np
 from emassist.config.settings import Params
 from emassist.core.atomic import atomic_open
 from emassist.data.dataset import make_dataset, read_split
-from emassist.model.calibration import calibration_report
-from emassist.model.files import CALIBRATION_FILE, HISTORY_FILE, MODEL_FILE, RUN_FILE
+from emassist.model.calibration import apply_temperature, calibration_report
+from emassist.model.familiarity import Familiarity, fit_familiarity
+from emassist.model.features import with_features
+from emassist.model.files import CALIBRATION_FILE, FAMILIARITY_FILE, HISTORY_FILE, MODEL_FILE, RUN_FILE
 from emassist.model.metrics import HEADLINE_KEYS, compute_metrics, format_report
 from emassist.model.reliability import write_reliability
 from emassist.model.reports import write_reports
+from emassist.model.riskcoverage import write_risk_coverage
+from emassist.model.selective import ThresholdChoice, choose_threshold, selective_report
 from emassist.model.tracking import setup_mlflow
 
 log = logging.getLogger(__name__)
@@ -34,42 +46,89 @@ REPORT_DIR = Path("reports")
 PLOTS_DIR = REPORT_DIR / "plots"
 METRICS_FILE = REPORT_DIR / "metrics.json"
 CALIBRATION_KEYS = ("ece_before", "ece_after", "nll_before", "nll_after")
+SELECTIVE_KEYS = ("coverage", "selective_accuracy", "target_accuracy", "unfamiliar_share", "unfamiliar_threshold")
 
 
-def predict_split(model: Any, params: Params, csv_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(true class indices, probabilities) for one split file."""
+def predict_split(scorer: Any, params: Params, csv_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(true class indices, probabilities, penultimate features) for one split file; ``scorer`` is
+    :func:`~emassist.model.features.with_features` of the model."""
     split = read_split(csv_path, params.data.classes)
     ds = make_dataset(
         split, image_size=params.train.image_size, batch_size=params.train.batch_size, training=False, cache=False
     )
-    proba = model.predict(ds, verbose=0)
-    return split.labels, np.asarray(proba, dtype=np.float64)
+    proba, features = scorer.predict(ds, verbose=0)
+    return split.labels, np.asarray(proba, dtype=np.float64), np.asarray(features, dtype=np.float64)
+
+
+def trust_report(
+    params: Params,
+    val: tuple[np.ndarray, np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray, np.ndarray],
+    train: tuple[np.ndarray, np.ndarray],
+    temperature: float,
+) -> tuple[Familiarity, ThresholdChoice, dict[str, Any]]:
+    """Familiarity (fitted on train features, threshold on val) and the review threshold (on calibrated val);
+    coverage, selective accuracy and the unfamiliar share on test. ``val``/``test``: (labels, proba, features);
+    ``train``: (labels, features)."""
+    y_val, p_val, f_val = val
+    y_test, p_test, f_test = test
+    y_train, f_train = train
+    familiarity = fit_familiarity(f_train, y_train, f_val, params.evaluate.unfamiliar_quantile)
+    familiar_val = familiarity.score(f_val) <= 1.0
+    familiar_test = familiarity.score(f_test) <= 1.0
+    cal_val = apply_temperature(p_val, temperature)
+    cal_test = apply_temperature(p_test, temperature)
+    choice = choose_threshold(
+        cal_val, y_val, params.evaluate.target_accuracy, classes=params.data.classes, accept=familiar_val
+    )
+    at = selective_report(cal_test, y_test, choice.threshold, accept=familiar_test)
+    report = {
+        **choice.as_dict(),
+        "coverage": at["coverage"],
+        "selective_accuracy": at["selective_accuracy"],
+        "unfamiliar_quantile": familiarity.quantile,
+        "unfamiliar_threshold": familiarity.threshold,
+        "unfamiliar_share": float(1.0 - familiar_test.mean()) if len(familiar_test) else float("nan"),
+        "_familiar_test": familiar_test,
+        "_calibrated_test": cal_test,
+    }
+    return familiarity, choice, report
 
 
 def evaluate(params: Params) -> dict[str, Any]:
     """Evaluate ``models/model.keras`` on the test split; write reports/ and log to the training's MLflow run."""
     test_csv = Path(params.data.splits_dir) / "test.csv"
     val_csv = Path(params.data.splits_dir) / "val.csv"
-    read_split(test_csv, params.data.classes)  # clear errors before loading the model
-    read_split(val_csv, params.data.classes)
+    train_csv = Path(params.data.splits_dir) / "train.csv"  # the originals (not augmented): familiarity is fitted on
+    for csv_path in (test_csv, val_csv, train_csv):
+        read_split(csv_path, params.data.classes)  # clear errors before loading the model
     if not MODEL_FILE.is_file():
         raise FileNotFoundError(f"{MODEL_FILE} not found: run the train stage first (dvc repro train)")
     # Keras and MLflow are imported here, not at module top: they take seconds to import.
     import keras
     import mlflow
 
-    model = keras.models.load_model(MODEL_FILE, compile=False)
-    y_true, proba = predict_split(model, params, test_csv)
-    y_val, proba_val = predict_split(model, params, val_csv)
+    scorer = with_features(keras.models.load_model(MODEL_FILE, compile=False))
+    y_true, proba, feats = predict_split(scorer, params, test_csv)
+    y_val, proba_val, feats_val = predict_split(scorer, params, val_csv)
+    y_train, _, feats_train = predict_split(scorer, params, train_csv)
     classes = list(params.data.classes)
     calibration = calibration_report((y_val, proba_val), (y_true, proba))
     missing = [classes[k] for k in calibration.pop("val_classes_missing")]
     if missing:
         log.warning("the val split has no image of %s: the temperature is fitted on the other classes", missing)
     calibration["val_classes_missing"] = missing
+    familiarity, choice, trust = trust_report(
+        params, (y_val, proba_val, feats_val), (y_true, proba, feats), (y_train, feats_train),
+        calibration["temperature"],
+    )  # fmt: skip
+    familiar_test, calibrated_test = trust.pop("_familiar_test"), trust.pop("_calibrated_test")
+    (log.info if choice.reached else log.warning)("%s", choice.message)
+    calibration.update(trust)
+    familiarity.save(FAMILIARITY_FILE)
     CALIBRATION_FILE.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(CALIBRATION_FILE, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(calibration, indent=2) + "\n")
+        fh.write(json.dumps(_json_safe(calibration), indent=2) + "\n")
     metrics = compute_metrics(y_true, proba, classes)
     saved = json.loads(HISTORY_FILE.read_text()) if HISTORY_FILE.is_file() else {}
     paths = write_reports(
@@ -82,24 +141,40 @@ def evaluate(params: Params) -> dict[str, Any]:
         phase_boundaries=saved.get("phase_boundaries", []),
     )
     paths.update(write_reliability(PLOTS_DIR, proba, y_true, calibration["temperature"]))
+    point = None if choice.threshold is None else (trust["coverage"], trust["selective_accuracy"])
+    paths.update(
+        write_risk_coverage(
+            PLOTS_DIR, calibrated_test, y_true, threshold=choice.threshold,
+            target_accuracy=choice.target_accuracy, accept=familiar_test, point=point,
+        )
+    )  # fmt: skip
     paths["calibration"] = CALIBRATION_FILE
+    paths["familiarity"] = FAMILIARITY_FILE
     # The headline figures for `dvc metrics show/diff` live at reports/metrics.json.
     headline = {k: metrics[k] for k in HEADLINE_KEYS}
     headline.update({k: calibration[k] for k in CALIBRATION_KEYS})
     headline["temperature"] = calibration["temperature"]
-    METRICS_FILE.write_text(json.dumps(headline, indent=2))
+    headline["review_threshold"] = choice.threshold  # null when the target is not reached (everything flagged)
+    headline.update({k: calibration[k] for k in SELECTIVE_KEYS})
+    METRICS_FILE.write_text(json.dumps(_json_safe(headline), indent=2))
     print(format_report(metrics, classes))
     print(
         f"calibration: temperature {calibration['temperature']:.3f} (fitted on {calibration['n_val']} val images); "
         f"test ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}, "
         f"NLL {calibration['nll_before']:.4f} -> {calibration['nll_after']:.4f}"
     )
+    print(choice.message)
+    if choice.reached:
+        print(
+            f"on test: {trust['coverage']:.1%} answered without review at {trust['selective_accuracy']:.4f} accuracy; "
+            f"{trust['unfamiliar_share']:.1%} flagged unfamiliar"
+        )
 
     run = json.loads(RUN_FILE.read_text()) if RUN_FILE.is_file() else None
     if run:
         setup_mlflow(params)
         with mlflow.start_run(run_id=run["run_id"]):
-            mlflow.log_metrics({f"test_{k}": float(v) for k, v in headline.items()})
+            mlflow.log_metrics({f"test_{k}": float(v) for k, v in headline.items() if _loggable(v)})
             mlflow.log_metrics(
                 {f"test_f1_{c}": float(metrics["per_class"][c]["f1"]) for c in classes if c in metrics["per_class"]}
             )
@@ -109,3 +184,13 @@ def evaluate(params: Params) -> dict[str, Any]:
         log.warning("%s not found: metrics not logged to MLflow", RUN_FILE)
     metrics["calibration"] = calibration
     return metrics
+
+
+def _loggable(value: Any) -> bool:
+    """A finite number MLflow can log (a null review threshold or a NaN share is left out)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
+    """NaN (e.g. the selective accuracy when nothing is accepted) as null: JSON has no NaN."""
+    return {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in values.items()}

@@ -8,6 +8,7 @@ server answers for the same files.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -18,14 +19,17 @@ import numpy as np
 import pandas as pd
 
 from emassist.config.settings import Params
-from emassist.model.files import CALIBRATION_FILE
+from emassist.model.files import CALIBRATION_FILE, FAMILIARITY_FILE
+from emassist.model.provenance import describe_training_data
 from emassist.model.registry import serving_config
 from emassist.serve.client import ServingError, predict_in_batches
-from emassist.serve.pyfunc import SemClassifier
+from emassist.serve.pyfunc import TRUST_COLUMNS, SemClassifier
 
 log = logging.getLogger(__name__)
 
 GLOB_CHARS = frozenset("*?[")
+#: Where the serving config lies inside a logged pyfunc model's folder (its ``config`` artifact).
+MODEL_CONFIG_PATH = Path("artifacts") / "serving_config.json"
 
 
 def expand_paths(items: Iterable[str | os.PathLike[str]]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -83,10 +87,59 @@ def load_predictor(model: Any, params: Params | None = None) -> Any:
         if params is None:
             raise ValueError(f"{text}: a .keras file needs params (classes, image sizes) to be served")
         # a temperature fitted for this model (calibration.json beside it, as models/ has it) calibrates it
-        return SemClassifier.from_files(text, serving_config(params, Path(text).parent / CALIBRATION_FILE.name))
+        folder = Path(text).parent  # the evaluate stage's calibration and familiarity files sit beside the model
+        familiarity = folder / FAMILIARITY_FILE.name
+        config = serving_config(params, folder / CALIBRATION_FILE.name)
+        return SemClassifier.from_files(text, config, familiarity if familiarity.is_file() else None)
     import mlflow
 
     return _unwrap(mlflow.pyfunc.load_model(text))
+
+
+def load_model(model: Any, params: Params | None = None) -> tuple[Any, dict[str, Any] | None]:
+    """(the predictor :func:`load_predictor` returns, the serving config shipped with it; None when unknown).
+
+    A ``models:/`` URI or a model folder: its ``serving_config.json`` artifact (a URI is downloaded once and loaded
+    from that copy, so both come from the same version even while an alias moves). A ``.keras`` file: the config
+    built from ``params``. A loaded model: the config it keeps, if any."""
+    if isinstance(model, str | os.PathLike):
+        text = os.fspath(model)
+        if text.endswith(".keras") and Path(text).is_file():
+            predictor = load_predictor(text, params)
+            built = serving_config(params) if params is not None else None  # load_predictor refuses None here
+            return predictor, _kept_config(predictor) or built
+        import mlflow  # lazy: importing MLflow takes seconds
+
+        local = text if Path(text).is_dir() else mlflow.artifacts.download_artifacts(artifact_uri=text)
+        predictor = load_predictor(local, params)
+        return predictor, _read_config(Path(local) / MODEL_CONFIG_PATH) or _kept_config(predictor)
+    predictor = load_predictor(model, params)
+    return predictor, _kept_config(predictor)
+
+
+def _kept_config(predictor: Any) -> dict[str, Any] | None:
+    """The serving config a loaded model keeps (``config``, else ``training_data`` alone); None when neither."""
+    config = getattr(predictor, "config", None)
+    if isinstance(config, dict):
+        return config
+    if hasattr(predictor, "training_data"):
+        return {"training_data": predictor.training_data}
+    return None
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def training_data_lines(config: dict[str, Any] | None) -> list[str]:
+    """What to tell a user before a model's answers: the line naming its training data, then the notice when it was
+    trained on synthetic demo images. A model registered before provenance was shipped: "not recorded"."""
+    line, notice = describe_training_data(config or {})
+    return [line] + ([f"NOTICE: {notice}"] if notice else [])
 
 
 def _unwrap(model: Any) -> Any:
@@ -155,9 +208,10 @@ def _predict_chunk_native(model: Any, chunk: Sequence[str]) -> pd.DataFrame:
             images.append(gray)
             good.append(i)
     proba = np.zeros((len(chunk), len(model.classes)), dtype=np.float32)
+    unfamiliar = np.zeros(len(chunk))
     if images:
-        proba[good] = model.probabilities(np.stack(images))
-    frame = model.result_frame(proba, errors)
+        proba[good], unfamiliar[good] = model.score(np.stack(images))
+    frame = model.result_frame(proba, errors, unfamiliar)
     frame.insert(0, "path", list(chunk))
     return frame
 
@@ -190,5 +244,5 @@ def top_k(frame: pd.DataFrame, classes: Sequence[str], k: int = 3) -> list[str]:
 
 def class_columns(frame: pd.DataFrame) -> list[str]:
     """The per-class probability columns of a prediction frame (between ``confidence`` and ``error``)."""
-    skip = {"path", "label", "confidence", "error"}
+    skip = {"path", "label", "confidence", "error", *TRUST_COLUMNS}
     return [c for c in frame.columns if c not in skip]

@@ -13,7 +13,15 @@ data-bar search of their own and are only resized to the model's cache size. A v
 refused by MLflow's signature check (HTTP 400 naming the parameter).
 
 Response: one row per input row: ``label``, ``confidence``, one probability column per class (named by the
-class) and ``error`` ("" when the row is fine).
+class), ``error`` ("" when the row is fine), then whether to trust it: ``needs_review`` (true when the answer should
+be checked by a person), ``review_reason`` (why, "" when not), ``unfamiliar`` (the image is unlike the training
+data) and ``unfamiliar_score`` (the familiarity distance over its threshold: above 1 is unfamiliar; 0 when the model
+ships no familiarity file).
+
+Trust (see :mod:`emassist.model.selective` and :mod:`emassist.model.familiarity`): the review threshold fitted on val
+(``review_threshold`` in the serving config; null: every answer needs review) and the familiarity file
+(``familiarity`` artifact) come with the model. A model registered before them gets the legacy fixed threshold 0.5
+(``review_policy.source == "legacy"``) and no unfamiliar flag.
 
 Calibration: the probabilities are ``softmax(log p / T)`` of the Keras model's softmax ``p``, with the temperature
 ``T`` of the serving config (``temperature``, fitted on val by the evaluate stage, see
@@ -53,11 +61,16 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from emassist.data.decode import ImageRejected
 from emassist.data.preprocess import STANDARDIZED_PARAM, Preprocessor
 from emassist.model.calibration import apply_temperature, as_temperature
+from emassist.model.familiarity import Familiarity
+from emassist.model.features import with_features
+from emassist.model.selective import ReviewPolicy
 
 log = logging.getLogger("emassist.serving")
 
 IMAGE_COLUMN = "image"
 ERROR_COLUMN = "error"
+#: The columns after ``error`` saying whether to trust an answer (bools, a reason, a score).
+TRUST_COLUMNS = ("needs_review", "review_reason", "unfamiliar", "unfamiliar_score")
 DEFAULT_CHUNK_SIZE = 32
 MAX_LISTED_ERRORS = 10  # bad rows named in one error message
 
@@ -140,31 +153,49 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
     decode_threads: int
     temperature: float  # 1.0 when the serving config has none (uncalibrated)
     calibrated: bool  # whether the serving config carried a temperature
+    review_policy: ReviewPolicy  # decides needs_review from the confidence and the unfamiliar flag
+    familiarity: Familiarity | None  # None: a model registered without one (no unfamiliar flag)
+    training_data: dict[str, Any] | None  # source / version / synthetic / notice; None for older models
+    config: dict[str, Any]  # the serving config as loaded
 
     def load_context(self, context: Any) -> None:
         with open(context.artifacts["config"], encoding="utf-8") as fh:
             config = json.load(fh)
-        self.load(context.artifacts["keras_model"], config)
+        self.load(context.artifacts["keras_model"], config, familiarity=context.artifacts.get("familiarity"))
 
     @classmethod
-    def from_files(cls, keras_model: str | os.PathLike[str], config: dict[str, Any]) -> SemClassifier:
-        """The same model outside MLflow (a ``.keras`` file and the serving config), e.g. for ``emassist predict``."""
+    def from_files(
+        cls,
+        keras_model: str | os.PathLike[str],
+        config: dict[str, Any],
+        familiarity: str | os.PathLike[str] | None = None,
+    ) -> SemClassifier:
+        """The same model outside MLflow (a ``.keras`` file, the serving config and, optionally, the familiarity
+        file the evaluate stage wrote), e.g. for ``emassist predict``."""
         model = cls()
-        model.load(keras_model, config)
+        model.load(keras_model, config, familiarity=familiarity)
         return model
 
-    def load(self, keras_model: str | os.PathLike[str], config: dict[str, Any]) -> None:
+    def load(
+        self,
+        keras_model: str | os.PathLike[str],
+        config: dict[str, Any],
+        *,
+        familiarity: str | os.PathLike[str] | None = None,
+    ) -> None:
         import keras  # lazy: loading Keras/TensorFlow takes seconds; the module is imported by the registry too
         import tensorflow as tf
 
         self.configure(config)
+        self.familiarity = Familiarity.load(familiarity) if familiarity is not None else None
         self.model = keras.models.load_model(keras_model, compile=False)
-        model = self.model
+        scorer = with_features(self.model)
         pre = self.preprocessor
 
+        # One compiled forward pass gives the probabilities and the penultimate features together.
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.uint8)], reduce_retracing=True)
         def forward(gray: Any) -> Any:
-            return model(pre.to_model_input(gray), training=False)
+            return scorer(pre.to_model_input(gray), training=False)
 
         self._forward = forward
         # Trace once now, not on the first request.
@@ -178,6 +209,14 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         self.chunk_size = max(1, int(config.get("chunk_size", DEFAULT_CHUNK_SIZE)))
         self.decode_threads = max(1, int(config.get("decode_threads", min(4, os.cpu_count() or 1))))
         self.temperature, self.calibrated = config_temperature(config)
+        try:
+            self.review_policy = ReviewPolicy.from_config(config)
+        except ValueError:
+            log.warning("serving config review_threshold %r unusable: legacy threshold", config.get("review_threshold"))
+            self.review_policy = ReviewPolicy.from_config({})
+        self.training_data = config.get("training_data") if isinstance(config.get("training_data"), dict) else None
+        self.familiarity = getattr(self, "familiarity", None)
+        self.config = dict(config)
         self._pool: ThreadPoolExecutor | None = None
 
     # ----------------------------------------------------------------------------------------- building blocks
@@ -220,30 +259,55 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
             self._pool = ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="sem-decode")
         return list(self._pool.map(one, values))
 
-    def probabilities(self, gray: np.ndarray) -> np.ndarray:
-        """uint8 ``[B, H, W]`` or ``[B, H, W, 1]`` standardized images → float32 ``[B, n_classes]``."""
+    def score(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 ``[B, H, W]`` or ``[B, H, W, 1]`` standardized images → (calibrated probabilities float32
+        ``[B, n_classes]``, unfamiliar scores float64 ``[B]``: distance over threshold, 0 without a familiarity
+        file)."""
         batch = np.asarray(gray, dtype=np.uint8)
         if batch.ndim == 3:
             batch = batch[..., None]
-        out = []
+        probas, scores = [], []
         for start in range(0, len(batch), self.chunk_size):
-            out.append(np.asarray(self._forward(batch[start : start + self.chunk_size]), dtype=np.float32))
-        if not out:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        proba = np.concatenate(out)
-        if self.temperature == 1.0:
-            return proba
-        return apply_temperature(proba, self.temperature).astype(np.float32)
+            proba, features = self._forward(batch[start : start + self.chunk_size])
+            probas.append(np.asarray(proba, dtype=np.float32))
+            if self.familiarity is not None:
+                scores.append(self.familiarity.score(np.asarray(features)))
+        if not probas:
+            return np.zeros((0, len(self.classes)), dtype=np.float32), np.zeros(0)
+        proba = np.concatenate(probas)
+        unfamiliar = np.concatenate(scores) if scores else np.zeros(len(proba))
+        if self.temperature != 1.0:
+            proba = apply_temperature(proba, self.temperature).astype(np.float32)
+        return proba, unfamiliar
 
-    def result_frame(self, proba: np.ndarray, errors: Sequence[str]) -> pd.DataFrame:
+    def probabilities(self, gray: np.ndarray) -> np.ndarray:
+        """uint8 ``[B, H, W]`` or ``[B, H, W, 1]`` standardized images → calibrated float32 ``[B, n_classes]``."""
+        return self.score(gray)[0]
+
+    def review(self, confidence: float, unfamiliar_score: float) -> tuple[bool, bool, str]:
+        """``(needs_review, unfamiliar, reason)`` of one answer, by the model's :class:`ReviewPolicy`."""
+        unfamiliar = self.familiarity is not None and unfamiliar_score > 1.0
+        needs, reason = self.review_policy.decide(confidence, unfamiliar)
+        return needs, unfamiliar, reason
+
+    def result_frame(
+        self, proba: np.ndarray, errors: Sequence[str], unfamiliar_scores: np.ndarray | None = None
+    ) -> pd.DataFrame:
         ok = np.array([not e for e in errors], dtype=bool)
         best = proba.argmax(axis=1) if len(proba) else np.zeros(0, dtype=int)
         labels = [self.classes[int(k)] if good else "" for k, good in zip(best, ok, strict=True)]
         confidence = np.where(ok, proba.max(axis=1) if len(proba) else 0.0, 0.0).astype(np.float64)
+        scores = np.zeros(len(errors)) if unfamiliar_scores is None else np.asarray(unfamiliar_scores, np.float64)
         frame = pd.DataFrame({"label": labels, "confidence": confidence})
         for k, name in enumerate(self.classes):
             frame[name] = proba[:, k].astype(np.float64)
         frame[ERROR_COLUMN] = list(errors)
+        reviews = [self.review(float(c), float(u)) if good else (True, False, "image rejected")
+                   for c, u, good in zip(confidence, scores, ok, strict=True)]  # fmt: skip
+        frame["needs_review"] = [r[0] for r in reviews]
+        frame["review_reason"] = [r[2] for r in reviews]
+        frame["unfamiliar"] = [r[1] for r in reviews]
+        frame["unfamiliar_score"] = np.where(ok, scores, 0.0)
         return frame
 
     # ----------------------------------------------------------------------------------------- pyfunc API
@@ -254,6 +318,7 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         standardized = self._standardized_param(params)
         n = len(values)
         proba = np.zeros((n, len(self.classes)), dtype=np.float32)
+        unfamiliar = np.zeros(n)
         errors = [""] * n
         try:
             for start in range(0, n, self.chunk_size):
@@ -268,13 +333,13 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
                         images.append(gray)
                         rows.append(i)
                 if images:
-                    proba[rows] = self.probabilities(np.stack(images))
+                    proba[rows], unfamiliar[rows] = self.score(np.stack(images))
         except Exception as exc:  # a bug, not a bad request: log the traceback here, answer briefly
             log.exception("prediction failed")
             raise BadRequest(f"internal error while predicting: {type(exc).__name__}", INTERNAL_ERROR) from exc
         if all(errors):
             raise BadRequest(describe_errors(errors, n))
-        return self.result_frame(proba, errors)
+        return self.result_frame(proba, errors, unfamiliar)
 
     @staticmethod
     def _standardized_param(params: dict[str, Any] | None) -> bool:

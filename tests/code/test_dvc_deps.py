@@ -65,14 +65,16 @@ DATA_INPUTS: dict[str, list[str]] = {
         "models/model.keras",
         "models/history.json",  # the curves in reports/plots/history.csv
         "models/run.json",  # the MLflow run the test metrics are logged into
-        f"{DATA['splits_dir']}/val.csv",  # the temperature is fitted on val
+        f"{DATA['splits_dir']}/train.csv",  # the familiarity score is fitted on the train split's features
+        f"{DATA['splits_dir']}/val.csv",  # the temperature and both thresholds are fitted on val
         f"{DATA['splits_dir']}/test.csv",
         DATA["interim_dir"],  # the test images
     ],
     "register": [
         "models/model.keras",
         "models/run.json",
-        "models/calibration.json",  # the temperature shipped in the serving config
+        "models/calibration.json",  # the temperature and review threshold shipped in the serving config
+        "models/familiarity.npz",  # shipped as an artifact of the model
         "reports/metrics.json",
         f"{DATA['splits_dir']}/test.csv",  # the gate re-evaluates the champion on the same test split
         DATA["interim_dir"],

@@ -234,7 +234,7 @@ def test_internal_failure_is_a_short_500(classifier: Any, monkeypatch: pytest.Mo
     def broken(batch: Any) -> Any:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(classifier, "probabilities", broken)
+    monkeypatch.setattr(classifier, "score", broken)
     blob = b64(image_bytes("png"))
     with pytest.raises(BadRequest) as info:
         classifier.predict(None, pd.DataFrame({"image": [blob]}))
