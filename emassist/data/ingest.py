@@ -2,8 +2,9 @@
 
 Accepted images go through :class:`emassist.data.preprocess.Preprocessor` (the object serving uses): decoded, data
 bar cropped, and an 8-bit grayscale ``cache_size``² PNG cached as ``images/<sha256>.png``. Anything that cannot be
-used is quarantined in ``rejected.csv`` with a reason. The whole output folder is built beside the target and swapped
-in atomically, so an interrupted run leaves the previous output intact.
+used is quarantined in ``rejected.csv`` with a reason, featureless frames included (a blank or navigation-camera
+frame, flatter than ``min_contrast`` after the data-bar crop: "featureless image: ..."). The whole output folder
+is built beside the target and swapped in atomically, so an interrupted run leaves the previous output intact.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from emassist.core.atomic import atomic_path
 from emassist.data.decode import ImageRejected
 from emassist.data.hashing import dhash
-from emassist.data.preprocess import Preprocessor
+from emassist.data.preprocess import DEFAULT_MIN_CONTRAST, Preprocessor
 from emassist.data.sem_metadata import METADATA_KEYS
 
 if TYPE_CHECKING:
@@ -417,6 +418,7 @@ def run_ingest(
     max_pixels: int,
     min_side: int,
     crop_databar: bool,
+    min_contrast: float = DEFAULT_MIN_CONTRAST,
     workers: int = 0,
     progress: bool = True,
 ) -> IngestSummary:
@@ -425,6 +427,8 @@ def run_ingest(
     Writes ``out_dir/manifest.parquet`` (one row per accepted file, sorted by ``source_path``),
     ``out_dir/rejected.csv`` (``source_path,label,reason``) and ``out_dir/images/<sha256>.png``. Every file found
     lands in exactly one of the two tables. ``workers=0`` uses all cores, ``workers=1`` runs in this process.
+    ``min_contrast``: images whose gray levels vary less (std, after the data-bar crop) are rejected as featureless;
+    0 accepts them.
     """
     started = time.perf_counter()
     raw_dir = Path(raw_dir)
@@ -433,6 +437,7 @@ def run_ingest(
         raise FileNotFoundError(f"{raw_dir} is not a folder")
     if cache_size < 1 or max_pixels < 1 or min_side < 1:
         raise ValueError("cache_size, max_pixels and min_side must be positive")
+    preprocessor = Preprocessor(cache_size, crop_databar, max_pixels, min_side, min_contrast=min_contrast)
     raw_real = raw_dir.resolve()
     if out_dir.resolve().is_relative_to(raw_real):
         raise ValueError(f"out_dir {out_dir} must not be inside raw_dir {raw_dir}")
@@ -457,7 +462,7 @@ def run_ingest(
     with atomic_path(out_dir) as tmp:
         images_dir = tmp / IMAGES_DIR
         images_dir.mkdir(parents=True)
-        settings = _Settings(str(images_dir), Preprocessor(cache_size, crop_databar, max_pixels, min_side))
+        settings = _Settings(str(images_dir), preprocessor)
         parallel = n_workers > 1 and len(tasks) >= 4
         pool = _start_pool(n_workers) if parallel else None
         try:

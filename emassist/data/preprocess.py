@@ -7,14 +7,23 @@ tile scan, Grad-CAM, the registry gate's re-evaluation)::
         = the standardized image ingest caches as PNG ─ to_model_input ─► float32 [S, S, 3] in 0..255
 
 :class:`Preprocessor` holds the settings (``cache_size``, ``crop_databar``, ``max_pixels``, ``min_side``,
-``image_size``); the registry writes exactly :meth:`Preprocessor.config` into the model's serving config and the
-pyfunc reads it back with :meth:`Preprocessor.from_config`, so a model carries the preprocessing it was trained
-with. :func:`to_model_input` is the one TensorFlow function of training's ``tf.data`` and of serving; scaling to
-the backbone's range happens inside the model (a Rescaling layer), so it ships with it.
+``image_size``, ``min_contrast``); the registry writes exactly :meth:`Preprocessor.config` into the model's serving
+config and the pyfunc reads it back with :meth:`Preprocessor.from_config`, so a model carries the preprocessing it
+was trained with. :func:`to_model_input` is the one TensorFlow function of training's ``tf.data`` and of serving;
+scaling to the backbone's range happens inside the model (a Rescaling layer), so it ships with it.
+
+Featureless frames (a blank or navigation-camera frame, or one whose only structure was the data bar) are refused
+by :meth:`Preprocessor.standardize` with ``ImageRejected("featureless image: ...")``: the standard deviation of the
+gray levels of the standardized image (data bar cropped, resized to the cache size; :func:`gray_contrast`) must
+reach ``min_contrast``. Measured on the resized image, not the full one: it costs nothing there (65k pixels), and the
+area averaging removes pixel noise, so a blank frame with sensor noise is featureless too, as the model sees it.
+Only whole images are checked: tiles (``resize``/``tiles``, the ``standardized`` path) are not, so a flat background
+region of a real overview is still scored.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -22,13 +31,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from emassist.config.settings import Params
+from emassist.config.settings import IngestParams, Params
 from emassist.data.databar import find_databar
-from emassist.data.decode import DecodedImage, ImageSource, decode_image
+from emassist.data.decode import DecodedImage, ImageRejected, ImageSource, decode_image
 
 #: The serving model's inference parameter (declared in its signature) saying the images sent are already
 #: standardized, e.g. tiles cut from an overview whose data bar was cropped once: they are only resized.
 STANDARDIZED_PARAM = "standardized"
+
+#: ``min_contrast`` where a serving config lacks it (a model registered before the check): params.yaml's default.
+DEFAULT_MIN_CONTRAST: float = IngestParams.min_contrast
 
 
 def to_model_input(gray: Any, image_size: int) -> Any:
@@ -45,6 +57,21 @@ def to_model_input(gray: Any, image_size: int) -> Any:
     x = tf.image.resize(x, (image_size, image_size), method="bilinear", antialias=True)
     x = tf.clip_by_value(x, 0.0, 255.0)
     return tf.image.grayscale_to_rgb(x)
+
+
+def gray_contrast(gray: np.ndarray) -> float:
+    """Standard deviation of the gray levels (0..255) of a uint8 image: how much there is to see."""
+    return float(np.asarray(gray).std())
+
+
+def featureless_reason(contrast: float, min_contrast: float) -> str:
+    """The ``ImageRejected`` reason of a frame whose :func:`gray_contrast` is below ``min_contrast``."""
+    shown = math.floor(contrast * 100) / 100  # rounded down: a value just below the limit never reads as the limit
+    return (
+        f"featureless image: gray levels vary by {shown:.2f} (std) after the data-bar crop, below "
+        f"ingest.min_contrast={min_contrast:g}; a blank or navigation-camera frame? Send an image with visible "
+        "structure"
+    )
 
 
 def _as_uint8_gray(gray: np.ndarray, what: str) -> np.ndarray:
@@ -65,12 +92,19 @@ class Preprocessor:
     max_pixels: int  # decode limit on the declared size (decompression bombs)
     min_side: int  # smaller images (either side) are refused
     image_size: int | None = None  # the model's input side; None where no model input is made (ingest)
+    min_contrast: float = DEFAULT_MIN_CONTRAST  # whole images less varied than this are refused; 0: no check
+
+    def __post_init__(self) -> None:
+        c = self.min_contrast
+        if isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c) or c < 0:
+            raise ValueError(f"min_contrast must be a finite number >= 0, got {c!r}")
 
     # ------------------------------------------------------------------------------------------- config
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Preprocessor:
-        """From a serving config (extra keys, e.g. ``classes``, are ignored)."""
+        """From a serving config (extra keys, e.g. ``classes``, are ignored). A config without ``min_contrast`` (a
+        model registered before the featureless check) gets :data:`DEFAULT_MIN_CONTRAST`."""
         image_size = config.get("image_size")
         return cls(
             cache_size=int(config["cache_size"]),
@@ -78,13 +112,14 @@ class Preprocessor:
             max_pixels=int(config["max_pixels"]),
             min_side=int(config["min_side"]),
             image_size=None if image_size is None else int(image_size),
+            min_contrast=config.get("min_contrast", DEFAULT_MIN_CONTRAST),
         )
 
     @classmethod
     def from_params(cls, params: Params) -> Preprocessor:
         """The settings of the pipeline's ``ingest`` and ``train`` sections (already validated)."""
         i = params.ingest
-        return cls(i.cache_size, i.crop_databar, i.max_pixels, i.min_side, params.train.image_size)
+        return cls(i.cache_size, i.crop_databar, i.max_pixels, i.min_side, params.train.image_size, i.min_contrast)
 
     def config(self) -> dict[str, Any]:
         """The keys :meth:`from_config` reads, as plain JSON values."""
@@ -114,18 +149,30 @@ class Preprocessor:
             im = im.resize((size, size), Image.Resampling.BOX if shrink else Image.Resampling.LANCZOS)
         return np.asarray(im, dtype=np.uint8)
 
+    def check_features(self, standardized: np.ndarray) -> None:
+        """Raise ``ImageRejected("featureless image: ...")`` when a standardized whole image (data bar cropped,
+        resized) is flatter than ``min_contrast``: a blank or navigation-camera frame has nothing to classify."""
+        contrast = gray_contrast(standardized)
+        if contrast < self.min_contrast:
+            raise ImageRejected(featureless_reason(contrast, self.min_contrast))
+
     def standardize(self, gray: np.ndarray) -> tuple[np.ndarray, int]:
-        """Crop the data bar and resize: the image ingest caches; returns (image, rows cropped)."""
+        """Crop the data bar and resize: the image ingest caches; returns (image, rows cropped). Raises
+        ``ImageRejected`` for a featureless image (:meth:`check_features`)."""
         cropped, rows = self.crop(gray)
-        return self.resize(cropped), rows
+        out = self.resize(cropped)
+        self.check_features(out)
+        return out, rows
 
     def standardize_file(self, source: ImageSource) -> tuple[np.ndarray, int]:
-        """File bytes (or a path) → (standardized image, data-bar rows cropped); raises ``ImageRejected``."""
+        """File bytes (or a path) → (standardized image, data-bar rows cropped); raises ``ImageRejected`` (a bad
+        file, or a featureless image)."""
         return self.standardize(self.decode(source).gray)
 
     def tiles(self, full: np.ndarray, corners: Sequence[tuple[int, int]], tile: int) -> np.ndarray:
         """``tile``×``tile`` windows at ``(y, x)`` corners of an already CROPPED full-resolution image, each
-        resized to the cache size (no data-bar search of their own): uint8 ``[B, S, S]``."""
+        resized to the cache size (no data-bar search of their own, no featureless check: a flat background
+        region of a real overview is still scored): uint8 ``[B, S, S]``."""
         g = _as_uint8_gray(full, "tiles")
         out = np.empty((len(corners), self.cache_size, self.cache_size), dtype=np.uint8)
         for k, (y, x) in enumerate(corners):

@@ -7,6 +7,9 @@ cache size by :meth:`Preprocessor.tiles` (no data-bar search of its own), and th
 batches (in-process, or to the endpoint as already-standardized images). The result is a per-class score grid
 ``[rows, cols, classes]``; :func:`heatmap` spreads one class's scores back over the pixels (the mean over the
 tiles covering each pixel).
+
+A featureless overview (a blank frame: :meth:`Preprocessor.check_features` on the whole cropped image) is refused with
+``ImageRejected``; flat tiles inside a real overview (a bare substrate, a background region) are scored like any other.
 """
 
 from __future__ import annotations
@@ -124,7 +127,8 @@ def scan(
     """Classify every tile of the decoded full-resolution grayscale image ``gray`` ``[H, W]`` uint8.
 
     ``preprocessor`` (the model's) crops the data bar once and resizes each tile to its cache size; ``predict``
-    gets uint8 ``[B, cache_size, cache_size]`` batches.
+    gets uint8 ``[B, cache_size, cache_size]`` batches. Raises ``ImageRejected`` for a featureless overview (the
+    whole image, as a classify would see it); tiles are not checked.
     """
     started = time.perf_counter()
     g = np.asarray(gray)
@@ -134,6 +138,7 @@ def scan(
     g, bar_rows = preprocessor.crop(g)
     h, w = g.shape
     check_options(tile, stride, max_tiles, (h, w))
+    preprocessor.check_features(preprocessor.resize(g))  # before any tile reaches the model
     ys, xs = positions(h, tile, stride), positions(w, tile, stride)
     side = min(tile, h, w) if (h < tile or w < tile) else tile
     coords = [(r, c) for r in range(len(ys)) for c in range(len(xs))]

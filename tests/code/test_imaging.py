@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFile, ImageFont
 
+from emassist.config.settings import IngestParams
 from emassist.data.databar import find_databar
 from emassist.data.decode import DecodedImage, ImageRejected, check_pixels, decode_image, probe_image
 from emassist.data.hashing import dhash, hamming
-from emassist.data.preprocess import Preprocessor
+from emassist.data.preprocess import DEFAULT_MIN_CONTRAST, Preprocessor, featureless_reason, gray_contrast
 from tests.helpers import encode, png_header_only, texture
 
 LIMITS = {"max_pixels": 100_000_000, "min_side": 16}
@@ -406,12 +407,91 @@ def test_tiles_are_cut_from_the_cropped_image_without_their_own_databar_search()
 def test_preprocessor_config_round_trip() -> None:
     pre = Preprocessor(cache_size=128, crop_databar=False, max_pixels=5_000, min_side=20, image_size=64)
     config = pre.config()
-    assert config == {"cache_size": 128, "crop_databar": False, "max_pixels": 5_000, "min_side": 20, "image_size": 64}
+    assert config == {"cache_size": 128, "crop_databar": False, "max_pixels": 5_000, "min_side": 20, "image_size": 64,
+                      "min_contrast": IngestParams.min_contrast}  # fmt: skip
     assert Preprocessor.from_config({**config, "classes": ["A"], "chunk_size": 32}) == pre
     with pytest.raises(ImageRejected, match="max_pixels=5000"):
         pre.decode(encode(texture(100, 100), "PNG"))
     with pytest.raises(ValueError, match="no image_size"):
         Preprocessor(64, True, 10**6, 16).to_model_input(np.zeros((8, 8), np.uint8))
+
+
+# ------------------------------------------------------------------------------------------ featureless frames
+
+
+def _noisy(level: int, sigma: float, side: int = 64, seed: int = 0) -> np.ndarray:
+    """A flat ``side``² frame at ``level`` with Gaussian noise of about ``sigma`` gray levels (already cache size)."""
+    rng = np.random.default_rng(seed)
+    return np.clip(np.round(level + rng.normal(0.0, sigma, (side, side))), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("level", [0, 128, 255])
+def test_a_constant_frame_is_featureless(level: int) -> None:
+    with pytest.raises(ImageRejected) as err:
+        _pre(64, True).standardize(np.full((48, 64), level, np.uint8))
+    assert err.value.reason == featureless_reason(0.0, DEFAULT_MIN_CONTRAST)
+    assert err.value.reason.startswith("featureless image: gray levels vary by 0.00 (std) after the data-bar crop")
+    assert "ingest.min_contrast=2;" in err.value.reason and "navigation-camera" in err.value.reason
+
+
+def test_the_threshold_is_the_std_of_the_standardized_image() -> None:
+    pre = _pre(64, False)  # 64² frames at cache size: the measured image is the frame itself
+    below, above = _noisy(100, 1.5), _noisy(100, 2.6)
+    assert 1.0 < gray_contrast(below) < DEFAULT_MIN_CONTRAST < gray_contrast(above) < 3.0
+    with pytest.raises(ImageRejected, match=r"^featureless image: gray levels vary by 1\.\d\d \(std\)"):
+        pre.standardize(below)
+    out, _ = pre.standardize(above)
+    np.testing.assert_array_equal(out, above)
+    # The limit is the preprocessor's own: stricter refuses the noisier frame too, 0 turns the check off.
+    with pytest.raises(ImageRejected, match="min_contrast=5;"):
+        Preprocessor(64, False, 10**6, 16, min_contrast=5.0).standardize(above)
+    blank = np.zeros((40, 40), np.uint8)
+    assert Preprocessor(64, False, 10**6, 16, min_contrast=0.0).standardize(blank)[0].shape == (64, 64)
+
+
+def test_a_reason_never_shows_the_limit_itself() -> None:
+    """A value just below the limit is rounded down in the message, never up to the limit it failed."""
+    assert "vary by 1.99 (std)" in featureless_reason(1.9999, 2.0)
+
+
+def test_a_flat_frame_whose_only_structure_was_the_data_bar_is_refused_after_the_crop() -> None:
+    """The FEI-Helios "metadata-only" files of ../shared/real_sem: a black image area and a data bar with text."""
+    arr, bar_h = with_databar(np.full((300, 400), 40, np.uint8), 0.1)
+    assert gray_contrast(arr) > 5 * DEFAULT_MIN_CONTRAST  # the bar alone makes the whole frame look varied
+    assert _pre(64, True).crop(arr)[1] == bar_h
+    with pytest.raises(ImageRejected, match=r"^featureless image: gray levels vary by 0\.00"):
+        _pre(64, True).standardize(arr)
+    with pytest.raises(ImageRejected, match=r"^featureless image"):
+        _pre(64, True).standardize_file(encode(arr, "PNG"))
+    assert _pre(64, False).standardize(arr)[1] == 0  # without the crop the bar is image content: accepted
+
+
+def test_tiles_are_never_checked_for_features() -> None:
+    """A flat background region of a real overview is still a tile to score (resize/tiles: no check)."""
+    pre = _pre(32, True)
+    flat = np.full((128, 128), 90, np.uint8)
+    assert pre.resize(flat).std() == 0
+    assert pre.tiles(flat, [(0, 0)], 128).shape == (1, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [-1.0, float("nan"), float("inf"), "2.0", None, True],
+    ids=["negative", "nan", "inf", "str", "none", "bool"],
+)
+def test_a_bad_min_contrast_is_refused_naming_the_key(value: object) -> None:
+    config = {**_pre(64, True).config(), "min_contrast": value}
+    with pytest.raises(ValueError, match=r"min_contrast must be a finite number >= 0"):
+        Preprocessor.from_config(config)
+
+
+def test_min_contrast_travels_in_the_serving_config() -> None:
+    pre = Preprocessor(64, True, 10**6, 16, image_size=32, min_contrast=3.5)
+    assert pre.config()["min_contrast"] == 3.5
+    assert Preprocessor.from_config(pre.config()) == pre
+    older = {k: v for k, v in pre.config().items() if k != "min_contrast"}  # a model registered before the check
+    assert Preprocessor.from_config(older).min_contrast == DEFAULT_MIN_CONTRAST == IngestParams.min_contrast == 2.0
+    assert Preprocessor.from_config({**older, "min_contrast": 3}).min_contrast == 3  # JSON may carry an int
 
 
 def test_probe_reads_the_header_only() -> None:

@@ -74,6 +74,8 @@ REJECTED = {
     "Biological/.thumbs/x.png": "hidden file or folder '.thumbs'",
     "top_level.png": "not inside a class folder",
     "Porous_Sponge/pipe": "not a regular file (fifo)",
+    "Powder/blank.png": "featureless image: gray levels vary by 0.00 (std) after the data-bar crop",
+    "Tips/bar_only.png": "featureless image: gray levels vary by 0.00 (std) after the data-bar crop",
 }
 
 
@@ -96,7 +98,7 @@ def build_raw(root: Path) -> Path:
     write(raw, "Nanowires/sixteen.tif", encode(Image.fromarray(ramp), "TIFF"))
     pages = [Image.fromarray(texture(32, 32, s)) for s in (6, 7, 8)]
     write(raw, "Nanowires/pages.tif", encode(pages[0], "TIFF", save_all=True, append_images=pages[1:]))
-    write(raw, "Powder/cmyk.jpg", encode(Image.new("CMYK", (40, 40), (10, 20, 30, 40)), "JPEG"))
+    write(raw, "Powder/cmyk.jpg", encode(Image.fromarray(texture(40, 40, 12)).convert("CMYK"), "JPEG"))
     pal = Image.fromarray(texture(32, 32, 9)).convert("P")
     write(raw, "Powder/palette.png", encode(pal, "PNG", transparency=0))
     write(raw, "Biological/sub dir/é ü 名前 with spaces.png", encode(texture(30, 40, 10), "PNG"))
@@ -120,6 +122,9 @@ def build_raw(root: Path) -> Path:
     write(raw, "top_level.png", good)
     (raw / "Porous_Sponge").mkdir()
     os.mkfifo(raw / "Porous_Sponge/pipe")
+    write(raw, "Powder/blank.png", encode(np.zeros((40, 48), np.uint8), "PNG"))  # a navigation-camera frame
+    flat, _ = helpers.with_databar(np.full((180, 240), 30, np.uint8))  # nothing to see but the data bar
+    write(raw, "Tips/bar_only.png", encode(flat, "PNG"))
     return raw
 
 
@@ -236,6 +241,7 @@ def test_summary(ingested: tuple[Path, Path, IngestSummary]) -> None:
     text = str(summary)
     assert "accepted" in text and "Particles" in text and "(other folders)" in text
     assert "zero-byte file" in text
+    assert summary.reasons["featureless image"] == 2  # its own kind in the summary (and in the validate report)
 
 
 def test_serial_and_parallel_runs_agree(ingested: tuple[Path, Path, IngestSummary], tmp_path: Path) -> None:
@@ -442,7 +448,10 @@ def test_real_microscope_files(real_sem_dir: Path, tmp_path: Path) -> None:
     names = [p.name for p in real_sem_dir.iterdir() if p.suffix.lower() in (".tif", ".jpg")]
     for name in names:
         shutil.copyfile(real_sem_dir / name, raw / name)  # a temporary copy, outside the repository
-    summary = run_ingest(tmp_path / "raw", tmp_path / "out", workers=2, **{**SETTINGS, "max_pixels": 100_000_000})
+    # The featureless check is off here (min_contrast 0): this test reads every file's metadata and data bar, the
+    # blank FEI frames included; tests/data/test_featureless.py checks which real files the default refuses.
+    settings = {**SETTINGS, "max_pixels": 100_000_000, "min_contrast": 0.0}
+    summary = run_ingest(tmp_path / "raw", tmp_path / "out", workers=2, **settings)
     manifest, rejected = load(tmp_path / "out")
     assert rejected.empty and summary.n_accepted == len(names) >= 10
     rows = manifest.set_index("source_path")
