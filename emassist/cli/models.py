@@ -1,4 +1,5 @@
-"""``emassist predict | promote | rollback | models list``: batch prediction and the model registry's aliases.
+"""``emassist predict | promote | rollback | models list | models card``: batch prediction, the model registry's
+aliases and each version's model card.
 
 Wired into ``emassist.cli.main`` with ``add_commands(sub)``; each command reads ``args.params``
 and returns an exit code.
@@ -53,22 +54,29 @@ def _registry(args: argparse.Namespace) -> tuple[str, MlflowClient]:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from emassist.serve.predict import predict_paths, top_k
+    from emassist.serve.predict import load_model, predict_paths, top_k, training_data_lines
 
     params = load_params(args.params)
     tracking_client(params)  # models:/ URIs resolve against the configured tracking URI
     model = args.model or CHAMPION_URI.format(name=params.mlflow.registered_model)
     try:
+        predictor, config = load_model(model, params)
+    except MlflowException as exc:
+        print(f"error: cannot load model {model}: {exc.message}", file=sys.stderr)
+        return 1
+    for line in training_data_lines(config):  # what the model was trained on, before any answer
+        print(line, file=sys.stderr)
+    try:
         frame = predict_paths(
             args.paths,
-            model,
+            predictor,
             params=params,
             out=args.out,
             batch_size=args.batch_size,
             progress=False if args.no_progress else None,
         )
     except MlflowException as exc:
-        print(f"error: cannot load model {model}: {exc.message}", file=sys.stderr)
+        print(f"error: model {model} failed to predict: {exc.message}", file=sys.stderr)
         return 1
     classes = [c for c in params.data.classes if c in frame.columns] or [
         c for c in frame.columns if c not in ("path", "label", "confidence", "error")
@@ -122,6 +130,15 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+@_registry_errors
+def _cmd_models_card(args: argparse.Namespace) -> int:
+    from emassist.model.card import card_markdown
+
+    name, client = _registry(args)
+    print(card_markdown(client, name, args.version), end="")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     """Add ``predict``, ``promote``, ``rollback`` and ``models`` to an ``add_subparsers()`` object."""
     p = sub.add_parser(
@@ -130,7 +147,8 @@ def add_commands(sub: Any) -> None:
         description=(
             "Classify SEM images with a registered model (default: the champion) through the same decode → "
             "data-bar crop → resize path as training and serving. Unreadable or non-image files get a row with "
-            "an error instead of stopping the run."
+            "an error instead of stopping the run. Before the results it says (on stderr) what the model was "
+            "trained on, with a notice when that was the synthetic demo data."
         ),
         epilog=(
             "Exit codes: 0 all files predicted; 3 some files failed (see the error column); 1 none predicted. "
@@ -172,8 +190,8 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser(
         "models",
-        help="inspect the model registry (models list)",
-        description="Inspect the registered versions of mlflow.registered_model.",
+        help="inspect the model registry (models list, models card)",
+        description="Inspect the registered versions of mlflow.registered_model and their model cards.",
     )
     models_sub = p.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
     q = models_sub.add_parser(
@@ -183,3 +201,20 @@ def add_commands(sub: Any) -> None:
     )
     q.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (default: table)")
     q.set_defaults(func=_cmd_models_list)
+    q = models_sub.add_parser(
+        "card",
+        help="print a version's model card (markdown)",
+        description=(
+            "Print the model card of one registered version: intended use and limits, the training data (a "
+            "notice when it is the synthetic demo data), data version and split protocol, test metrics and "
+            "per-class precision/recall/F1, the most confused pairs, calibration (ECE/NLL before and after), "
+            "abstention (review threshold, coverage), the gate decision, training params and code commit. "
+            "The card written when the version was registered is printed; a version registered before cards "
+            "existed gets one generated now from its MLflow run (figures it lacks read 'not recorded')."
+        ),
+        epilog="Examples: emassist models card 3 · emassist models card champion > card.md. "
+        "Exit codes: 0 printed; 1 no such version or alias, or the registry is unreachable.",
+    )
+    q.add_argument("version", metavar="VERSION", help="a version number (see `emassist models list`) or an alias "
+                   "(champion, challenger)")  # fmt: skip
+    q.set_defaults(func=_cmd_models_card)
