@@ -60,6 +60,18 @@ def test_serving_config_is_the_preprocessor_config(classifier: Any) -> None:
                                           image_size=SIZE)  # fmt: skip
 
 
+def test_min_contrast_goes_from_params_into_the_serving_config() -> None:
+    """ingest.min_contrast is part of the preprocessing a registered model carries (and serves with)."""
+    from emassist.config.settings import params_from_dict
+    from emassist.model.registry import serving_config
+
+    params = params_from_dict({"data": {"classes": CLASSES}, "ingest": {"min_contrast": 3.5}})
+    assert preprocess.Preprocessor.from_params(params).min_contrast == 3.5
+    config = serving_config(params)
+    assert config["min_contrast"] == 3.5
+    assert preprocess.Preprocessor.from_config(config) == preprocess.Preprocessor.from_params(params)
+
+
 def test_training_input_equals_serving_input(tmp_path: Path, classifier: Any) -> None:
     raw = tmp_path / "raw" / "Particles"
     raw.mkdir(parents=True)
