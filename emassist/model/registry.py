@@ -269,7 +269,11 @@ def log_and_register(
         config_file = Path(tmp) / "serving_config.json"
         # the temperature the evaluate stage fitted for this model (calibration.json beside it), when there is one
         calibration = Path(model_file).parent / CALIBRATION_FILE.name
-        config_file.write_text(json.dumps(serving_config(params, calibration), indent=2))
+        config = serving_config(params, calibration)
+        artifacts = _artifacts(Path(model_file), config_file)
+        if "familiarity" in artifacts:
+            config["familiarity"] = FAMILIARITY_FILE.name  # tells an endpoint's clients the model ships the check
+        config_file.write_text(json.dumps(config, indent=2))
         example = pd.DataFrame({"image": [example_image_base64(params)]})
         active = mlflow.active_run()
         same = active is not None and active.info.run_id == run_id  # e.g. called from inside the training run
@@ -277,7 +281,7 @@ def log_and_register(
             info = mlflow.pyfunc.log_model(
                 name=LOGGED_MODEL_NAME,
                 python_model=str(pyfunc_code_path()),
-                artifacts=_artifacts(model_file, config_file),
+                artifacts=artifacts,
                 code_paths=[str(_package_copy(Path(tmp)))],
                 signature=model_signature(params.data.classes),
                 input_example=example,

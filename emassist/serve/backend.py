@@ -57,20 +57,41 @@ class ModelInfo:
         return f"{self.name}{version}{alias} ({self.source})"
 
 
+@dataclass(frozen=True)
+class Answer:
+    """One image's answer: calibrated probabilities and whether the image is like the training data."""
+
+    proba: np.ndarray  # [n_classes]
+    unfamiliar: bool | None  # None: the model ships no familiarity check (registered before it existed)
+    unfamiliar_score: float  # familiarity distance over its threshold (above 1: unfamiliar); 0 when unchecked
+
+
 class Backend:
     """What the page needs from a model."""
 
     info: ModelInfo
     classes: list[str]
     preprocessor: Preprocessor  # the served model's own
+    config: dict[str, Any]  # the served model's serving config (review threshold, temperature, training data)
 
     def probabilities(self, gray: np.ndarray) -> np.ndarray:
-        """Standardized uint8 images ``[B, S, S]`` → probabilities ``[B, n_classes]``."""
+        """Standardized uint8 images ``[B, S, S]`` → calibrated probabilities ``[B, n_classes]``."""
         raise NotImplementedError
 
-    def classify_file(self, data: bytes, gray: np.ndarray) -> np.ndarray:
-        """One uploaded image (its file bytes, and its standardized image) → probabilities ``[n_classes]``."""
-        return self.probabilities(gray[None])[0]
+    def classify_file(self, data: bytes, gray: np.ndarray) -> Answer:
+        """One uploaded image (its file bytes, and its standardized image) → its :class:`Answer`."""
+        return Answer(self.probabilities(gray[None])[0], None, 0.0)
+
+    @property
+    def familiarity_checked(self) -> bool:
+        """Whether answers carry the unfamiliar flag (the model ships the familiarity check)."""
+        return bool(self.config.get("familiarity"))
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the served probabilities are temperature-calibrated (a model registered before calibration:
+        not)."""
+        return "temperature" in self.config
 
     def keras_model(self) -> tuple[Any, int]:
         """(the Keras model, its input size) for Grad-CAM; raises BackendError where there is none."""
@@ -85,11 +106,22 @@ class LocalBackend(Backend):
         self.info = info
         self.classes = list(model.classes)
         self.preprocessor = model.preprocessor
+        self.config = dict(getattr(model, "config", {}) or {})
         self._lock = threading.Lock()  # one forward pass at a time: two cores, one model
 
     def probabilities(self, gray: np.ndarray) -> np.ndarray:
         with self._lock:
             return np.asarray(self.model.probabilities(np.asarray(gray, dtype=np.uint8)), dtype=np.float32)
+
+    @property
+    def familiarity_checked(self) -> bool:
+        return getattr(self.model, "familiarity", None) is not None
+
+    def classify_file(self, data: bytes, gray: np.ndarray) -> Answer:
+        with self._lock:
+            proba, scores = self.model.score(np.asarray(gray, dtype=np.uint8)[None])
+        score = float(scores[0])
+        return Answer(np.asarray(proba[0], dtype=np.float32), score > 1.0 if self.familiarity_checked else None, score)
 
     def keras_model(self) -> tuple[Any, int]:
         return self.model.model, int(self.preprocessor.image_size or 0)
@@ -105,16 +137,19 @@ class EndpointBackend(Backend):
         self.client = SemClient(self.url, timeout=timeout)
         self.classes = [str(c) for c in config["classes"]]
         self.preprocessor = Preprocessor.from_config(config)
+        self.config = dict(config)
         self._keras: tuple[Any, int] | None = None
 
-    def _call(self, blobs: list[bytes], *, standardized: bool) -> np.ndarray:
+    def _frame(self, blobs: list[bytes], *, standardized: bool) -> pd.DataFrame:
         try:
-            frame = self.client.predict_bytes(blobs, standardized=standardized)
+            return self.client.predict_bytes(blobs, standardized=standardized)
         except ServingError as exc:
             raise BackendError(f"model endpoint answered {exc.status}: {exc.message[:300]}") from exc
         except requests.RequestException as exc:
             raise BackendError(f"model endpoint {self.url} unreachable: {type(exc).__name__}") from exc
-        return self._probabilities(frame, len(blobs))
+
+    def _call(self, blobs: list[bytes], *, standardized: bool) -> np.ndarray:
+        return self._probabilities(self._frame(blobs, standardized=standardized), len(blobs))
 
     def _probabilities(self, frame: pd.DataFrame, n: int) -> np.ndarray:
         missing = [c for c in self.classes if c not in frame.columns]
@@ -132,8 +167,13 @@ class EndpointBackend(Backend):
         """Standardized images go as PNGs marked ``standardized``: the server only resizes them (no data bar)."""
         return self._call([png_bytes(g) for g in np.asarray(gray, dtype=np.uint8)], standardized=True)
 
-    def classify_file(self, data: bytes, gray: np.ndarray) -> np.ndarray:
-        return self._call([data], standardized=False)[0]
+    def classify_file(self, data: bytes, gray: np.ndarray) -> Answer:
+        frame = self._frame([data], standardized=False)
+        proba = self._probabilities(frame, 1)[0]
+        # the registered serving config says whether the model ships the familiarity check (older ones do not)
+        if not self.config.get("familiarity") or "unfamiliar_score" not in frame.columns:
+            return Answer(proba, None, 0.0)
+        return Answer(proba, bool(frame["unfamiliar"].iloc[0]), float(frame["unfamiliar_score"].iloc[0]))
 
     def keras_model(self) -> tuple[Any, int]:
         """The registry's model for the same alias, loaded on first use (the endpoint serves no gradients)."""

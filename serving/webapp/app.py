@@ -45,6 +45,8 @@ from fastapi.staticfiles import StaticFiles
 
 from emassist.config.settings import Params
 from emassist.data.decode import DecodedImage, ImageRejected, check_pixels, probe_image
+from emassist.model.provenance import describe_training_data
+from emassist.model.selective import LEGACY_REVIEW_THRESHOLD, ReviewPolicy
 from emassist.serve import tilescan
 from emassist.serve.backend import Backend, BackendError, load_backend
 from emassist.serve.drawing import overlay, png_bytes
@@ -78,6 +80,8 @@ class Result:
     proba: np.ndarray
     databar_rows: int
     created: float
+    unfamiliar: bool | None = None  # None: the model ships no familiarity check
+    unfamiliar_score: float = 0.0
 
 
 @dataclass
@@ -125,6 +129,13 @@ class WebApp:
         self._lock = threading.Lock()
         self._gradcam: Any = None
         self._gradcam_error = ""
+        try:
+            self.policy = ReviewPolicy.from_config(backend.config, override=self.cfg.low_confidence)
+        except ValueError as exc:  # a broken threshold in the serving config: the legacy one, and say so
+            log.warning("the model's review threshold is unusable (%s): using the legacy %.2f", exc,
+                        LEGACY_REVIEW_THRESHOLD)  # fmt: skip
+            self.policy = ReviewPolicy.from_config({}, override=self.cfg.low_confidence)
+        self.training_line, self.training_notice = describe_training_data(backend.config)
 
     # --------------------------------------------------------------------------------------------- helpers
 
@@ -133,7 +144,20 @@ class WebApp:
         return {
             "model": {**b.info.as_dict(), "label": b.info.label},
             "classes": list(b.classes),
-            "low_confidence": self.cfg.low_confidence,
+            "review": {
+                "threshold": self.policy.threshold,
+                "source": self.policy.source,
+                "target_accuracy": self.policy.target_accuracy,
+                "text": self.policy.describe(),
+            },
+            "calibrated": b.calibrated,
+            "familiarity_checked": b.familiarity_checked,
+            "training_data": {
+                **(b.config.get("training_data") or {}),
+                "text": self.training_line,
+                "notice": self.training_notice,
+            },
+            "card_url": "/card" if b.info.version else None,
             "limits": {
                 "max_upload_bytes": self.cfg.max_upload_bytes,
                 "max_pixels": self.cfg.max_pixels,
@@ -169,7 +193,7 @@ class WebApp:
         decoded = self.decode(data, filename)
         gray, bar_rows = self.backend.preprocessor.standardize(decoded.gray)
         try:
-            proba = self.backend.classify_file(data, gray)
+            answer = self.backend.classify_file(data, gray)
         except BackendError as exc:
             raise HttpError(502, str(exc)) from exc
         visible_h = max(1, decoded.height - bar_rows)
@@ -181,9 +205,11 @@ class WebApp:
             format=decoded.format,
             gray=gray,
             aspect=decoded.width / visible_h,
-            proba=np.asarray(proba, dtype=np.float32),
+            proba=np.asarray(answer.proba, dtype=np.float32),
             databar_rows=int(bar_rows),
             created=time.time(),
+            unfamiliar=answer.unfamiliar,
+            unfamiliar_score=answer.unfamiliar_score,
         )
         self._remember(self.results, result.id, result, MAX_RESULTS)
         out = self.result_json(result)
@@ -196,6 +222,7 @@ class WebApp:
         order = np.argsort(-r.proba)
         top = [{"class": classes[int(k)], "p": round(float(r.proba[int(k)]), 6)} for k in order[:TOP_K]]
         confidence = float(r.proba[int(order[0])])
+        needs_review, reason = self.policy.decide(confidence, bool(r.unfamiliar))
         return {
             "id": r.id,
             "filename": r.filename,
@@ -205,7 +232,10 @@ class WebApp:
             "databar_rows": r.databar_rows,
             "label": top[0]["class"],
             "confidence": round(confidence, 6),
-            "low_confidence": confidence < self.cfg.low_confidence,
+            "needs_review": needs_review,
+            "review_reason": reason,
+            "unfamiliar": r.unfamiliar,
+            "unfamiliar_score": round(float(r.unfamiliar_score), 4),
             "top": top,
             "probabilities": {c: round(float(p), 6) for c, p in zip(classes, r.proba, strict=True)},
             "model": self.backend.info.as_dict(),
@@ -214,6 +244,22 @@ class WebApp:
     @staticmethod
     def _png(image: np.ndarray) -> bytes:
         return png_bytes(image)
+
+    # --------------------------------------------------------------------------------------------- model card
+
+    def card(self) -> str:
+        """The served version's model card (markdown): its registry description, else generated from its run."""
+        from emassist.model.card import card_markdown  # lazy: the card pulls in MLflow's client
+        from emassist.model.tracking import tracking_client
+
+        info = self.backend.info
+        if not info.version:
+            raise HttpError(404, f"{info.uri} is not a registered version: it has no model card")
+        try:
+            return card_markdown(tracking_client(self.params), self.params.mlflow.registered_model, info.version)
+        except Exception as exc:  # the registry is down or the version went away: say so, keep serving
+            log.exception("cannot build the model card")
+            raise HttpError(502, f"cannot read the model card of version {info.version}: {exc}") from exc
 
     # --------------------------------------------------------------------------------------------- Grad-CAM
 
@@ -249,13 +295,25 @@ class WebApp:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         info = self.backend.info
-        writer.writerow(["filename", "label", "confidence", "low_confidence", "top2", "top3", *classes,
+        writer.writerow(["filename", "label", "confidence", "needs_review", "review_reason", "unfamiliar",
+                         "unfamiliar_score", "top2", "top3", *classes,
                          "model", "model_version", "model_alias", "width", "height", "format"])  # fmt: skip
         for r in chosen:
             j = self.result_json(r)
             tops = [t["class"] for t in j["top"]] + ["", ""]
+            unfamiliar = "" if j["unfamiliar"] is None else j["unfamiliar"]
             writer.writerow(
-                [r.filename, j["label"], f"{j['confidence']:.6f}", j["low_confidence"], tops[1], tops[2]]
+                [
+                    r.filename,
+                    j["label"],
+                    f"{j['confidence']:.6f}",
+                    j["needs_review"],
+                    j["review_reason"],
+                    unfamiliar,
+                    f"{j['unfamiliar_score']:.4f}",
+                    tops[1],
+                    tops[2],
+                ]
                 + [f"{float(p):.6f}" for p in r.proba]
                 + [info.name, info.version, info.alias, r.width, r.height, r.format]
             )
@@ -374,6 +432,10 @@ def create_app(params: Params, backend: Backend) -> FastAPI:
     @app.get("/api/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/card", include_in_schema=False)
+    def card() -> Response:
+        return Response(state.card(), media_type="text/plain; charset=utf-8")
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:

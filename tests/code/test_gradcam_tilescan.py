@@ -15,7 +15,9 @@ pytest.importorskip("keras")
 
 from emassist.config.settings import ParamsError, params_from_dict
 from emassist.data.preprocess import Preprocessor
+from emassist.model.provenance import DEMO_NOTICE
 from emassist.serve import tilescan
+from emassist.serve.backend import Answer, Backend
 
 
 def _noise(side: int, seed: int = 0) -> np.ndarray:
@@ -169,7 +171,7 @@ def test_scan_crops_the_databar_once_and_cuts_tiles_from_that_image() -> None:
 
 
 def test_heatmap_is_downscaled_for_large_images() -> None:
-    gray = np.zeros((3000, 2000), dtype=np.uint8)
+    gray = np.tile(np.linspace(0, 255, 2000), (3000, 1)).astype(np.uint8)  # a ramp: not featureless
     res = tilescan.scan(gray, _brightness_predict, ["dark", "bright"], tile=500, stride=500,
                         preprocessor=_pre(32))  # fmt: skip
     heat = tilescan.heatmap(res, "dark")
@@ -210,19 +212,23 @@ def test_webapp_params_defaults_and_errors() -> None:
 # ------------------------------------------------------------------------------------------------ page helpers
 
 
-class _FixedBackend:
+class _FixedBackend(Backend):
     """Answers fixed probabilities (the real model behind the real server is in tests/test_webapp.py)."""
 
-    def __init__(self, proba: list[float]) -> None:
+    def __init__(
+        self, proba: list[float], config: dict[str, Any] | None = None, unfamiliar: bool | None = None
+    ) -> None:
         from emassist.serve.backend import ModelInfo
 
         self.info = ModelInfo("m", "7", "champion", "registry", "models:/m/7")
         self.classes = ["A", "B", "C", "D"]
         self.preprocessor = _pre(32)
         self.proba = np.array(proba, dtype=np.float32)
+        self.config = dict(config or {})
+        self.unfamiliar = unfamiliar
 
-    def classify_file(self, data: bytes, gray: np.ndarray) -> np.ndarray:
-        return self.proba
+    def classify_file(self, data: bytes, gray: np.ndarray) -> Answer:
+        return Answer(self.proba, self.unfamiliar, 2.0 if self.unfamiliar else 0.5)
 
     def probabilities(self, gray: np.ndarray) -> np.ndarray:
         return np.tile(self.proba, (len(gray), 1))
@@ -235,16 +241,60 @@ def _png(side: int = 40) -> bytes:
 
 
 @pytest.mark.parametrize(("proba", "low"), [([0.45, 0.35, 0.15, 0.05], True), ([0.9, 0.05, 0.03, 0.02], False)])
-def test_low_confidence_flag_follows_the_threshold(proba: list[float], low: bool) -> None:
+def test_review_flag_follows_the_page_override(proba: list[float], low: bool) -> None:
     from serving.webapp.app import WebApp
 
-    app = WebApp(params_from_dict({"webapp": {"low_confidence": 0.5}}), _FixedBackend(proba))  # type: ignore[arg-type]
+    config = {"review_threshold": 0.95, "target_accuracy": 0.99, "target_reached": True}
+    app = WebApp(params_from_dict({"webapp": {"low_confidence": 0.5}}), _FixedBackend(proba, config))  # type: ignore[arg-type]
     out = app.classify(_png(), "a.png")
-    assert out["low_confidence"] is low
+    assert out["needs_review"] is low
+    assert ("webapp.low_confidence" in out["review_reason"]) is low
     assert [t["class"] for t in out["top"]] == ["A", "B", "C"]
     assert out["model"]["version"] == "7"
     csv_text = app.results_csv(None)
-    assert csv_text.splitlines()[1].startswith(f"a.png,A,{proba[0]:.6f},{low}")
+    assert csv_text.splitlines()[0].startswith("filename,label,confidence,needs_review,review_reason,unfamiliar,")
+    assert csv_text.splitlines()[1].startswith(f"a.png,A,{proba[0]:.6f},{low},")
+    assert app.info()["review"]["source"] == "override"
+
+
+def test_review_flag_uses_the_models_threshold_and_the_unfamiliar_flag() -> None:
+    from serving.webapp.app import WebApp
+
+    config = {"review_threshold": 0.8, "target_accuracy": 0.99, "target_reached": True, "temperature": 1.3,
+              "familiarity": "familiarity.npz"}  # fmt: skip
+    confident = [0.9, 0.05, 0.03, 0.02]
+    app = WebApp(params_from_dict({}), _FixedBackend(confident, config, unfamiliar=False))  # type: ignore[arg-type]
+    out = app.classify(_png(), "a.png")
+    assert (out["needs_review"], out["unfamiliar"]) == (False, False)
+    info = app.info()
+    assert info["review"]["threshold"] == 0.8 and info["review"]["source"] == "model" and info["calibrated"]
+    assert info["familiarity_checked"] is True
+    strange = WebApp(params_from_dict({}), _FixedBackend(confident, config, unfamiliar=True))  # type: ignore[arg-type]
+    out = strange.classify(_png(), "b.png")
+    assert out["needs_review"] is True and out["unfamiliar"] is True and "unfamiliar" in out["review_reason"]
+    unsure = WebApp(params_from_dict({}), _FixedBackend([0.7, 0.1, 0.1, 0.1], config, False))  # type: ignore[arg-type]
+    assert unsure.classify(_png(), "c.png")["needs_review"] is True
+
+
+def test_a_model_without_trust_data_is_served_and_labelled() -> None:
+    from serving.webapp.app import WebApp
+
+    app = WebApp(params_from_dict({}), _FixedBackend([0.6, 0.2, 0.1, 0.1]))  # type: ignore[arg-type]
+    out = app.classify(_png(), "a.png")
+    assert out["needs_review"] is False and out["unfamiliar"] is None  # 0.6 >= the legacy 0.5; no familiarity check
+    info = app.info()
+    assert info["review"]["source"] == "legacy" and "registered without a review threshold" in info["review"]["text"]
+    assert info["calibrated"] is False and info["familiarity_checked"] is False
+    assert "not recorded" in info["training_data"]["text"]
+
+
+def test_demo_trained_model_carries_the_notice() -> None:
+    from serving.webapp.app import WebApp
+
+    config = {"training_data": {"source": "demo", "version": "abc", "synthetic": True, "notice": DEMO_NOTICE}}
+    info = WebApp(params_from_dict({}), _FixedBackend([0.6, 0.2, 0.1, 0.1], config)).info()  # type: ignore[arg-type]
+    assert info["training_data"]["notice"] == DEMO_NOTICE and "not meant for real micrographs" in DEMO_NOTICE
+    assert info["training_data"]["text"].startswith("training data: demo (version abc)")
 
 
 def test_reject_status_by_reason() -> None:

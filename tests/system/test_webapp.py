@@ -189,6 +189,10 @@ def test_page_classifies_shows_bars_toggles_gradcam_and_reports_errors(
     pg = page
     assert f"version {champion.version}" in pg.inner_text("#model-info")
     assert "champion" in pg.inner_text("#model-info")
+    # the small model is trained on the synthetic demo data: the page says so, above everything
+    assert "not meant for real micrographs" in pg.inner_text("[data-testid=training-notice]")
+    assert "training data: demo" in pg.inner_text("[data-testid=training-data]")
+    assert pg.locator("[data-testid=card-link]").get_attribute("href") == "/card"
     _drop_file(pg, images["fibres"])
     pg.set_input_files("#file-input", [str(images["particles"]), str(images["composite"])])
     pg.wait_for_function("document.querySelectorAll('[data-testid=result]').length === 3")
@@ -205,10 +209,12 @@ def test_page_classifies_shows_bars_toggles_gradcam_and_reports_errors(
         if name in ("fibres.png", "particles.png"):  # ... and over half for a clear example of one class
             assert widths[0] >= 50, (name, widths)
         confidence = float(card.locator(".bar-value").first.inner_text().rstrip(" %")) / 100
-        flagged = card.locator("[data-testid=low-confidence]").count() == 1
-        assert flagged == (confidence < threshold), (confidence, threshold)
+        flagged = card.locator("[data-testid=needs-review]").count() == 1
+        unfamiliar = card.locator("[data-testid=unfamiliar]").count() == 1
+        assert flagged == (confidence < threshold or unfamiliar), (confidence, threshold, unfamiliar)
         if flagged:
-            assert "Low confidence: check this one" in card.inner_text()
+            assert "Check this one" in card.inner_text()
+            assert card.locator("[data-testid=review-reason]").inner_text()
     first = by_name["fibres.png"]
     assert not pg.locator("#download-csv.disabled").count()
     pg.screenshot(path=str(SCREENSHOTS / "01-classified.png"), full_page=True)

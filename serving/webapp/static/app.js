@@ -51,10 +51,19 @@ async function loadInfo() {
     if (m.version) box.append(" · version ", el("b", { text: m.version, "data-testid": "model-version" }));
     if (m.alias) box.append(" · alias ", el("b", { text: m.alias }));
     box.append(" · " + m.source);
+    if (!info.calibrated) box.append(" · ", el("span", { "data-testid": "uncalibrated", text: "uncalibrated confidences" }));
+    if (info.card_url) {
+      box.append(" · ", el("a", { href: info.card_url, target: "_blank", rel: "noopener", "data-testid": "card-link",
+        text: "model card" }));
+    }
+    box.append(el("div", { class: "subtitle", "data-testid": "training-data", text: info.training_data.text }));
     box.title = m.uri;
+    const notice = $("training-notice");
+    notice.textContent = info.training_data.notice || "";
+    notice.hidden = !info.training_data.notice;
     const lim = info.limits;
     $("limits").textContent = `TIFF, PNG or JPEG · up to ${lim.max_files} files at once, ${bytes(lim.max_upload_bytes)} ` +
-      `and ${(lim.max_pixels / 1e6).toFixed(0)} megapixels each · low-confidence flag below ${Math.round(info.low_confidence * 100)} %`;
+      `and ${(lim.max_pixels / 1e6).toFixed(0)} megapixels each · ${info.review.text}`;
     for (const id of ["scan-class", "scan-reclass"]) {
       const sel = $(id);
       sel.textContent = "";
@@ -101,12 +110,17 @@ function resultCard(r) {
     el("div", { class: "filename", title: r.filename, text: r.filename }),
     el("div", { class: "label", "data-testid": "label", text: r.label.replaceAll("_", " ") }),
   ]);
-  if (r.low_confidence) {
-    body.append(el("div", { class: "flag", "data-testid": "low-confidence",
-      text: `Low confidence: check this one (${(r.confidence * 100).toFixed(0)} %)` }));
+  if (r.unfamiliar) {
+    body.append(el("div", { class: "flag unfamiliar", "data-testid": "unfamiliar",
+      text: "Unfamiliar image: unlike what the model was trained on" }));
+  }
+  if (r.needs_review) {
+    body.append(el("div", { class: "flag", "data-testid": "needs-review",
+      text: `Check this one (${(r.confidence * 100).toFixed(0)} %)` }));
+    body.append(el("div", { class: "review-reason", "data-testid": "review-reason", text: r.review_reason }));
   }
   body.append(bars(r.top));
-  const card = el("div", { class: "card" + (r.low_confidence ? " low" : ""), "data-testid": "result" },
+  const card = el("div", { class: "card" + (r.needs_review ? " low" : ""), "data-testid": "result" },
     [el("div", { class: "thumb" }, [img, badge]), body]);
   card.dataset.id = r.id;
   return card;
@@ -131,7 +145,7 @@ async function showGradcam(card, on) {
 
 function updateBatch() {
   const n = state.results.length;
-  const low = state.results.filter((r) => r.low_confidence).length;
+  const low = state.results.filter((r) => r.needs_review).length;
   $("batch-summary").textContent = n ? `${n} image${n > 1 ? "s" : ""}` + (low ? `, ${low} to check` : "") : "";
   const link = $("download-csv");
   link.classList.toggle("disabled", n === 0);
