@@ -85,6 +85,9 @@ def _cmd_scan(args: argparse.Namespace) -> int:
             max_tiles=cfg.max_tiles,
             progress=False if args.no_progress else None,
         )
+    except ImageRejected as exc:  # e.g. a featureless (blank) overview
+        print(f"error: {args.image}: {exc.reason}", file=sys.stderr)
+        return 1
     except tilescan.ScanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

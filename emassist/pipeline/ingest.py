@@ -22,6 +22,7 @@ def ingest(params: Params, raw_dir: Path, out_dir: Path) -> IngestSummary:
         max_pixels=i.max_pixels,
         min_side=i.min_side,
         crop_databar=i.crop_databar,
+        min_contrast=i.min_contrast,
         workers=i.workers,
     )
 

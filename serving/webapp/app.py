@@ -191,7 +191,10 @@ class WebApp:
     def classify(self, data: bytes, filename: str) -> dict[str, Any]:
         started = time.perf_counter()
         decoded = self.decode(data, filename)
-        gray, bar_rows = self.backend.preprocessor.standardize(decoded.gray)
+        try:
+            gray, bar_rows = self.backend.preprocessor.standardize(decoded.gray)
+        except ImageRejected as exc:  # e.g. a featureless (blank) frame
+            raise HttpError(reject_status(exc.reason), f"{filename}: {exc.reason}") from exc
         try:
             answer = self.backend.classify_file(data, gray)
         except BackendError as exc:
@@ -341,6 +344,8 @@ class WebApp:
                 batch_size=self.cfg.tile_batch,
                 max_tiles=self.cfg.max_tiles,
             )
+        except ImageRejected as exc:  # a featureless overview
+            raise HttpError(reject_status(exc.reason), f"{filename}: {exc.reason}") from exc
         except tilescan.ScanError as exc:
             raise HttpError(400, str(exc)) from exc
         except BackendError as exc:

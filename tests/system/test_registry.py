@@ -92,7 +92,8 @@ def _b64_level(level: int) -> str:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(np.full((64, 64), level, dtype=np.uint8)).save(buf, format="PNG")
+    noise = np.random.default_rng(level).integers(-10, 10, (64, 64))  # not featureless (flat frames are refused)
+    Image.fromarray(np.clip(level + noise, 0, 255).astype(np.uint8)).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 
