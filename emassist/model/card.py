@@ -412,15 +412,23 @@ def _shipped_review(config: Mapping[str, Any] | None) -> str:
     return f"review threshold {_fmt(config.get('review_threshold'))}"
 
 
+def _review_threshold(facts: CardFacts) -> str:
+    value = _metric(facts, "review_threshold")
+    if value is None and (facts.serving_config or {}).get("target_reached") is False:
+        return "none: no threshold reaches the target on val, every answer is flagged for review"
+    return _fmt(value)
+
+
 def _section_abstention(facts: CardFacts) -> list[str]:
     return [
         "## Abstention",
         "",
         f"- **Target selective accuracy:** {_pct(_metric(facts, 'target_accuracy'))}",
-        f"- **Review threshold (confidence, set on val):** {_fmt(_metric(facts, 'review_threshold'))}",
+        f"- **Review threshold (confidence, set on val):** {_review_threshold(facts)}",
         f"- **Coverage on test at that threshold (share answered):** {_pct(_metric(facts, 'coverage'))}",
         f"- **Selective accuracy on test (answered images):** {_pct(_metric(facts, 'selective_accuracy'))}",
-        f"- **Unfamiliar threshold (set on val):** {_fmt(_metric(facts, 'unfamiliar_threshold'))}",
+        f"- **Unfamiliar threshold (set on val):** {_fmt(_metric(facts, 'unfamiliar_threshold'))}; test images "
+        f"flagged unfamiliar: {_pct(_metric(facts, 'unfamiliar_share'))}",
         f"- **Shipped with the model:** {_shipped_review(facts.serving_config)}",
         "",
     ]

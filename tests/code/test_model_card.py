@@ -40,6 +40,7 @@ METRICS = {
     "test_selective_accuracy": 0.9904,
     "test_target_accuracy": 0.99,
     "test_unfamiliar_threshold": 3.2109,
+    "test_unfamiliar_share": 0.0417,
 }
 PER_CLASS = {
     "Fibres": {"precision": 0.9123, "recall": 0.8456, "f1": 0.8777, "support": 16},
@@ -114,7 +115,7 @@ def test_card_names_the_versions_real_figures(store: dict[str, Any]) -> None:
     for key in ("accuracy", "macro_f1", "balanced_accuracy", "ece_before", "ece_after", "nll_before", "nll_after",
                 "review_threshold", "unfamiliar_threshold"):  # fmt: skip
         assert f"{METRICS[f'test_{key}']:.4f}" in card, key
-    assert "93.1 %" in card and "99.0 %" in card  # coverage and selective accuracy at the target
+    assert "93.1 %" in card and "99.0 %" in card and "4.2 %" in card  # coverage, selective accuracy, unfamiliar
     for name, row in PER_CLASS.items():
         assert f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |" in card
     assert "| Particles | Tips | 31.2 | 5 |" in card  # the most confused pair, first
@@ -236,3 +237,12 @@ def test_predict_prints_what_the_model_was_trained_on(
     assert models_cli(store["params_file"], *args, "--model", f"models:/{NAME}/{store['v2']}") == 0
     err = capsys.readouterr().err
     assert "training data: not recorded" in err and "NOTICE" not in err
+
+
+def test_target_not_reached_is_said_plainly() -> None:
+    from emassist.model.card import CardFacts, build_card
+
+    config = {"classes": CLASSES, "temperature": 1.2, "review_threshold": None, "target_reached": False}
+    card = build_card(CardFacts(name="m", version="3", serving_config=config, metrics={"test_target_accuracy": 0.99}))
+    assert "no threshold reaches the target on val, every answer is flagged for review" in card
+    assert "shipped with the model: 1.200" in card
