@@ -25,11 +25,37 @@ pytestmark = pytest.mark.slow
 
 from emassist.data.preprocess import Preprocessor  # noqa: E402
 from emassist.model.registry import serving_config  # noqa: E402
+from emassist.serve.pyfunc import TRUST_COLUMNS  # noqa: E402
 from tests.helpers import BRIGHTNESS_CLASSES as CLASSES  # noqa: E402
 from tests.helpers import b64, brightness_model, image_bytes, png_header_only  # noqa: E402
 from tests.servers import mlflow_tracking_server, model_server, tracking_uri_env  # noqa: E402
 
 MODEL_NAME = "sem-test"
+#: What the evaluate stage would have fitted, written beside the model so that log_and_register ships it.
+CALIBRATION = {"temperature": 2.5, "review_threshold": 0.45, "target_accuracy": 0.99, "target_reached": True}
+
+
+def fit_familiarity_beside(model_file: Path, params: Any) -> Any:
+    """A familiarity file for ``model_file`` (fitted on the features of mid-gray noise images, levels 70..190),
+    saved as ``familiarity.npz`` beside it, as the evaluate stage does."""
+    import keras
+
+    from emassist.model.familiarity import fit_familiarity
+    from emassist.model.features import with_features
+    from emassist.model.files import FAMILIARITY_FILE
+
+    pre = Preprocessor.from_params(params)
+    rng = np.random.default_rng(0)
+    levels = rng.integers(70, 190, 90)
+    gray = np.stack([pre.resize(np.clip(lv + rng.integers(-15, 15, (48, 48)), 0, 255).astype(np.uint8))
+                     for lv in levels])  # fmt: skip
+    _, features = with_features(keras.models.load_model(model_file, compile=False))(
+        np.asarray(pre.to_model_input(gray[..., None])), training=False
+    )
+    labels = np.digitize(levels, [110, 150])
+    familiarity = fit_familiarity(np.asarray(features), labels, np.asarray(features), quantile=0.99)
+    familiarity.save(model_file.parent / FAMILIARITY_FILE.name)
+    return familiarity
 
 
 def make_params(tmp: Path, tracking_uri: str, **mlflow_extra: Any) -> Any:
@@ -77,6 +103,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with mlflow_tracking_server(tmp) as tracking_uri, tracking_uri_env(tracking_uri):
         params = make_params(tmp, tracking_uri)
         model_file = brightness_model(tmp / "model.keras", conv=True)
+        (tmp / "calibration.json").write_text(json.dumps(CALIBRATION))
+        familiarity = fit_familiarity_beside(model_file, params)
         run_id = make_run(params, f1=0.8)
         started = time.perf_counter()
         mv = registry.log_and_register(params, run_id, model_file=model_file)
@@ -95,6 +123,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 "register_s": register_s,
                 "tmp": tmp,
                 "client": client,
+                "model_file": model_file,
+                "familiarity": familiarity,
             }
 
 
@@ -125,7 +155,11 @@ def test_logged_model_is_self_contained(stack: dict[str, Any]) -> None:
     # code_paths: loads where only the model is
     assert (path / "code" / "emassist" / "data" / "preprocess.py").is_file()
     config = json.loads((path / "artifacts" / "serving_config.json").read_text())
-    assert config == serving_config(stack["params"])  # the preprocessor's settings, exactly
+    # the preprocessor's settings exactly, the temperature and threshold fitted on val, the familiarity file
+    assert config == {**serving_config(stack["params"], stack["tmp"] / "calibration.json"),
+                      "familiarity": "familiarity.npz"}  # fmt: skip
+    assert config["temperature"] == CALIBRATION["temperature"] and config["review_threshold"] == 0.45
+    assert (path / "artifacts" / "familiarity.npz").is_file()
     assert Preprocessor.from_config(config).config() == Preprocessor.from_params(stack["params"]).config()
     assert (path / "artifacts" / "model.keras").is_file()
     reqs = (path / "requirements.txt").read_text()
@@ -142,11 +176,61 @@ def test_served_equals_in_process(stack: dict[str, Any], local_model: Any, kind:
     assert response.status_code == 200, response.text[:500]
     served = pd.DataFrame(response.json()["predictions"])
     local = local_model.predict(pd.DataFrame({"image": images}))
-    assert list(served.columns) == ["label", "confidence", *CLASSES, "error"]
+    assert list(served.columns) == ["label", "confidence", *CLASSES, "error", *TRUST_COLUMNS]
     assert served["label"].tolist() == local["label"].tolist()
     assert (served["error"] == "").all()
     np.testing.assert_allclose(served[CLASSES].to_numpy(), local[CLASSES].to_numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(served[CLASSES].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_served_probabilities_are_softmax_of_log_p_over_t(stack: dict[str, Any]) -> None:
+    """End to end through `mlflow models serve`: the served probabilities are softmax(log p / T) of the Keras
+    model's own softmax p, with the T shipped in the serving config; confidence is their max."""
+    import keras
+
+    blobs = [image_bytes("png", seed=s, level=lv, size=(64, 64)) for s, lv in ((1, 40), (2, 128), (3, 215))]
+    response = post(stack["url"], [b64(b) for b in blobs])
+    assert response.status_code == 200, response.text[:500]
+    served = pd.DataFrame(response.json()["predictions"])
+    pre = Preprocessor.from_params(stack["params"])
+    gray = np.stack([pre.standardize_file(b)[0] for b in blobs])
+    raw = np.asarray(keras.models.load_model(stack["model_file"], compile=False)(
+        np.asarray(pre.to_model_input(gray[..., None])), training=False), dtype=np.float64)  # fmt: skip
+    logits = np.log(raw) / CALIBRATION["temperature"]
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(served[CLASSES].to_numpy(float), expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(served["confidence"], expected.max(axis=1), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(expected, raw, atol=1e-3)  # T = 2.5 really changed them
+
+
+def test_served_answers_say_when_to_review(stack: dict[str, Any]) -> None:
+    """needs_review follows the shipped threshold; an image far from the training features is unfamiliar."""
+    familiar = [b64(image_bytes("png", seed=s, level=lv, size=(48, 48))) for s, lv in ((4, 100), (5, 128), (6, 160))]
+    # near-white: far outside the mid-gray levels the familiarity was fitted on
+    strange = b64(image_bytes("png", seed=7, level=248, size=(48, 48)))
+    response = post(stack["url"], [*familiar, strange])
+    assert response.status_code == 200, response.text[:500]
+    frame = pd.DataFrame(response.json()["predictions"])
+    for row in frame.itertuples(index=False):
+        assert row.unfamiliar == (row.unfamiliar_score > 1.0)
+        assert row.needs_review == (row.unfamiliar or row.confidence < CALIBRATION["review_threshold"])
+        assert bool(row.review_reason) == row.needs_review
+    assert frame["unfamiliar_score"].iloc[:3].max() < frame["unfamiliar_score"].iloc[3]
+    assert frame["unfamiliar"].iloc[3] and frame["needs_review"].iloc[3]
+    assert "unfamiliar" in frame["review_reason"].iloc[3]
+
+
+def test_featureless_image_is_refused_naming_the_row(stack: dict[str, Any]) -> None:
+    blank = b64(png_of(np.zeros((96, 128), dtype=np.uint8)))
+    alone = post(stack["url"], [blank])
+    _assert_clean_error(alone, "featureless image")
+    assert "row 0" in alone.json()["message"]
+    mixed = post(stack["url"], [b64(image_bytes("png", seed=8)), blank])
+    assert mixed.status_code == 200, mixed.text[:300]
+    frame = pd.DataFrame(mixed.json()["predictions"])
+    assert frame.loc[0, "error"] == "" and frame.loc[0, "label"] in CLASSES
+    assert frame.loc[1, "error"].startswith("featureless image") and frame.loc[1, "label"] == ""
 
 
 def test_hundred_images_in_one_request(stack: dict[str, Any]) -> None:
@@ -351,5 +435,7 @@ def test_tile_scan_through_the_endpoint_equals_the_local_scan(stack: dict[str, A
     # A whole uploaded file goes as it is (the server crops its data bar) and agrees with the local path too.
     data = png_of(gray)
     local_gray = local.preprocessor.standardize_file(data)[0]
-    np.testing.assert_allclose(endpoint.classify_file(data, local_gray), local.classify_file(data, local_gray),
-                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    remote, here = endpoint.classify_file(data, local_gray), local.classify_file(data, local_gray)
+    np.testing.assert_allclose(remote.proba, here.proba, rtol=1e-5, atol=1e-6)
+    assert remote.unfamiliar == here.unfamiliar is not None  # both know the model ships the familiarity check
+    assert remote.unfamiliar_score == pytest.approx(here.unfamiliar_score, rel=1e-4)
