@@ -87,3 +87,21 @@ def test_review_policy_sources_and_reasons() -> None:
     assert override.source == "override" and override.decide(0.5) == (False, "")
     with pytest.raises(ValueError, match="review_threshold"):
         ReviewPolicy.from_config({"review_threshold": 1.5})
+
+
+def test_trust_report_completes_with_a_missing_val_class_and_an_unreachable_target() -> None:
+    from emassist.config.settings import params_from_dict
+    from emassist.model.testset import trust_report
+
+    rng = np.random.default_rng(0)
+    params = params_from_dict({"data": {"classes": ["Fibres", "Tips", "Powder"]}, "evaluate": {"target_accuracy": 1.0}})
+    train_y = rng.integers(0, 3, 90)
+    train_f = rng.normal(size=(90, 4)) + train_y[:, None] * 3.0
+    val_y = np.array([0, 0, 1, 1, 0, 1])  # no Powder in val
+    val_p = np.tile([0.6, 0.3, 0.1], (6, 1))  # always "Fibres": half of val wrong, no threshold reaches 1.0
+    val_f = rng.normal(size=(6, 4)) + val_y[:, None] * 3.0
+    test = (np.array([0, 1]), np.tile([0.6, 0.3, 0.1], (2, 1)), rng.normal(size=(2, 4)))
+    familiarity, choice, report = trust_report(params, (val_y, val_p, val_f), test, (train_y, train_f), 1.0)
+    assert not choice.reached and report["review_threshold"] is None and report["coverage"] == 0.0
+    assert "no image of Powder" in choice.message and "every answer is flagged for review" in choice.message
+    assert familiarity.means.shape == (3, 4) and report["unfamiliar_threshold"] > 0

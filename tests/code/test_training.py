@@ -123,8 +123,22 @@ def test_train_and_evaluate_track_everything_in_mlflow(project: Path) -> None:
         assert headline[key] == pytest.approx(calibration[key]), key
         assert 0 <= headline[key] < 100, key
     assert calibration["val_classes_missing"] == []
-    for name in ("reliability.csv", "reliability_diagram.png"):
+    for name in ("reliability.csv", "reliability_diagram.png", "risk_coverage.csv", "risk_coverage.png"):
         assert (Path("reports/plots") / name).is_file(), name
+    # abstention and familiarity: fitted on val (and train), reported on test, shipped beside the model
+    assert calibration["target_accuracy"] == 0.99 and "review_message" in calibration
+    assert (calibration["review_threshold"] is None) == (not calibration["target_reached"])
+    assert 0.0 <= headline["coverage"] <= 1.0 and 0.0 <= headline["unfamiliar_share"] <= 1.0
+    assert headline["review_threshold"] == calibration["review_threshold"]
+    from emassist.model.familiarity import Familiarity
+    from emassist.model.files import FAMILIARITY_FILE
+
+    assert Familiarity.load(FAMILIARITY_FILE).threshold == pytest.approx(calibration["unfamiliar_threshold"])
+    curve = pd.read_csv("reports/plots/risk_coverage.csv")
+    assert list(curve.columns) == ["threshold", "coverage", "selective_accuracy", "risk"]
+    assert curve["coverage"].is_monotonic_increasing and curve["coverage"].iloc[-1] == pytest.approx(
+        1.0 - headline["unfamiliar_share"], abs=1e-6
+    )
 
     mlflow.set_tracking_uri("sqlite:///mlflow.db")
     run = mlflow.get_run(result.run_id)
