@@ -419,6 +419,13 @@ def _review_threshold(facts: CardFacts) -> str:
     return _fmt(value)
 
 
+def _selective(facts: CardFacts) -> str:
+    value = _metric(facts, "selective_accuracy")
+    if value is None and _metric(facts, "coverage") == 0.0:
+        return "none: no test image was answered without review"
+    return _pct(value)
+
+
 def _section_abstention(facts: CardFacts) -> list[str]:
     return [
         "## Abstention",
@@ -426,7 +433,7 @@ def _section_abstention(facts: CardFacts) -> list[str]:
         f"- **Target selective accuracy:** {_pct(_metric(facts, 'target_accuracy'))}",
         f"- **Review threshold (confidence, set on val):** {_review_threshold(facts)}",
         f"- **Coverage on test at that threshold (share answered):** {_pct(_metric(facts, 'coverage'))}",
-        f"- **Selective accuracy on test (answered images):** {_pct(_metric(facts, 'selective_accuracy'))}",
+        f"- **Selective accuracy on test (answered images):** {_selective(facts)}",
         f"- **Unfamiliar threshold (set on val):** {_fmt(_metric(facts, 'unfamiliar_threshold'))}; test images "
         f"flagged unfamiliar: {_pct(_metric(facts, 'unfamiliar_share'))}",
         f"- **Shipped with the model:** {_shipped_review(facts.serving_config)}",

@@ -243,6 +243,8 @@ def test_target_not_reached_is_said_plainly() -> None:
     from emassist.model.card import CardFacts, build_card
 
     config = {"classes": CLASSES, "temperature": 1.2, "review_threshold": None, "target_reached": False}
-    card = build_card(CardFacts(name="m", version="3", serving_config=config, metrics={"test_target_accuracy": 0.99}))
+    metrics = {"test_target_accuracy": 0.99, "test_coverage": 0.0}
+    card = build_card(CardFacts(name="m", version="3", serving_config=config, metrics=metrics))
     assert "no threshold reaches the target on val, every answer is flagged for review" in card
+    assert "(answered images):** none: no test image was answered without review" in card
     assert "shipped with the model: 1.200" in card
