@@ -21,7 +21,7 @@ from emassist.data.grouping import nearest_cosine, nearest_hamming
 from emassist.data.splitting import SplitResult
 
 #: Distances (bits) of the cumulative curve in the plot and its CSV.
-CURVE_BITS = 16
+CURVE_BITS = 24
 
 
 def random_split(labels: np.ndarray, ratios: Mapping[str, float], seed: int) -> np.ndarray:
@@ -107,27 +107,37 @@ class LeakageAudit:
 
     def report(self) -> dict[str, object]:
         ours = self.nearest["ours"]
-        per_image = ours[["image", "dhash_distance", "dihedral_train_image", "dihedral_distance"]]
+        per_image = ours[["image", "dhash_train_image", "dhash_distance", "dihedral_train_image", "dihedral_distance"]]
         if "cosine" in ours:
             per_image = ours[[*per_image.columns, "embedding_train_image", "cosine"]].round({"cosine": 4})
         return {
             "near_dup_distance": self.max_distance,
             "embedding_threshold": self.embedding_threshold,
             "share_with_near_duplicate_in_train": {k: self.shares(k) for k in ("ours", "random")},
-            "n_with_near_duplicate_in_train": {k: {m: int(v.sum()) for m, v in self.near(k).items()} for k in self.nearest},
+            "n_with_near_duplicate_in_train": {
+                k: {m: int(v.sum()) for m, v in self.near(k).items()} for k in self.nearest
+            },
             "n_test": {k: len(f) for k, f in self.nearest.items()},
             "random_split": "stratified by class, image by image, same ratios and seed, same images",
             "nearest_train": per_image.rename(
-                columns={"dihedral_train_image": "nearest_train_dihedral", "embedding_train_image": "nearest_train_embedding"}
+                columns={
+                    "dhash_train_image": "nearest_train_dhash",
+                    "dihedral_train_image": "nearest_train_dihedral",
+                    "embedding_train_image": "nearest_train_embedding",
+                }
             ).to_dict(orient="records"),
         }
 
     def summary(self) -> str:
         """One line for the stage's output."""
         ours, rnd = self.shares("ours"), self.shares("random")
-        parts = [f"dihedral dHash <= {self.max_distance} bits: ours {ours['dihedral']:.1%}, random {rnd['dihedral']:.1%}"]
+        parts = [
+            f"dihedral dHash <= {self.max_distance} bits: ours {ours['dihedral']:.1%}, random {rnd['dihedral']:.1%}"
+        ]
         if "embedding" in ours:
-            parts.append(f"cosine >= {self.embedding_threshold:g}: ours {ours['embedding']:.1%}, random {rnd['embedding']:.1%}")
+            parts.append(
+                f"cosine >= {self.embedding_threshold:g}: ours {ours['embedding']:.1%}, random {rnd['embedding']:.1%}"
+            )
         return "leakage audit, test images with a near duplicate in train: " + "; ".join(parts)
 
     def curve(self) -> pd.DataFrame:
@@ -153,7 +163,7 @@ class LeakageAudit:
         ax.axvline(self.max_distance, color="grey", linestyle="--", label=f"near duplicate (<= {self.max_distance})")
         ax.set(xlabel="bits to the nearest train image (dHash, any flip / quarter turn)", ylabel="share of test images")
         ax.set_ylim(0, 1.02)
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper left")
         if cosine:
             ax = axes[1]
             for kind, label in (("random", "random split"), ("ours", "our split")):

@@ -249,6 +249,7 @@ def test_audit_random_split_finds_planted_duplicates_ours_finds_none() -> None:
     report = audit.report()
     assert report["n_test"]["ours"] == len(result.frames["test"])
     assert {r["image"] for r in report["nearest_train"]} == set(result.frames["test"]["source_path"])
+    assert all(r["nearest_train_dhash"] in set(result.frames["train"]["source_path"]) for r in report["nearest_train"])
     curve = audit.curve()
     assert curve["our_split"][4] == 0.0 and curve["random_split"][4] == rnd["dihedral"]
     assert "ours 0.0%" in audit.summary()
