@@ -85,7 +85,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         for line in top_k(frame, classes, args.top_k):
             print(line)
     n_bad = int(frame["error"].astype(bool).sum())
-    print(f"{len(frame) - n_bad} predicted, {n_bad} failed; wrote {args.out}", file=sys.stderr)
+    review = ""
+    if "needs_review" in frame.columns and len(frame) > n_bad:
+        ok = ~frame["error"].astype(bool)
+        n_review = int(frame.loc[ok, "needs_review"].astype(bool).sum())
+        n_unfamiliar = int(frame.loc[ok, "unfamiliar"].astype(bool).sum())
+        review = f"; {n_review} to check by eye ({n_unfamiliar} unlike the training data)"
+    print(f"{len(frame) - n_bad} predicted, {n_bad} failed; wrote {args.out}{review}", file=sys.stderr)
     if len(frame) == 0 or n_bad == len(frame):
         return 1
     return 3 if n_bad else 0

@@ -22,6 +22,7 @@ from emassist.config.settings import Params
 from emassist.model.files import CALIBRATION_FILE, FAMILIARITY_FILE
 from emassist.model.provenance import describe_training_data
 from emassist.model.registry import serving_config
+from emassist.model.selective import ReviewPolicy
 from emassist.serve.client import ServingError, predict_in_batches
 from emassist.serve.pyfunc import TRUST_COLUMNS, SemClassifier
 
@@ -139,7 +140,13 @@ def training_data_lines(config: dict[str, Any] | None) -> list[str]:
     """What to tell a user before a model's answers: the line naming its training data, then the notice when it was
     trained on synthetic demo images. A model registered before provenance was shipped: "not recorded"."""
     line, notice = describe_training_data(config or {})
-    return [line] + ([f"NOTICE: {notice}"] if notice else [])
+    lines = [line] + ([f"NOTICE: {notice}"] if notice else [])
+    if config is not None:
+        text = ReviewPolicy.from_config(config).describe()
+        lines.append(text[0].upper() + text[1:])
+        if "temperature" not in config:
+            lines.append("uncalibrated: this model was registered without a temperature (confidences as trained)")
+    return lines
 
 
 def _unwrap(model: Any) -> Any:
@@ -238,7 +245,8 @@ def top_k(frame: pd.DataFrame, classes: Sequence[str], k: int = 3) -> list[str]:
             lines.append(f"{row['path']}: ERROR {row['error']}")
             continue
         scores = sorted(((float(row[c]), c) for c in present), reverse=True)[: max(1, k)]
-        lines.append(f"{row['path']}: " + ", ".join(f"{c} {p:.3f}" for p, c in scores))
+        check = f"  [check: {row['review_reason']}]" if bool(row.get("needs_review", False)) else ""
+        lines.append(f"{row['path']}: " + ", ".join(f"{c} {p:.3f}" for p, c in scores) + check)
     return lines
 
 

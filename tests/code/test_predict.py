@@ -81,6 +81,15 @@ def test_predict_cli_folder_with_corrupt_files(
     printed = capsys.readouterr()
     assert "ERROR" in printed.out and "a.png:" in printed.out
     assert "3 predicted, 3 failed" in printed.err
+    # every answer says whether to check it: the CSV's columns, the marked lines and the count agree
+    for good in ("a.png", "b.jpg", "c.tif"):
+        needs = str(names[good]["needs_review"]) == "True"
+        assert needs == (names[good]["confidence"] < 0.5)  # a .keras file without calibration: the legacy 0.5
+        line = next(x for x in printed.out.splitlines() if x.split(":")[0].endswith(good))
+        assert ("[check: confidence" in line) == needs
+    n_review = sum(str(names[g]["needs_review"]) == "True" for g in ("a.png", "b.jpg", "c.tif"))
+    assert f"; {n_review} to check by eye (0 unlike the training data)" in printed.err
+    assert "registered without a review threshold" in printed.err and "uncalibrated" in printed.err
 
 
 def test_predict_cli_globs_and_missing(model_dir: Path, tmp_path: Path) -> None:
