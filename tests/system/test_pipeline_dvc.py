@@ -59,8 +59,16 @@ def test_repro_builds_everything_then_does_nothing(repo_copy: Path) -> None:
     assert calibration["temperature"] > 0 and calibration["n_val"] == len(splits["val"])
     assert {"ece_before", "ece_after", "nll_before", "nll_after"} <= set(metrics)
     assert metrics["ece_after"] == calibration["ece_after"]
-    for name in ("reliability.csv", "reliability_diagram.png"):
+    for name in ("reliability.csv", "reliability_diagram.png", "risk_coverage.csv", "risk_coverage.png"):
         assert (repo_copy / "reports/plots" / name).is_file(), name
+    # abstention on val, reported on test; the familiarity file shipped beside the model
+    assert {"review_threshold", "coverage", "selective_accuracy", "unfamiliar_share"} <= set(metrics)
+    assert metrics["review_threshold"] == calibration["review_threshold"]
+    assert (repo_copy / "models/familiarity.npz").is_file()
+    # a model card per registered version, with the version's real figures
+    card = (repo_copy / "reports/model_card.md").read_text()
+    assert card.startswith("# Model card: sem-classifier v1"), card[:200]
+    assert f"{metrics['macro_f1']:.4f}" in card and "not meant for real micrographs" in card
     assert (repo_copy / "models/model.keras").is_file()
     assert json.loads((repo_copy / "reports/split.json").read_text())  # the split counts: a report ...
     shown = _dvc(repo_copy, "metrics", "show")
