@@ -276,7 +276,7 @@ class EvaluateParams:
     """What the evaluate stage fits on val and ships with the model: the review threshold and the familiarity one."""
 
     target_accuracy: float = 0.99  # review threshold: the lowest confidence whose accepted val images reach this
-    unfamiliar_quantile: float = 0.99  # share of val images whose familiarity score sits below the threshold
+    unfamiliar_quantile: float = 0.95  # share of val images whose familiarity score sits below the threshold
 
     def check(self) -> None:
         _fraction("evaluate.target_accuracy", self.target_accuracy)
