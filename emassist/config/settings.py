@@ -349,12 +349,7 @@ class OrchestrationParams:
     connect_timeout_s: float = 5.0  # reachability checks of the Prefect API and the MLflow server
 
     def check(self) -> None:
-        fields = self.retrain_cron.split()
-        if len(fields) != 5 or not all(re.fullmatch(r"[0-9A-Za-z*/,\-?]+", f) for f in fields):
-            raise ParamsError(
-                f"orchestration.retrain_cron: need a 5-field cron expression (minute hour day month weekday), "
-                f"got {self.retrain_cron!r}"
-            )
+        check_cron("orchestration.retrain_cron", self.retrain_cron)
         if not self.pipeline_pool.strip():
             raise ParamsError("orchestration.pipeline_pool: must not be empty")
         if not self.timezone.strip():
@@ -363,6 +358,43 @@ class OrchestrationParams:
         _at_least("orchestration.retry_delay_s", self.retry_delay_s, 0)
         _positive("orchestration.train_timeout_s", self.train_timeout_s)
         _positive("orchestration.connect_timeout_s", self.connect_timeout_s)
+
+
+@dataclass(frozen=True)
+class MonitoringParams:
+    """The feedback loop: the prediction log, corrections, drift and the retraining it triggers."""
+
+    db_uri: str = "sqlite:///monitoring.db"  # SQLAlchemy URL; EMASSIST_MONITORING_DB_URI overrides; postgresql://...
+    log_predictions: bool = True  # the page, `emassist predict` and `emassist scan` log every answer
+    batch_size: int = 64  # rows per write transaction
+    flush_interval_s: float = 1.0  # the writer flushes at least this often
+    max_pending: int = 10000  # rows kept in memory while the store is unreachable; beyond: dropped and counted
+    feedback_dir: str = "data/feedback"  # corrected images, content-addressed: <Class>/<sha256>.<ext> (DVC-tracked)
+    window_days: float = 7.0  # drift: the recent part of the log compared with the reference
+    min_rows: int = 50  # fewer logged predictions in the window: "not enough data"
+    drift_share: float = 0.5  # share of drifted columns (Evidently) at which the log is called drifted
+    review_rate_increase: float = 0.2  # needs_review rate above the reference's by more than this: drift too
+    retrain_min_corrections: int = 20  # new corrections since the champion's data that trigger a retraining
+    monitor_cron: str = "0 * * * *"  # the sem-monitor deployment (hourly)
+
+    def check(self) -> None:
+        if "://" not in self.db_uri:
+            raise ParamsError(f"monitoring.db_uri: need an SQLAlchemy URL (sqlite:///file.db, postgresql://...), "
+                              f"got {self.db_uri!r}")  # fmt: skip
+        _at_least("monitoring.batch_size", self.batch_size, 1)
+        _positive("monitoring.flush_interval_s", self.flush_interval_s)
+        _at_least("monitoring.max_pending", self.max_pending, 1)
+        if not self.feedback_dir.strip():
+            raise ParamsError("monitoring.feedback_dir: must not be empty")
+        _positive("monitoring.window_days", self.window_days)
+        _at_least("monitoring.min_rows", self.min_rows, 1)
+        _fraction("monitoring.drift_share", self.drift_share)
+        _fraction("monitoring.review_rate_increase", self.review_rate_increase)
+        _at_least("monitoring.retrain_min_corrections", self.retrain_min_corrections, 1)
+        check_cron("monitoring.monitor_cron", self.monitor_cron)
+
+    def resolved_db_uri(self) -> str:
+        return os.environ.get("EMASSIST_MONITORING_DB_URI") or self.db_uri
 
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -445,6 +477,7 @@ class Params:
     mlflow: MlflowParams = field(default_factory=MlflowParams)
     orchestration: OrchestrationParams = field(default_factory=OrchestrationParams)
     webapp: WebappParams = field(default_factory=WebappParams)
+    monitoring: MonitoringParams = field(default_factory=MonitoringParams)
     s3: S3Params = field(default_factory=S3Params)
 
     def check(self) -> None:
@@ -581,6 +614,13 @@ def check_tiling(tile: int, stride: int, *, tile_key: str = "tile", stride_key: 
         raise ParamsError(
             f"{stride_key}: {stride} is larger than the tile ({tile_key} {tile}); parts of the image would be skipped"
         )
+
+
+def check_cron(key: str, value: str) -> None:
+    """A 5-field cron expression (minute hour day month weekday), else a ParamsError naming ``key``."""
+    fields = value.split()
+    if len(fields) != 5 or not all(re.fullmatch(r"[0-9A-Za-z*/,\-?]+", f) for f in fields):
+        raise ParamsError(f"{key}: need a 5-field cron expression (minute hour day month weekday), got {value!r}")
 
 
 def check_weights_file(key: str, value: str | None, what: str) -> None:
