@@ -1,19 +1,24 @@
 """Real server processes for tests, all on 127.0.0.1: start, wait until healthy, stop the whole process group.
 
-Shared by every test that talks to a real server (MLflow tracking server, ``mlflow models serve``, Prefect, moto).
+Shared by every test that talks to a real server (MLflow tracking server, ``mlflow models serve``, Prefect, moto,
+PostgreSQL).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import pytest
 import requests
 
 from tests.helpers import VENV_BIN, subprocess_env
@@ -93,12 +98,14 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], log_file: Path, timeout: 
 
 
 @contextlib.contextmanager
-def mlflow_tracking_server(tmp: Path, artifacts: str | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
-    """A real ``mlflow server``: sqlite backend, proxied artifacts in ``artifacts`` (default under ``tmp``)."""
+def mlflow_tracking_server(tmp: Path, artifacts: str | None = None, env: dict[str, str] | None = None,
+                           backend_store_uri: str | None = None) -> Iterator[str]:  # fmt: skip
+    """A real ``mlflow server``: proxied artifacts in ``artifacts`` (default under ``tmp``); runs and the registry in
+    ``backend_store_uri`` (e.g. a :class:`PostgresServer` database; default an sqlite file under ``tmp``)."""
     port = free_port()
     cmd = [
         str(VENV_BIN / "mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+        "--backend-store-uri", backend_store_uri or f"sqlite:///{tmp / 'mlflow.db'}",
         "--artifacts-destination", artifacts or str(tmp / "artifacts"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
@@ -125,3 +132,171 @@ def model_server(model_uri: str, tracking_uri: str, tmp: Path) -> Iterator[str]:
         yield url
     finally:
         stop_process(proc)
+
+
+# --------------------------------------------------------------------------------------------- PostgreSQL
+
+
+def postgres_bin(name: str) -> str | None:
+    """A PostgreSQL server binary (``initdb``, ``pg_ctl``, ``postgres``): on PATH, else under /usr/lib/postgresql."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: p.parts[-3])
+    return str(candidates[-1]) if candidates else None
+
+
+class PostgresServer:
+    """A throw-away PostgreSQL server on a free loopback port: ``initdb`` (trust auth), ``postgres`` as a process
+    (log under ``tmp``), databases created on start; stopped with a fast shutdown (open clients are disconnected).
+
+    As root (initdb and postgres refuse it) both run as ``nobody`` and the data folder is a fresh folder in the
+    system's temp dir owned by ``nobody`` (pytest's ``tmp_path`` lies under a root-only folder); otherwise the data
+    folder is under ``tmp``. :meth:`stop` then :meth:`start` restart it on the same port and data folder.
+    """
+
+    user = "postgres"
+
+    def __init__(self, tmp: Path, databases: Sequence[str] = ("emassist",), *,
+                 settings: Mapping[str, str] | None = None) -> None:  # fmt: skip
+        missing = [b for b in ("initdb", "pg_ctl", "postgres") if postgres_bin(b) is None]
+        if missing:
+            pytest.skip(f"PostgreSQL server binaries not found ({', '.join(missing)}): install PostgreSQL 15")
+        self.tmp = tmp
+        self.databases = tuple(databases)
+        self.settings = dict(settings or {})
+        self.port = free_port()
+        self.as_nobody = os.geteuid() == 0
+        if self.as_nobody:
+            self._own_dir: Path | None = Path(tempfile.mkdtemp(prefix="emassist-pg-"))
+            base = self._own_dir
+        else:
+            self._own_dir = None
+            base = tmp / "postgres"
+            base.mkdir(parents=True, exist_ok=True)
+        self.data_dir = base / "data"
+        self.socket_dir = base / "sock"  # short path: a unix socket's name is limited to ~107 bytes
+        self.log_file = tmp / f"postgres-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._initdb(base)
+
+    def _as_owner(self, cmd: list[str]) -> list[str]:
+        return ["runuser", "-u", "nobody", "--", *cmd] if self.as_nobody else cmd
+
+    def _initdb(self, base: Path) -> None:
+        self.socket_dir.mkdir()
+        if self.as_nobody:
+            for path in (base, self.socket_dir):
+                shutil.chown(path, user="nobody")
+        cmd = [str(postgres_bin("initdb")), "-D", str(self.data_dir), "-U", self.user, "--auth=trust",
+               "--no-locale", "--encoding=UTF8", "--no-sync"]  # fmt: skip
+        done = subprocess.run(self._as_owner(cmd), capture_output=True, text=True, env=_pg_env(), timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+
+    def url(self, database: str | None = None) -> str:
+        """The SQLAlchemy URL of ``database`` (default the first of :attr:`databases`). The driver is named:
+        SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, and the lock installs psycopg2."""
+        return f"postgresql+psycopg2://{self.user}@127.0.0.1:{self.port}/{database or self.databases[0]}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the server, wait until it accepts connections, create the missing databases."""
+        cmd = [str(postgres_bin("postgres")), "-D", str(self.data_dir), "-p", str(self.port),
+               "-k", str(self.socket_dir), "-c", "listen_addresses=127.0.0.1"]  # fmt: skip
+        for key, value in self.settings.items():
+            cmd += ["-c", f"{key}={value}"]
+        self.proc = start_process(self._as_owner(cmd), self.log_file, _pg_env())
+        self._wait_ready(timeout)
+        self._create_databases()
+
+    def _connect(self, database: str = "postgres") -> Any:
+        import psycopg2
+
+        return psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, dbname=database, connect_timeout=2)
+
+    def _wait_ready(self, timeout: float) -> None:
+        import psycopg2
+
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited with {self.proc.returncode}:\n{self.log_file.read_text()[-3000:]}")
+            try:
+                self._connect().close()
+                return
+            except psycopg2.OperationalError:
+                time.sleep(0.2)
+        raise RuntimeError(f"postgres not up after {timeout:.0f} s:\n{self.log_file.read_text()[-3000:]}")
+
+    def _create_databases(self) -> None:
+        conn = self._connect()
+        try:
+            conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
+            with conn.cursor() as cur:
+                cur.execute("SELECT datname FROM pg_database")
+                present = {row[0] for row in cur.fetchall()}
+                for name in self.databases:
+                    if name not in present:
+                        cur.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
+
+    def execute(self, sql: str, database: str | None = None) -> None:
+        """Run one SQL statement as the superuser (autocommit), e.g. to create a role in a test."""
+        conn = self._connect(database or self.databases[0])
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(sql)
+        finally:
+            conn.close()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fast shutdown (``pg_ctl stop -m fast``: clients disconnected, a clean checkpoint); kill as a last resort."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            cmd = [str(postgres_bin("pg_ctl")), "stop", "-D", str(self.data_dir), "-m", "fast", "-w",
+                   "-t", str(int(timeout))]  # fmt: skip
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                subprocess.run(self._as_owner(cmd), capture_output=True, env=_pg_env(), timeout=timeout + 5)
+        stop_process(self.proc, timeout=5)
+        self.proc = None
+
+    def cleanup(self) -> None:
+        """Stop the server and remove a data folder made outside ``tmp``."""
+        self.stop()
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
+
+    def __enter__(self) -> PostgresServer:
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+def _pg_env() -> dict[str, str]:
+    """The environment for the PostgreSQL binaries: this one, less what points a client at another server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["LC_ALL"] = "C"
+    return env
+
+
+@contextlib.contextmanager
+def postgres_server(tmp: Path, databases: Sequence[str] = ("emassist",)) -> Iterator[str]:
+    """A running :class:`PostgresServer` with ``databases``: yields the SQLAlchemy URL of the first one
+    (``postgresql+psycopg2://postgres@127.0.0.1:PORT/DB``; the others differ only in the last part); stopped
+    afterwards, also when the test fails. Skips the test where the PostgreSQL server binaries are missing."""
+    with PostgresServer(tmp, databases) as server:
+        yield server.url()
