@@ -1,4 +1,6 @@
-"""The acquire step: data/raw/<Class>/ from synthetic demo images, the NFFA-EUROPE dataset, or an S3 bucket."""
+"""The acquire step: data/raw/<Class>/ from synthetic demo images, the NFFA-EUROPE dataset, or an S3 bucket, then
+the microscopists' corrections (``monitoring.feedback_dir``) merged in, so they go through ingest, validation and the
+leakage-aware split like every image."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any
 
 from emassist.config.settings import Params, ParamsError, check_class_names
 from emassist.data.demo import generate_demo
+from emassist.data.feedback import MergeReport, merge_feedback
 from emassist.data.fetch import FetchError, FetchReport, fetch_nffa
 from emassist.data.s3 import PullReport, S3Error, pull
 from emassist.pipeline.stagerun import StageError
@@ -47,6 +50,11 @@ def pull_s3(params: Params, out_dir: Path, **kwargs: Any) -> PullReport:
         raise StageError(str(exc)) from exc
 
 
+def merge_corrections(params: Params, raw_dir: Path) -> MergeReport:
+    """``feedback_dir/<Class>/*`` into ``raw_dir/<Class>/feedback_*`` (nothing when the folder is absent)."""
+    return merge_feedback(Path(params.monitoring.feedback_dir), raw_dir, params.data.classes)
+
+
 def main(params: Params) -> None:
     raw_dir = Path(params.data.raw_dir)
     if params.data.source == "demo":
@@ -56,3 +64,4 @@ def main(params: Params) -> None:
         print(pull_s3(params, raw_dir))
     else:
         print(fetch(params, raw_dir).summary())
+    print(merge_corrections(params, raw_dir).summary())
