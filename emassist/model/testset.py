@@ -15,6 +15,10 @@ What it fits on val and the register step ships with the model (``models/calibra
   familiar val images reach ``evaluate.target_accuracy``); coverage and selective accuracy at it on test, and the
   risk–coverage curve (:mod:`emassist.model.riskcoverage`).
 
+It also writes the model's answers on test, one row per image in the prediction log's columns
+(``reports/test_predictions.parquet``, :func:`answers_frame`; logged as ``evaluation/test_predictions.parquet``):
+the reference the drift report (:mod:`emassist.model.drift`) compares the live log with.
+
 The headline metrics (accuracy, F1, ...) stay those of the raw model: a temperature never changes the argmax.
 """
 
@@ -26,10 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+from PIL import Image
 
 from emassist.config.settings import Params
 from emassist.core.atomic import atomic_open
 from emassist.data.dataset import make_dataset, read_split
+from emassist.data.predlog import PREDICTIONS, image_stats
 from emassist.model.calibration import apply_temperature, calibration_report
 from emassist.model.familiarity import Familiarity, fit_familiarity
 from emassist.model.features import with_features
@@ -38,13 +45,14 @@ from emassist.model.metrics import HEADLINE_KEYS, compute_metrics, format_report
 from emassist.model.reliability import write_reliability
 from emassist.model.reports import write_reports
 from emassist.model.riskcoverage import write_risk_coverage
-from emassist.model.selective import ThresholdChoice, choose_threshold, selective_report
+from emassist.model.selective import ReviewPolicy, ThresholdChoice, choose_threshold, selective_report
 from emassist.model.tracking import setup_mlflow
 
 log = logging.getLogger(__name__)
 REPORT_DIR = Path("reports")
 PLOTS_DIR = REPORT_DIR / "plots"
 METRICS_FILE = REPORT_DIR / "metrics.json"
+TEST_PREDICTIONS_FILE = REPORT_DIR / "test_predictions.parquet"  # the drift report's reference
 CALIBRATION_KEYS = ("ece_before", "ece_after", "nll_before", "nll_after")
 SELECTIVE_KEYS = ("coverage", "selective_accuracy", "target_accuracy", "unfamiliar_share", "unfamiliar_threshold")
 
@@ -93,6 +101,60 @@ def trust_report(
         "_calibrated_test": cal_test,
     }
     return familiarity, choice, report
+
+
+def answers_frame(
+    csv_path: Path,
+    classes: list[str],
+    calibrated: np.ndarray,
+    unfamiliar_scores: np.ndarray,
+    policy: ReviewPolicy,
+    *,
+    y_true: np.ndarray,
+) -> pd.DataFrame:
+    """The answers on one split as the prediction log stores them (source ``evaluate``), plus ``true_label``.
+
+    ``calibrated``: the calibrated probabilities; ``unfamiliar_scores``: the familiarity score (above 1: unfamiliar);
+    ``needs_review`` by ``policy``, the rule the served model applies. Brightness and contrast are those of the
+    cached (standardized) PNG, as the log measures them; size, format and SEM metadata come from the split file
+    where it has them (ingest's manifest columns).
+    """
+    split = pd.read_csv(csv_path, keep_default_na=False)
+    rows: list[dict[str, Any]] = []
+    for i, record in enumerate(split.to_dict("records")):
+        with Image.open(record["image_path"]) as img:
+            brightness, contrast = image_stats(np.asarray(img.convert("L")))
+        k = int(np.argmax(calibrated[i]))
+        score = float(unfamiliar_scores[i])
+        needs_review, _ = policy.decide(float(calibrated[i, k]), score > 1.0)
+        rows.append({
+            "source": "evaluate", "sha256": str(record.get("sha256", "")), "origin": str(record["image_path"]),
+            "width": _number(record.get("width"), int), "height": _number(record.get("height"), int),
+            "format": str(record.get("format") or "") or None,
+            "pixel_size_nm": _number(record.get("pixel_size_nm"), float),
+            "magnification": _number(record.get("magnification"), float),
+            "instrument": str(record.get("instrument") or "") or None,
+            "brightness": brightness, "contrast": contrast,
+            "label": classes[k], "confidence": float(calibrated[i, k]),
+            "probabilities": json.dumps({c: round(float(p), 6) for c, p in zip(classes, calibrated[i], strict=True)}),
+            "needs_review": bool(needs_review), "unfamiliar": score > 1.0, "unfamiliar_score": score,
+            "true_label": classes[int(y_true[i])],
+        })  # fmt: skip
+    columns = [c.name for c in PREDICTIONS.columns if c.name not in ("id", "ts", "model_name", "model_version",
+                                                                      "model_alias")]  # fmt: skip
+    frame = pd.DataFrame(rows, columns=[*columns, "true_label"])
+    frame["width"] = frame["width"].astype("Int64")
+    frame["height"] = frame["height"].astype("Int64")
+    return frame
+
+
+def _number(value: Any, kind: type) -> Any:
+    """A finite number from a CSV cell, else None."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return kind(number) if np.isfinite(number) else None
 
 
 def evaluate(params: Params) -> dict[str, Any]:
@@ -150,6 +212,12 @@ def evaluate(params: Params) -> dict[str, Any]:
     )  # fmt: skip
     paths["calibration"] = CALIBRATION_FILE
     paths["familiarity"] = FAMILIARITY_FILE
+    reference = answers_frame(
+        test_csv, classes, calibrated_test, familiarity.score(feats), ReviewPolicy.from_config(calibration),
+        y_true=y_true,
+    )  # fmt: skip
+    reference.to_parquet(TEST_PREDICTIONS_FILE, index=False)
+    paths["test_predictions"] = TEST_PREDICTIONS_FILE
     # The headline figures for `dvc metrics show/diff` live at reports/metrics.json.
     headline = {k: metrics[k] for k in HEADLINE_KEYS}
     headline.update({k: calibration[k] for k in CALIBRATION_KEYS})

@@ -134,6 +134,18 @@ def test_train_and_evaluate_track_everything_in_mlflow(project: Path) -> None:
     from emassist.model.files import FAMILIARITY_FILE
 
     assert Familiarity.load(FAMILIARITY_FILE).threshold == pytest.approx(calibration["unfamiliar_threshold"])
+    # the drift report's reference: one row per test image, in the prediction log's columns, by the served rule
+    answers = pd.read_parquet("reports/test_predictions.parquet")
+    test_split = pd.read_csv("data/splits/test.csv", keep_default_na=False)
+    assert list(answers["sha256"]) == list(test_split["sha256"])
+    assert list(answers["true_label"]) == list(test_split["label"]) and set(answers["label"]) <= set(CLASSES)
+    assert answers["confidence"].between(0, 1).all() and answers["brightness"].between(0, 255).all()
+    assert all(abs(sum(json.loads(p).values()) - 1) < 1e-3 for p in answers["probabilities"])
+    assert answers["unfamiliar"].mean() == pytest.approx(headline["unfamiliar_share"])
+    if headline["review_threshold"] is not None:
+        assert 1 - answers["needs_review"].mean() == pytest.approx(headline["coverage"])
+    else:
+        assert answers["needs_review"].all()
     curve = pd.read_csv("reports/plots/risk_coverage.csv")
     assert list(curve.columns) == ["threshold", "coverage", "selective_accuracy", "risk"]
     assert curve["coverage"].is_monotonic_increasing and curve["coverage"].iloc[-1] == pytest.approx(
@@ -157,7 +169,7 @@ def test_train_and_evaluate_track_everything_in_mlflow(project: Path) -> None:
     assert {"plots", "model", "evaluation", "history.json"} <= artifacts
     evaluation = {Path(a.path).name for a in client.list_artifacts(result.run_id, "evaluation")}
     assert {"confusion_matrix.png", "metrics.json", "confused_pairs.csv"} <= evaluation
-    assert {"reliability.csv", "reliability_diagram.png", "calibration.json"} <= evaluation
+    assert {"reliability.csv", "reliability_diagram.png", "calibration.json", "test_predictions.parquet"} <= evaluation
 
     # a val split with a class missing: the temperature is still fitted, the report names the class
     val = pd.read_csv("data/splits/val.csv", keep_default_na=False)
