@@ -8,7 +8,14 @@
 * ``sem-train`` (:func:`train_flow`): the train step alone, run by a worker of ``train.work_pool`` in the worker's
   own checkout. It pulls its inputs from the DVC remote, trains, and hands the model back through MLflow.
 * ``sem-retrain`` (:func:`retrain_flow`): refresh the raw data (``dvc pull`` or the acquire stage), then the whole
-  pipeline; the registry's gate decides whether the new model becomes champion. Deployed on a cron from params.
+  pipeline; the registry's gate decides whether the new model becomes champion. Deployed on a cron from params
+  (forced: it always retrains). The training's MLflow run is tagged with what triggered it (``retrain_trigger``,
+  ``retrain_reasons``) and what the data adds to the champion's (``retrain_base_version``,
+  ``retrain_base_data_version``, ``retrain_new_corrections``, ``retrain_added_images``).
+* ``sem-monitor`` (:func:`monitor_flow`): the monitoring step (drift of the prediction log), then the retraining
+  decision (:func:`emassist.pipeline.retrain.retrain_decision`): drift, enough new corrections, or forced → the
+  ``sem-retrain`` flow as a child run; otherwise "nothing to do" and why (the flow's result and an artifact).
+  Deployed on the cron ``monitoring.monitor_cron``.
 
 Run locally, no setup (Prefect starts a temporary server): ``python -m pipelines.flows [--params params.yaml]``.
 """
@@ -16,6 +23,7 @@ Run locally, no setup (Prefect starts a temporary server): ``python -m pipelines
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -42,6 +50,7 @@ from emassist.data.dataset import DatasetError
 from emassist.model.files import CURVES_FILE, HISTORY_FILE, MODEL_FILE, RUN_FILE
 from emassist.model.registry import RegistryError
 from emassist.model.tracking import setup_mlflow
+from emassist.pipeline import retrain
 from emassist.pipeline.stagerun import StageError, error_exit
 from emassist.pipeline.steps import STEPS
 from pipelines import artifacts, dvc_io, faults
@@ -52,6 +61,12 @@ from pipelines.preflight import (
     is_remote_tracking,
     preflight,
 )
+
+#: ``path/to/file.py:flow`` or ``module:flow`` run by the retraining instead of :func:`pipeline_flow` (called with
+#: ``params_path``); unset: the pipeline. For a cheap stand-in (tests) or another pipeline; the decision, the tags'
+#: environment and the artifacts stay the same.
+PIPELINE_FLOW_ENV = "EMASSIST_PIPELINE_FLOW"
+SCHEDULED_REASON = "scheduled retraining (sem-retrain on orchestration.retrain_cron) or run by hand: always retrains"
 
 #: Failures a retry cannot fix: bad params, a stage refusing its input, a missing file, a registry refusal.
 DETERMINISTIC = (ParamsError, StageError, DatasetError, FileNotFoundError, OrchestrationError, RegistryError)
@@ -130,6 +145,8 @@ def dispatch_task(params: Params, params_path: str) -> str:
             "params_yaml": Path(params_path).read_text(),
             "dvc_lock": Path("dvc.lock").read_text(),
             "tracking_uri": params.mlflow.resolved_tracking_uri(),
+            # why this training (a retraining's trigger and reasons): the worker's MLflow run is tagged with them
+            "environment": {k: v for k, v in os.environ.items() if k.startswith(retrain.ENV_PREFIX)},
         },
         timeout=params.orchestration.train_timeout_s,
         poll_interval=2,
@@ -191,6 +208,25 @@ def refresh_raw_task(params: Params, prefer_pull: bool) -> str:
     logger.info("acquire stage (data.source=%s)", params.data.source)
     STEPS["acquire"](params)
     return "acquire"
+
+
+@task(name="monitor", cache_policy=NO_CACHE)
+def monitor_task(params: Params) -> dict[str, Any]:
+    """The monitoring step (drift of the recent prediction log against the reference): its JSON summary."""
+    faults.maybe_fail("monitor")
+    summary = retrain.run_monitoring(params)
+    get_run_logger().info("drift check: %s (%s)", summary["status"], "; ".join(summary.get("reasons") or []))
+    return summary
+
+
+@task(name="retrain-decision", cache_policy=NO_CACHE)
+def decide_task(params: Params, summary: dict[str, Any], force: bool) -> retrain.Decision:
+    """Retrain or not: the drift summary, the corrections since the champion's data, or forced."""
+    faults.maybe_fail("retrain-decision")
+    check_mlflow(params, params.orchestration.connect_timeout_s)  # the registry's champion, in seconds or a clear no
+    decision = retrain.retrain_decision(params, force=force, drift=summary)
+    get_run_logger().info("%s", decision.summary())
+    return decision
 
 
 # --------------------------------------------------------------------------------------------- flows
@@ -258,11 +294,14 @@ def pipeline_flow(params_path: str = "params.yaml") -> dict[str, Any]:
 
 
 @flow(name="sem-train", log_prints=True)
-def train_flow(params_yaml: str, dvc_lock: str, tracking_uri: str | None = None) -> str:
+def train_flow(
+    params_yaml: str, dvc_lock: str, tracking_uri: str | None = None, environment: dict[str, str] | None = None
+) -> str:
     """The train step on a worker: pull the inputs from the DVC remote, train, log to the MLflow server.
 
     Runs in the worker's own checkout (the deployment's working directory). Returns the MLflow run id; the run is
-    also tagged ``prefect_flow_run_id`` with this flow run's id, which is how the pipeline finds it.
+    also tagged ``prefect_flow_run_id`` with this flow run's id, which is how the pipeline finds it, and with a
+    retraining's reasons (``environment``: the ``EMASSIST_RETRAIN_*`` variables of the orchestrator).
     """
     from prefect.runtime import flow_run
 
@@ -280,24 +319,94 @@ def train_flow(params_yaml: str, dvc_lock: str, tracking_uri: str | None = None)
     logger.info("worker checkout: %s", Path.cwd())
     Path("dvc.lock").write_text(dvc_lock)  # the pipeline's record of the inputs: what `dvc pull` fetches
     pull_task.with_options(**_retried(params))(list(dvc_io.TRAIN_INPUT_STAGES))
-    stage_task.with_options(name="train")("train", params)
+    retrain_env = {k: str(v) for k, v in (environment or {}).items() if k.startswith(retrain.ENV_PREFIX)}
+    with retrain.environment(retrain_env) if environment is not None else contextlib.nullcontext():
+        stage_task.with_options(name="train")("train", params)
     run_id = json.loads(RUN_FILE.read_text())["run_id"]
     logger.info("MLflow run %s at %s", run_id, params.mlflow.resolved_tracking_uri())
     return run_id
 
 
-@flow(name="sem-retrain", log_prints=True)
-def retrain_flow(params_path: str = "params.yaml") -> dict[str, Any]:
-    """Scheduled retraining: fresh raw data (``dvc pull``, or the acquire stage), then the whole pipeline.
+def _pipeline_target() -> Any:
+    """The flow a retraining runs: :func:`pipeline_flow`, or the one ``EMASSIST_PIPELINE_FLOW`` names."""
+    target = os.environ.get(PIPELINE_FLOW_ENV, "").strip()
+    if not target:
+        return pipeline_flow
+    from prefect.utilities.importtools import import_object
 
-    Promotion happens only through the register stage's gate (macro-F1 against the champion on the same test split).
+    try:
+        return import_object(target)
+    except (ImportError, AttributeError, FileNotFoundError, ValueError) as exc:
+        raise OrchestrationError(f"{PIPELINE_FLOW_ENV}={target!r}: cannot load it ({exc})") from exc
+
+
+@flow(name="sem-retrain", log_prints=True, persist_result=True)
+def retrain_flow(
+    params_path: str = "params.yaml",
+    trigger: str = "forced",
+    reasons: list[str] | None = None,
+    data_diff: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Retraining: fresh raw data (``dvc pull``, or the acquire stage), then the whole pipeline.
+
+    ``trigger`` / ``reasons`` / ``data_diff`` (the champion's version and data version, new corrections, images
+    added): why it runs, from the monitor flow's decision; the scheduled run is ``forced``. They tag the training's
+    MLflow run (``retrain_*``) and make an artifact. Promotion happens only through the register stage's gate
+    (macro-F1 against the champion on the same test split).
     """
+    logger = get_run_logger()
     params = load_params(params_path)
-    refresh_raw_task.with_options(**_retried(params))(params, prefer_pull=params.data.source == "nffa")
-    return pipeline_flow(params_path)
+    reasons = list(reasons or [SCHEDULED_REASON])
+    data_diff = dict(data_diff or {})
+    try:
+        env = retrain.retrain_environment(trigger, reasons, **data_diff)
+    except (TypeError, ValueError) as exc:
+        raise OrchestrationError(f"retrain_flow: bad trigger or data_diff: {exc}") from exc
+    create_markdown_artifact(artifacts.trigger_markdown(trigger, reasons, data_diff), key="retrain-trigger",
+                             description="What started this retraining")  # fmt: skip
+    logger.info("retraining, trigger %s: %s", trigger, "; ".join(reasons))
+    target = _pipeline_target()
+    with retrain.environment(env):
+        if target is pipeline_flow:
+            refresh_raw_task.with_options(**_retried(params))(params, prefer_pull=params.data.source == "nffa")
+        else:
+            logger.warning("%s: running %s instead of the pipeline", PIPELINE_FLOW_ENV, os.environ[PIPELINE_FLOW_ENV])
+        result = target(params_path=params_path)
+    return {**(result if isinstance(result, dict) else {"result": result}), "trigger": trigger, "reasons": reasons,
+            "data_diff": data_diff}  # fmt: skip
 
 
-FLOWS = {"pipeline": pipeline_flow, "retrain": retrain_flow}
+@flow(name="sem-monitor", log_prints=True, persist_result=True)
+def monitor_flow(params_path: str = "params.yaml", force: bool = False) -> dict[str, Any]:
+    """Drift check, then retrain only with a reason: drift, enough new corrections, or ``force``.
+
+    Artifacts: the drift summary (and a link to the HTML report where it is served) and the decision. The result
+    says ``retrained`` (with the retraining's result) or ``nothing to do``, with the decision and its reasons.
+    """
+    logger = get_run_logger()
+    params = load_params(params_path)
+    retried = _retried(params)
+    summary = monitor_task.with_options(**retried)(params)
+    create_markdown_artifact(artifacts.drift_markdown(summary), key="drift-summary",
+                             description="The monitoring step's drift summary")  # fmt: skip
+    url = artifacts.drift_report_url(summary, params.mlflow.resolved_tracking_uri())
+    if url:
+        create_link_artifact(url, link_text="drift report (HTML)", key="drift-report",
+                             description="Evidently: recent predictions against the reference")  # fmt: skip
+    decision = decide_task.with_options(**retried)(params, summary, force)
+    create_markdown_artifact(artifacts.decision_markdown(decision), key="retrain-decision",
+                             description="Retrain or not, and why")  # fmt: skip
+    outcome: dict[str, Any] = {"decision": decision.as_dict(), "reasons": decision.reasons}
+    if not decision.run:
+        logger.info("nothing to do: %s", "; ".join(decision.reasons))
+        return {**outcome, "result": "nothing to do"}
+    logger.info("retraining, trigger %s", decision.trigger)
+    result = retrain_flow(params_path=params_path, trigger=decision.trigger, reasons=decision.reasons,
+                          data_diff=decision.data_diff())  # fmt: skip
+    return {**outcome, "result": "retrained", "trigger": decision.trigger, "retrain": result}
+
+
+FLOWS = {"pipeline": pipeline_flow, "retrain": retrain_flow, "monitor": monitor_flow}
 
 
 # --------------------------------------------------------------------------------------------- command line
@@ -311,19 +420,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
     parser.add_argument("--flow", choices=sorted(FLOWS), default="pipeline",
-                        help="pipeline (default) or retrain (refresh the raw data first)")  # fmt: skip
+                        help="pipeline (default), retrain (refresh the raw data first, then the pipeline) or monitor "
+                             "(drift check, then retrain only with a reason)")  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="monitor: retrain whatever the drift and corrections say")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.force and args.flow != "monitor":
+        return error_exit(OrchestrationError("--force goes with --flow monitor (retrain always retrains)"), args.params)
     logging.basicConfig(level=os.environ.get("EMASSIST_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     try:
         params = load_params(args.params)
         preflight(params, args.params)  # before Prefect's own clients, which retry for minutes
     except (ParamsError, OrchestrationError) as exc:
         return error_exit(exc, args.params)
-    state = FLOWS[args.flow](params_path=str(args.params), return_state=True)
+    kwargs: dict[str, Any] = {"force": True} if args.force else {}
+    state = FLOWS[args.flow](params_path=str(args.params), return_state=True, **kwargs)
     if not state.is_completed():
         print(f"error: flow run {state.name}: {state.message}", file=sys.stderr)
         return 1
