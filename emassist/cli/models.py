@@ -20,6 +20,9 @@ from emassist.model.tracking import tracking_client
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+    from emassist.data.predlog import LogWriter
+    from emassist.serve.predlog_hooks import ModelIdentity
+
 CHAMPION_URI = "models:/{name}@champion"
 
 
@@ -66,6 +69,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return 1
     for line in training_data_lines(config):  # what the model was trained on, before any answer
         print(line, file=sys.stderr)
+    writer = _open_prediction_log(params, args)
     try:
         frame = predict_paths(
             args.paths,
@@ -74,10 +78,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             out=args.out,
             batch_size=args.batch_size,
             progress=False if args.no_progress else None,
+            log_writer=writer,
+            model_identity=_model_identity(model) if writer is not None else None,
         )
     except MlflowException as exc:
         print(f"error: model {model} failed to predict: {exc.message}", file=sys.stderr)
         return 1
+    finally:
+        _close_prediction_log(writer)
     classes = [c for c in params.data.classes if c in frame.columns] or [
         c for c in frame.columns if c not in ("path", "label", "confidence", "error")
     ]
@@ -95,6 +103,38 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if len(frame) == 0 or n_bad == len(frame):
         return 1
     return 3 if n_bad else 0
+
+
+def _open_prediction_log(params: Any, args: argparse.Namespace) -> LogWriter | None:
+    """The prediction log's writer when ``monitoring.log_predictions`` and no ``--no-log``; a store that cannot be
+    opened costs one warning on stderr (the predictions are still printed and written)."""
+    if getattr(args, "no_log", False) or not params.monitoring.log_predictions:
+        return None
+    from emassist.serve.predlog_hooks import open_writer
+
+    writer, why = open_writer(params.monitoring.resolved_db_uri(), params.monitoring, check_now=True)
+    if writer is None:
+        print(f"warning: {why}; predictions are not logged (--no-log skips the log)", file=sys.stderr)
+    return writer
+
+
+def _close_prediction_log(writer: LogWriter | None) -> None:
+    """Flush and close the writer before the command exits; rows it could not write are said once."""
+    if writer is None:
+        return
+    writer.close()
+    if writer.stats["dropped"]:
+        print(f"warning: {writer.stats['dropped']} predictions could not be logged to {writer.store.db_uri}",
+              file=sys.stderr)  # fmt: skip
+
+
+def _model_identity(model: str) -> ModelIdentity:
+    """Name/version/alias of ``model`` for the log (an alias's version is looked up in the registry)."""
+    from mlflow import MlflowClient
+
+    from emassist.serve.predlog_hooks import ModelIdentity
+
+    return ModelIdentity.from_uri(model, MlflowClient() if str(model).startswith("models:/") else None)
 
 
 @_registry_errors
@@ -154,7 +194,9 @@ def add_commands(sub: Any) -> None:
             "Classify SEM images with a registered model (default: the champion) through the same decode → "
             "data-bar crop → resize path as training and serving. Unreadable or non-image files get a row with "
             "an error instead of stopping the run. Before the results it says (on stderr) what the model was "
-            "trained on, with a notice when that was the synthetic demo data."
+            "trained on, with a notice when that was the synthetic demo data. Every answered file is appended to "
+            "the prediction log (monitoring.db_uri, EMASSIST_MONITORING_DB_URI overrides) when "
+            "monitoring.log_predictions is true; a log that cannot be opened costs one warning, not the run."
         ),
         epilog=(
             "Exit codes: 0 all files predicted; 3 some files failed (see the error column); 1 none predicted. "
@@ -171,6 +213,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--top-k", type=int, default=3, help="classes printed per image; 0 prints nothing (default: 3)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-log", action="store_true",
+                   help="do not append the answers to the prediction log (monitoring.db_uri)")  # fmt: skip
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser(

@@ -95,6 +95,8 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     tilescan.write_outputs(decoded.gray, result, args.class_name, args.out, args.csv)
+    if params.monitoring.log_predictions and not args.no_log:
+        _log_scan(params, args.image, decoded, result, backend)
     k = result.class_index(args.class_name)
     grid = result.scores[:, :, k]
     r, c = divmod(int(grid.argmax()), grid.shape[1])
@@ -105,6 +107,55 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         + (f" and {args.csv}" if args.csv else "")
     )
     return 0
+
+
+def scan_summary(result: Any) -> tuple[str, float, dict[str, float]]:
+    """What the prediction log keeps of a tile scan: ``(label, confidence, probabilities)`` where the
+    probabilities are each class's MEAN score over all tiles (they sum to 1, as each tile's do), the label the
+    class with the highest mean and the confidence that mean. The class mapped by ``--class`` plays no part: the
+    row says what the overview as a whole looks like to the model."""
+    import numpy as np
+
+    mean = np.asarray(result.scores, dtype=np.float64).reshape(-1, len(result.classes)).mean(axis=0)
+    best = int(mean.argmax())
+    return result.classes[best], float(mean[best]), {c: float(mean[k]) for k, c in enumerate(result.classes)}
+
+
+def _log_scan(params: Any, image: Path, decoded: Any, result: Any, backend: Any) -> None:
+    """Write ONE ``scan`` row for the overview (its file's sha256, size/format/SEM metadata, brightness/contrast
+    of the cropped, resized overview, and :func:`scan_summary`); review by the model's policy on the summary's
+    confidence (no familiarity check: tiles are not whole images). A store that is down: one warning on stderr."""
+    from emassist.data.predlog import PredictionLog, PredictionLogError
+    from emassist.model.selective import ReviewPolicy
+    from emassist.serve.predlog_hooks import ImageFacts, ModelIdentity, file_sha256, prediction_row
+
+    label, confidence, probabilities = scan_summary(result)
+    try:
+        policy = ReviewPolicy.from_config(backend.config)
+    except ValueError:
+        policy = ReviewPolicy.from_config({})
+    pre = backend.preprocessor
+    overview = pre.resize(pre.crop(decoded.gray)[0])
+    info = backend.info
+    row = prediction_row(
+        "scan",
+        ImageFacts.of(file_sha256(image), decoded, overview),
+        ModelIdentity(info.name, info.version, info.alias),
+        label=label,
+        confidence=confidence,
+        probabilities=probabilities,
+        needs_review=policy.decide(confidence)[0],
+        origin=str(image),
+    )
+    db_uri = params.monitoring.resolved_db_uri()
+    try:
+        store = PredictionLog(db_uri)
+        try:
+            store.write([row])
+        finally:
+            store.dispose()
+    except PredictionLogError as exc:
+        print(f"warning: {exc}; the scan is not logged (--no-log skips the log)", file=sys.stderr)
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -140,7 +191,9 @@ def add_commands(sub: Any) -> None:
         help="classify overlapping tiles of a large image; write a heat map PNG of one class and a CSV of tiles",
         description=(
             "Needle in a haystack: cut IMAGE (data bar cropped) into TILE-pixel tiles every STRIDE pixels, classify "
-            "each through the serving path, and write a heat map of CLASS over the image and every tile's scores."
+            "each through the serving path, and write a heat map of CLASS over the image and every tile's scores. "
+            "When monitoring.log_predictions is true, ONE row is appended to the prediction log for the overview: "
+            "the class with the highest mean tile score, that mean as its confidence, every class's mean."
         ),
         epilog="Example: emassist scan overview.tif --class Particles --tile 256 --stride 128 --out heat.png "
         "--csv tiles.csv",
@@ -153,5 +206,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--csv", type=Path, help="CSV of tile scores (default: none)")
     p.add_argument("--batch-size", type=int, help="tiles per forward pass (default: webapp.tile_batch)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-log", action="store_true",
+                   help="do not append the scan's summary to the prediction log (monitoring.db_uri)")  # fmt: skip
     _model_options(p)
     p.set_defaults(func=_cmd_scan)

@@ -1,5 +1,8 @@
 """Batch prediction over files, folders and globs with a registered (or local) model; never crashes on a bad file.
 
+Every answered file can be appended to the prediction log (``log_writer``: source ``cli``, origin = the path read,
+sha256 of the file's bytes, size/format/SEM metadata from the decode; see :mod:`emassist.serve.predlog_hooks`).
+
 The images take the serving model's own path (``emassist/serve/pyfunc.py``: its
 :class:`~emassist.data.preprocess.Preprocessor`, then the model), so a CSV written here agrees with what the HTTP
 server answers for the same files.
@@ -19,11 +22,13 @@ import numpy as np
 import pandas as pd
 
 from emassist.config.settings import Params
+from emassist.data.predlog import LogWriter
 from emassist.model.files import CALIBRATION_FILE, FAMILIARITY_FILE
 from emassist.model.provenance import describe_training_data
 from emassist.model.registry import serving_config
 from emassist.model.selective import ReviewPolicy
 from emassist.serve.client import ServingError, predict_in_batches
+from emassist.serve.predlog_hooks import ImageFacts, ModelIdentity, file_sha256, prediction_row
 from emassist.serve.pyfunc import TRUST_COLUMNS, SemClassifier
 
 log = logging.getLogger(__name__)
@@ -168,12 +173,16 @@ def predict_paths(
     out: str | os.PathLike[str] | None = None,
     batch_size: int = 32,
     progress: bool | None = None,
+    log_writer: LogWriter | None = None,
+    model_identity: ModelIdentity | None = None,
 ) -> pd.DataFrame:
     """Predict every file under ``paths``; one row per file: path, label, confidence, <class>..., error.
 
     ``model`` is a URI (``models:/sem-classifier@champion``), a model folder, a ``.keras`` file (with ``params``)
     or a loaded model. Files that cannot be read or decoded get a row with ``error`` set and an empty label.
     ``progress``: a tqdm bar on stderr (None: only when stderr is a terminal). Writes ``out`` (CSV) if given.
+    ``log_writer``: each answered file is queued to the prediction log as ``model_identity`` (the caller closes
+    the writer).
     """
     from tqdm import tqdm
 
@@ -184,7 +193,7 @@ def predict_paths(
     try:
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
-            rows.append(_predict_chunk(predictor, chunk))
+            rows.append(_predict_chunk(predictor, chunk, log_writer, model_identity or ModelIdentity()))
             bar.update(len(chunk))
     finally:
         bar.close()
@@ -199,20 +208,33 @@ def predict_paths(
     return frame
 
 
-def _predict_chunk(predictor: Any, chunk: Sequence[str]) -> pd.DataFrame:
-    if hasattr(predictor, "standardize_many"):
-        return _predict_chunk_native(predictor, chunk)
-    return _predict_chunk_pyfunc(predictor, chunk)
+def _predict_chunk(
+    predictor: Any, chunk: Sequence[str], log_writer: LogWriter | None, identity: ModelIdentity
+) -> pd.DataFrame:
+    facts: list[ImageFacts | None] | None = None
+    if hasattr(predictor, "prepare_many"):
+        frame, facts = _predict_chunk_native(predictor, chunk, details=log_writer is not None)
+        checked = getattr(predictor, "familiarity", None) is not None
+    else:
+        frame = _predict_chunk_pyfunc(predictor, chunk)
+        checked = "unfamiliar" in frame.columns
+    if log_writer is not None:
+        log_frame(log_writer, frame, facts, identity, familiarity_checked=checked)
+    return frame
 
 
-def _predict_chunk_native(model: Any, chunk: Sequence[str]) -> pd.DataFrame:
+def _predict_chunk_native(
+    model: Any, chunk: Sequence[str], *, details: bool = False
+) -> tuple[pd.DataFrame, list[ImageFacts | None]]:
     errors: list[str] = []
     images: list[np.ndarray] = []
     good: list[int] = []
-    for i, (gray, error) in enumerate(model.standardize_many(list(chunk), files=True)):
-        errors.append(error)
-        if gray is not None:
-            images.append(gray)
+    facts: list[ImageFacts | None] = []
+    for i, p in enumerate(model.prepare_many(list(chunk), files=True, details=details)):
+        errors.append(p.error)
+        facts.append(p.facts)
+        if p.image is not None:
+            images.append(p.image)
             good.append(i)
     proba = np.zeros((len(chunk), len(model.classes)), dtype=np.float32)
     unfamiliar = np.zeros(len(chunk))
@@ -220,7 +242,44 @@ def _predict_chunk_native(model: Any, chunk: Sequence[str]) -> pd.DataFrame:
         proba[good], unfamiliar[good] = model.score(np.stack(images))
     frame = model.result_frame(proba, errors, unfamiliar)
     frame.insert(0, "path", list(chunk))
-    return frame
+    return frame, facts
+
+
+def log_frame(
+    writer: LogWriter,
+    frame: pd.DataFrame,
+    facts: Sequence[ImageFacts | None] | None,
+    identity: ModelIdentity,
+    *,
+    familiarity_checked: bool,
+) -> int:
+    """Queue one ``cli`` row per answered file of a prediction frame (origin: its path); returns how many.
+
+    ``facts``: per row, from the decode; None (a generic pyfunc model) logs the file's sha256 alone."""
+    classes = class_columns(frame)
+    queued = 0
+    for i, row in enumerate(frame.to_dict("records")):
+        if row.get("error") or not row.get("label"):
+            continue
+        path = str(row["path"])
+        f = facts[i] if facts is not None else None
+        if f is None:
+            f = ImageFacts(file_sha256(path))
+        checked = familiarity_checked and "unfamiliar" in row
+        writer.record(
+            prediction_row(
+                "cli", f, identity,
+                label=str(row["label"]),
+                confidence=float(row["confidence"]),
+                probabilities={c: float(row[c]) for c in classes},
+                needs_review=bool(row.get("needs_review", False)),
+                unfamiliar=bool(row["unfamiliar"]) if checked else None,
+                unfamiliar_score=float(row["unfamiliar_score"]) if checked else None,
+                origin=path,
+            )
+        )  # fmt: skip
+        queued += 1
+    return queued
 
 
 def _predict_chunk_pyfunc(model: Any, chunk: Sequence[str]) -> pd.DataFrame:

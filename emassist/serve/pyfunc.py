@@ -23,6 +23,15 @@ Trust (see :mod:`emassist.model.selective` and :mod:`emassist.model.familiarity`
 (``familiarity`` artifact) come with the model. A model registered before them gets the legacy fixed threshold 0.5
 (``review_policy.source == "legacy"``) and no unfamiliar flag.
 
+Prediction log (opt-in; :mod:`emassist.serve.predlog_hooks`): when ``EMASSIST_PREDICTION_LOG`` holds an SQLAlchemy
+URL (e.g. ``sqlite:////var/lib/emassist/monitoring.db``), every answered row of a request (not the bad rows, not
+``standardized`` tile requests, whose caller logs the scan's summary) is queued as one ``source="server"`` row:
+the sha256 of the decoded file bytes, size/format/SEM metadata from the decode, brightness/contrast of the
+standardized image, the model as ``EMASSIST_MODEL_NAME`` / ``EMASSIST_MODEL_VERSION`` / ``EMASSIST_MODEL_ALIAS`` say
+(the pyfunc cannot know its registry version), and the answer. Recording is a queue append; a background
+:class:`~emassist.data.predlog.LogWriter` writes batches, keeps rows while the store is down (one warning) and is
+flushed at interpreter exit. A store that is down never costs an answer.
+
 Calibration: the probabilities are ``softmax(log p / T)`` of the Keras model's softmax ``p``, with the temperature
 ``T`` of the serving config (``temperature``, fitted on val by the evaluate stage, see
 :mod:`emassist.model.calibration`). A model registered without one (before calibration existed) is served
@@ -43,13 +52,16 @@ input>'. Error: ...`` (an echo of the request's base64). :class:`BadRequest` kee
 
 from __future__ import annotations
 
+import atexit
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import mlflow
@@ -59,11 +71,20 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from emassist.data.decode import ImageRejected
+from emassist.data.predlog import LogWriter
 from emassist.data.preprocess import STANDARDIZED_PARAM, Preprocessor
 from emassist.model.calibration import apply_temperature, as_temperature
 from emassist.model.familiarity import Familiarity
 from emassist.model.features import with_features
 from emassist.model.selective import ReviewPolicy
+from emassist.serve.predlog_hooks import (
+    ENV_PREDICTION_LOG,
+    ImageFacts,
+    ModelIdentity,
+    file_sha256,
+    open_writer,
+    prediction_row,
+)
 
 log = logging.getLogger("emassist.serving")
 
@@ -127,6 +148,16 @@ def describe_errors(errors: Sequence[str], n_rows: int) -> str:
     return f"{what}: {shown}{more}"
 
 
+@dataclass
+class Prepared:
+    """One input made ready for the model: the standardized image, or None and the reason; with ``details``, what
+    the prediction log records about the file (:class:`~emassist.serve.predlog_hooks.ImageFacts`)."""
+
+    image: np.ndarray | None
+    error: str = ""
+    facts: ImageFacts | None = None
+
+
 def config_temperature(config: dict[str, Any]) -> tuple[float, bool]:
     """``(T, calibrated)`` from a serving config: its ``temperature``, or ``(1.0, False)`` when it has none (a model
     registered before calibration) or an unusable one (logged; serving it uncalibrated beats not serving it)."""
@@ -157,6 +188,8 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
     familiarity: Familiarity | None  # None: a model registered without one (no unfamiliar flag)
     training_data: dict[str, Any] | None  # source / version / synthetic / notice; None for older models
     config: dict[str, Any]  # the serving config as loaded
+    prediction_log: LogWriter | None = None  # the opt-in server hook (EMASSIST_PREDICTION_LOG); None: not logging
+    model_identity: ModelIdentity = ModelIdentity()  # what the log names as the model
 
     def load_context(self, context: Any) -> None:
         with open(context.artifacts["config"], encoding="utf-8") as fh:
@@ -200,6 +233,25 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         self._forward = forward
         # Trace once now, not on the first request.
         self._forward(np.zeros((1, pre.cache_size, pre.cache_size, 1), dtype=np.uint8))
+        self.open_prediction_log()
+
+    def open_prediction_log(self, db_uri: str | None = None) -> LogWriter | None:
+        """Start the server's prediction log when ``db_uri`` (default: ``$EMASSIST_PREDICTION_LOG``) is set; it is
+        closed (pending rows flushed) at interpreter exit. A URL that cannot be used: one warning, no log."""
+        if self.prediction_log is not None:
+            return self.prediction_log
+        url = db_uri if db_uri is not None else os.environ.get(ENV_PREDICTION_LOG, "").strip()
+        if not url:
+            return None
+        writer, why = open_writer(url)
+        if writer is None:
+            log.warning("prediction log off: %s", why)
+            return None
+        self.prediction_log = writer
+        self.model_identity = ModelIdentity.from_env()
+        atexit.register(writer.close)
+        self._log_failed = False
+        return writer
 
     def configure(self, config: dict[str, Any]) -> None:
         self.classes = [str(c) for c in config["classes"]]
@@ -242,16 +294,36 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
 
         Decoded on a few threads (PIL's decoders and NumPy release the GIL).
         """
-        convert = self.standardized_bytes if files else self.standardized
+        return [(p.image, p.error) for p in self.prepare_many(values, files=files, standardized=standardized)]
 
-        def one(value: Any) -> tuple[np.ndarray | None, str]:
-            try:
-                return convert(value, standardized=standardized), ""
-            except ImageRejected as exc:
-                return None, exc.reason
-            except Exception as exc:  # a bug met by one odd image must not fail the others
-                log.exception("cannot process an image")
-                return None, f"cannot process image ({type(exc).__name__})"
+    def prepare(self, value: Any, *, file: bool = False, standardized: bool = False, details: bool = False) -> Prepared:
+        """One base64 value (or a file path when ``file``) → :class:`Prepared`; never raises for a bad image.
+
+        ``details``: also the facts the prediction log keeps (sha256 of the file's bytes, the decode's size, format
+        and SEM metadata, brightness/contrast of the standardized image): a hash and two means, nothing decoded
+        twice."""
+        try:
+            data = value if file else decode_base64(value)
+            pre = self.preprocessor
+            decoded = pre.decode(data)
+            gray = pre.resize(decoded.gray) if standardized else pre.standardize(decoded.gray)[0]
+            if not details:
+                return Prepared(gray)
+            sha = file_sha256(data) if file else hashlib.sha256(data).hexdigest()
+            return Prepared(gray, "", ImageFacts.of(sha, decoded, gray))
+        except ImageRejected as exc:
+            return Prepared(None, exc.reason)
+        except Exception as exc:  # a bug met by one odd image must not fail the others
+            log.exception("cannot process an image")
+            return Prepared(None, f"cannot process image ({type(exc).__name__})")
+
+    def prepare_many(
+        self, values: Sequence[Any], *, files: bool = False, standardized: bool = False, details: bool = False
+    ) -> list[Prepared]:
+        """:meth:`prepare` of each value, on a few threads (PIL's decoders and NumPy release the GIL)."""
+
+        def one(value: Any) -> Prepared:
+            return self.prepare(value, file=files, standardized=standardized, details=details)
 
         if len(values) < 2 or self.decode_threads < 2:
             return [one(v) for v in values]
@@ -320,18 +392,21 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         proba = np.zeros((n, len(self.classes)), dtype=np.float32)
         unfamiliar = np.zeros(n)
         errors = [""] * n
+        logging_on = self.prediction_log is not None and not standardized  # tiles: the scan logs its summary
+        facts: list[ImageFacts | None] = [None] * n
         try:
             for start in range(0, n, self.chunk_size):
                 rows: list[int] = []
                 images: list[np.ndarray] = []
                 chunk = range(start, min(n, start + self.chunk_size))
-                prepared = self.standardize_many([values[i] for i in chunk], standardized=standardized)
-                for i, (gray, error) in zip(chunk, prepared, strict=True):
-                    if gray is None:
-                        errors[i] = error
+                prepared = self.prepare_many([values[i] for i in chunk], standardized=standardized, details=logging_on)
+                for i, p in zip(chunk, prepared, strict=True):
+                    if p.image is None:
+                        errors[i] = p.error
                     else:
-                        images.append(gray)
+                        images.append(p.image)
                         rows.append(i)
+                        facts[i] = p.facts
                 if images:
                     proba[rows], unfamiliar[rows] = self.score(np.stack(images))
         except Exception as exc:  # a bug, not a bad request: log the traceback here, answer briefly
@@ -339,7 +414,38 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
             raise BadRequest(f"internal error while predicting: {type(exc).__name__}", INTERNAL_ERROR) from exc
         if all(errors):
             raise BadRequest(describe_errors(errors, n))
-        return self.result_frame(proba, errors, unfamiliar)
+        frame = self.result_frame(proba, errors, unfamiliar)
+        if logging_on:
+            self._log_answers(frame, facts)
+        return frame
+
+    def _log_answers(self, frame: pd.DataFrame, facts: Sequence[ImageFacts | None]) -> None:
+        """Queue one prediction-log row per answered row (a queue append each; never raises)."""
+        writer = self.prediction_log
+        if writer is None:
+            return
+        try:
+            checked = self.familiarity is not None
+            probas = frame[self.classes].to_numpy(dtype=np.float64)
+            for i, f in enumerate(facts):
+                if f is None:
+                    continue
+                score = float(frame["unfamiliar_score"].iat[i])
+                writer.record(
+                    prediction_row(
+                        "server", f, self.model_identity,
+                        label=str(frame["label"].iat[i]),
+                        confidence=float(frame["confidence"].iat[i]),
+                        probabilities=dict(zip(self.classes, probas[i], strict=True)),
+                        needs_review=bool(frame["needs_review"].iat[i]),
+                        unfamiliar=bool(frame["unfamiliar"].iat[i]) if checked else None,
+                        unfamiliar_score=score if checked else None,
+                    )
+                )  # fmt: skip
+        except Exception:  # the answer matters more than its log line
+            if not getattr(self, "_log_failed", False):
+                log.exception("prediction log: answers could not be queued")
+                self._log_failed = True
 
     @staticmethod
     def _standardized_param(params: dict[str, Any] | None) -> bool:

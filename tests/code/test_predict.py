@@ -17,6 +17,14 @@ from tests.helpers import b64, brightness_model, image_bytes, models_cli, png_he
 pytest.importorskip("keras")
 
 
+@pytest.fixture(autouse=True)
+def prediction_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`emassist predict` logs its answers (monitoring.log_predictions): to a file of this test, not the cwd's."""
+    url = f"sqlite:///{tmp_path / 'monitoring.db'}"
+    monkeypatch.setenv("EMASSIST_MONITORING_DB_URI", url)
+    return url
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import yaml
@@ -106,7 +114,9 @@ def test_predict_cli_globs_and_missing(model_dir: Path, tmp_path: Path) -> None:
     assert frame.set_index("path").loc[str(tmp_path / "nope.tif"), "error"] == "not found"
 
 
-def test_predict_cli_all_good_exit_zero(model_dir: Path, tmp_path: Path) -> None:
+def test_predict_cli_all_good_exit_zero(model_dir: Path, tmp_path: Path, prediction_log: str) -> None:
+    from emassist.data.predlog import PredictionLog
+
     (tmp_path / "x.png").write_bytes(image_bytes("png"))
     out = tmp_path / "p.csv"
     code = models_cli(
@@ -115,13 +125,14 @@ def test_predict_cli_all_good_exit_zero(model_dir: Path, tmp_path: Path) -> None
         "--no-progress",
     )  # fmt: skip
     assert code == 0 and out.is_file()
+    assert PredictionLog(prediction_log).predictions()["origin"].tolist() == [str(tmp_path / "x.png")]
 
 
 def test_predict_help_is_helpful(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         models_cli(Path("params.yaml"), "predict", "--help")
-    text = capsys.readouterr().out
-    for word in ("--model", "--out", "--top-k", "champion", "recursive", "Exit codes"):
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    for word in ("--model", "--out", "--top-k", "champion", "recursive", "Exit codes", "--no-log", "prediction log"):
         assert word in text
 
 
