@@ -80,7 +80,9 @@ def locate(store: PredictionLog, key: str, feedback_dir: Path) -> tuple[str, byt
         raise FeedbackError(f"{key}: no such file, and no logged prediction read it")
     sha = _one(matches, key, "images")
     newest = _newest_prediction(store, sha)
-    origins = [] if newest is None else list(dict.fromkeys(store.predictions(sha256=sha)["origin"][::-1]))
+    logged = store.predictions(sha256=sha)
+    paths = logged[logged["source"] != "web"] if len(logged) else logged  # the page logs an upload's name, no path
+    origins = list(dict.fromkeys(str(o) for o in paths["origin"][::-1])) if len(paths) else []
     for origin in origins:
         candidate = Path(str(origin))
         if origin and candidate.is_file():
