@@ -135,7 +135,11 @@ def test_train_and_evaluate_track_everything_in_mlflow(project: Path) -> None:
 
     assert Familiarity.load(FAMILIARITY_FILE).threshold == pytest.approx(calibration["unfamiliar_threshold"])
     # the drift report's reference: one row per test image, in the prediction log's columns, by the served rule
-    answers = pd.read_parquet("reports/test_predictions.parquet")
+    from emassist.model.drift import REFERENCE_FILE
+    from emassist.model.testset import TEST_PREDICTIONS_FILE
+
+    assert TEST_PREDICTIONS_FILE == REFERENCE_FILE  # the monitor reads the file the evaluate stage writes
+    answers = pd.read_parquet(REFERENCE_FILE)
     test_split = pd.read_csv("data/splits/test.csv", keep_default_na=False)
     assert list(answers["sha256"]) == list(test_split["sha256"])
     assert list(answers["true_label"]) == list(test_split["label"]) and set(answers["label"]) <= set(CLASSES)
