@@ -193,14 +193,22 @@ def correct(
         folder = CONFLICT_DIR if status == "conflicting" else new_label
         return Correction(sha, new_label, "repeat", _place(feedback_dir, sha, folder, image_bytes, ext), None, labels)
     if status:  # corrected before, to another label: both kept, the image left out of training until resolved
-        target = _place(feedback_dir, sha, CONFLICT_DIR, image_bytes, ext)
+        existing = stored_files(feedback_dir, sha)
+        target = feedback_dir / CONFLICT_DIR / (existing[0].name if existing else f"{sha}.{ext}")
         row_id = store.add_correction(sha, new_label, old_label=old_label, who=who, model_version=model_version,
                                       stored_path=target.as_posix(), status="conflicting")  # fmt: skip
-        store.set_correction_status(sha, "conflicting")
+        store.set_correction_status(sha, "conflicting")  # the rows first: a log that is down changes no file
+        target = _place(feedback_dir, sha, CONFLICT_DIR, image_bytes, ext)
         return Correction(sha, new_label, "conflicting", target, row_id, (*labels, new_label))
+    had_file = bool(stored_files(feedback_dir, sha))
     target = _place(feedback_dir, sha, new_label, image_bytes, ext)
-    row_id = store.add_correction(sha, new_label, old_label=old_label, who=who, model_version=model_version,
-                                  stored_path=target.as_posix())  # fmt: skip
+    try:
+        row_id = store.add_correction(sha, new_label, old_label=old_label, who=who, model_version=model_version,
+                                      stored_path=target.as_posix())  # fmt: skip
+    except Exception:  # the log is down: no file without its row (it would be trained on, unexplained)
+        if not had_file:
+            target.unlink(missing_ok=True)
+        raise
     return Correction(sha, new_label, "stored", target, row_id, (new_label,))
 
 

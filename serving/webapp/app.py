@@ -8,6 +8,9 @@ HTTP API (every error is JSON ``{"error": "<one line>"}`` with a 4xx/5xx status;
   low-confidence flag, a PNG preview of what the model saw (data bar cropped).
 * ``GET  /api/gradcam/{id}?class=NAME`` — Grad-CAM overlay (PNG data URL) for a classified image.
 * ``GET  /api/results.csv?ids=a,b`` — the batch as CSV (all results of this server when ``ids`` is absent).
+* ``POST /api/correct`` — JSON ``{"id", "label", "who"}``: "this result is really LABEL". The upload's original
+  bytes are stored once under ``monitoring.feedback_dir/<Class>/<sha256>.<ext>`` and the correction is logged
+  (:mod:`emassist.data.feedback`); the answer says what was stored (``status``: stored, repeat, conflicting).
 * ``POST /api/scan?filename=NAME&class=C&tile=256&stride=128`` — body: the overview image. → heat map overlay
   of class C, the score grid, the tile count and time. ``GET /api/scan/{id}/heatmap?class=C`` redraws it for
   another class; ``GET /api/scan/{id}/tiles.csv`` gives every tile's scores.
@@ -16,7 +19,14 @@ Uploads are held in memory, bounded by the page's own limits (``webapp.max_uploa
 ``webapp.max_pixels`` on the declared size, checked from the header before decoding); types are decided by content,
 never by the name. Every image then goes through the model's own preprocessor (``backend.preprocessor``: its decode
 limits, data-bar crop and cache size), the one the classifier, Grad-CAM and the tile scan share. The process's
-temporary folder is a private folder under ``webapp.temp_dir`` removed at exit, so nothing is written anywhere else.
+temporary folder is a private folder under ``webapp.temp_dir`` removed at exit; corrected images go to
+``monitoring.feedback_dir``.
+
+Every answer is logged (``monitoring.log_predictions``) to the prediction log (``monitoring.db_uri``) through a
+background :class:`emassist.data.predlog.LogWriter` opened at start-up and closed at shutdown: classifying never
+waits for the database, and a store that is down costs one warning, not an answer. The original bytes of the last
+:data:`KEEP_UPLOADS` uploads (at most :data:`KEEP_UPLOAD_BYTES` in all) are kept for corrections; an older result
+can no longer be corrected (410, saying so).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import base64
 import contextlib
 import csv
 import io
+import json
 import logging
 import shutil
 import signal
@@ -45,6 +56,8 @@ from fastapi.staticfiles import StaticFiles
 
 from emassist.config.settings import Params
 from emassist.data.decode import DecodedImage, ImageRejected, check_pixels, probe_image
+from emassist.data.feedback import FeedbackError, correct, sha256_of
+from emassist.data.predlog import LogWriter, PredictionLog, PredictionLogError, PredictionRow, image_stats
 from emassist.model.provenance import describe_training_data
 from emassist.model.selective import LEGACY_REVIEW_THRESHOLD, ReviewPolicy
 from emassist.serve import tilescan
@@ -57,6 +70,8 @@ log = logging.getLogger("emassist.webapp")
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_RESULTS = 1000  # classified images remembered (for Grad-CAM and the CSV); the oldest are forgotten
 MAX_SCANS = 3  # overview images remembered (they can be large)
+KEEP_UPLOADS = 200  # original upload bytes kept for corrections (the newest) ...
+KEEP_UPLOAD_BYTES = 512 * 2**20  # ... and at most this many bytes of them in all
 PREVIEW_SIDE = 384
 TOP_K = 3
 
@@ -82,6 +97,8 @@ class Result:
     created: float
     unfamiliar: bool | None = None  # None: the model ships no familiarity check
     unfamiliar_score: float = 0.0
+    sha256: str = ""  # of the upload's bytes, as ingest computes it
+    corrected: str = ""  # the label a correction gave it on this page
 
 
 @dataclass
@@ -126,6 +143,11 @@ class WebApp:
         self.backend = backend
         self.results: OrderedDict[str, Result] = OrderedDict()
         self.scans: OrderedDict[str, ScanRecord] = OrderedDict()
+        self.uploads: OrderedDict[str, bytes] = OrderedDict()  # result id -> original bytes (bounded)
+        self._upload_bytes = 0
+        self.store: PredictionLog | None = None  # opened by open_log (at the app's start-up)
+        self.log_writer: LogWriter | None = None
+        self.log_error = ""
         self._lock = threading.Lock()
         self._gradcam: Any = None
         self._gradcam_error = ""
@@ -136,6 +158,59 @@ class WebApp:
                         LEGACY_REVIEW_THRESHOLD)  # fmt: skip
             self.policy = ReviewPolicy.from_config({}, override=self.cfg.low_confidence)
         self.training_line, self.training_notice = describe_training_data(backend.config)
+
+    # --------------------------------------------------------------------------------------------- prediction log
+
+    def open_log(self) -> None:
+        """The store (for corrections) and, with ``monitoring.log_predictions``, the background writer. A store that
+        cannot be opened is said once; the page answers anyway."""
+        mon = self.params.monitoring
+        try:
+            self.store = PredictionLog(mon.resolved_db_uri())
+        except PredictionLogError as exc:
+            self.log_error = str(exc)
+            log.warning("prediction log off: %s", exc)
+            return
+        if mon.log_predictions:
+            self.log_writer = LogWriter(self.store, batch_size=mon.batch_size, flush_interval_s=mon.flush_interval_s,
+                                        max_pending=mon.max_pending)  # fmt: skip
+
+    def close_log(self) -> None:
+        """Flush what is pending (bounded) and stop the writer."""
+        if self.log_writer is not None:
+            self.log_writer.close()
+            if self.log_writer.stats["dropped"]:
+                log.warning("prediction log: %d rows dropped in all", self.log_writer.stats["dropped"])
+            self.log_writer = None
+        if self.store is not None:
+            self.store.dispose()
+
+    def _log_answer(self, result: Result, decoded: DecodedImage, out: dict[str, Any]) -> None:
+        """One row for the prediction log (never raises: the answer matters more than its log)."""
+        if self.log_writer is None:
+            return
+        try:
+            info = self.backend.info
+            brightness, contrast = image_stats(result.gray)
+            meta = decoded.metadata or {}
+            self.log_writer.record(PredictionRow(
+                source="web", sha256=result.sha256, origin=result.filename, width=result.width, height=result.height,
+                format=result.format, pixel_size_nm=meta.get("pixel_size_nm"), magnification=meta.get("magnification"),
+                instrument=meta.get("instrument"), brightness=brightness, contrast=contrast, model_name=info.name,
+                model_version=info.version, model_alias=info.alias, label=out["label"], confidence=out["confidence"],
+                probabilities=out["probabilities"], needs_review=out["needs_review"], unfamiliar=result.unfamiliar,
+                unfamiliar_score=result.unfamiliar_score if result.unfamiliar is not None else None,
+            ))  # fmt: skip
+        except Exception:
+            log.exception("prediction log: the answer to %s could not be logged", result.filename)
+
+    def _keep_upload(self, result_id: str, data: bytes) -> None:
+        with self._lock:
+            self.uploads[result_id] = data
+            self._upload_bytes += len(data)
+            while self.uploads and (len(self.uploads) > KEEP_UPLOADS or self._upload_bytes > KEEP_UPLOAD_BYTES):
+                _, old = self.uploads.popitem(last=False)
+                self._upload_bytes -= len(old)
 
     # --------------------------------------------------------------------------------------------- helpers
 
@@ -213,9 +288,12 @@ class WebApp:
             created=time.time(),
             unfamiliar=answer.unfamiliar,
             unfamiliar_score=answer.unfamiliar_score,
+            sha256=sha256_of(data),
         )
         self._remember(self.results, result.id, result, MAX_RESULTS)
+        self._keep_upload(result.id, data)
         out = self.result_json(result)
+        self._log_answer(result, decoded, out)
         out["preview"] = _data_url(self._png(_preview(gray, result.aspect)))
         out["seconds"] = round(time.perf_counter() - started, 4)
         return out
@@ -242,7 +320,50 @@ class WebApp:
             "top": top,
             "probabilities": {c: round(float(p), 6) for c, p in zip(classes, r.proba, strict=True)},
             "model": self.backend.info.as_dict(),
+            "sha256": r.sha256,
+            "corrected": r.corrected,
         }
+
+    # --------------------------------------------------------------------------------------------- corrections
+
+    def correct(self, body: Any) -> dict[str, Any]:
+        """``{"id", "label", "who"}`` → the upload stored under its right class and the correction logged."""
+        if not isinstance(body, dict):
+            raise HttpError(400, 'send JSON {"id": "<result id>", "label": "<class>", "who": "<your name>"}')
+        result_id, label, who = body.get("id"), body.get("label"), body.get("who") or ""
+        if not isinstance(result_id, str) or not result_id:
+            raise HttpError(400, "id: the result's id is missing")
+        if not isinstance(label, str) or not label:
+            raise HttpError(400, "label: the right class is missing")
+        if not isinstance(who, str) or len(who) > 128:
+            raise HttpError(400, "who: a name of at most 128 characters")
+        r = self.results.get(result_id)
+        if r is None:
+            raise HttpError(404, f"no classified image with id {result_id!r} (the server may have restarted)")
+        classes = self.backend.classes
+        if label not in classes:
+            raise HttpError(400, f"unknown class {label!r} (the model knows: {', '.join(classes)})")
+        data = self.uploads.get(result_id)
+        if data is None:
+            raise HttpError(410, f"{r.filename}: its bytes are no longer kept (only the last {KEEP_UPLOADS} uploads "
+                                 "are); upload it again to correct it")  # fmt: skip
+        if self.store is None:
+            raise HttpError(503, f"corrections are off: {self.log_error or 'the prediction log is not open'}")
+        top = self.result_json(r)["label"]
+        try:
+            done = correct(
+                self.store, r.sha256, label, classes=classes, feedback_dir=self.params.monitoring.feedback_dir,
+                who=who.strip(), image_bytes=data, model_version=self.backend.info.version, old_label=top,
+            )  # fmt: skip
+        except FeedbackError as exc:
+            raise HttpError(400, f"{r.filename}: {exc}") from exc
+        except (PredictionLogError, OSError) as exc:
+            log.warning("correction of %s not stored: %s", r.filename, exc)
+            raise HttpError(503, f"{r.filename}: the correction could not be stored: {exc}") from exc
+        if done.status != "conflicting":
+            r.corrected = label
+        return {"id": r.id, "sha256": done.sha256, "label": label, "status": done.status, "labels": list(done.labels),
+                "path": done.path.as_posix(), "message": done.message()}  # fmt: skip
 
     @staticmethod
     def _png(image: np.ndarray) -> bytes:
@@ -418,7 +539,15 @@ def create_app(params: Params, backend: Backend) -> FastAPI:
     """The FastAPI app around ``backend`` (:func:`serve` runs it inside :func:`private_tempdir`)."""
     state = WebApp(params, backend)
 
-    app = FastAPI(title="Electron Microscope Assistant", docs_url="/api/docs", redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        state.open_log()
+        try:
+            yield
+        finally:
+            state.close_log()
+
+    app = FastAPI(title="Electron Microscope Assistant", docs_url="/api/docs", redoc_url=None, lifespan=lifespan)
     app.state.webapp = state
 
     @app.exception_handler(HttpError)
@@ -457,6 +586,17 @@ def create_app(params: Params, backend: Backend) -> FastAPI:
     @app.get("/api/gradcam/{result_id}")
     def gradcam(result_id: str, request: Request) -> dict[str, Any]:
         return state.gradcam(result_id, request.query_params.get("class") or None)
+
+    @app.post("/api/correct")
+    async def correct_result(request: Request) -> JSONResponse:
+        raw = await read_body(request, 64 * 1024, "correction")
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError as exc:
+            raise HttpError(400, f"the body is not JSON: {exc}") from exc
+        from starlette.concurrency import run_in_threadpool
+
+        return JSONResponse(await run_in_threadpool(state.correct, body))
 
     @app.get("/api/results.csv")
     def results_csv(ids: str | None = None) -> Response:

@@ -304,3 +304,114 @@ def test_reject_status_by_reason() -> None:
     assert reject_status("decompression bomb: 5000x5000 exceeds max_pixels=1000") == 413
     assert reject_status("too small: 4x4 (min_side=16)") == 422
     assert reject_status("truncated PNG: image file is truncated") == 422
+
+
+# ------------------------------------------------------------------------------------------------ log + corrections
+
+
+def _until(check: Any, timeout: float = 30.0) -> bool:
+    """Poll ``check`` until true (the writer flushes on its own thread; a second flush from here could race it)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _logged_app(tmp_path: Any, db_uri: str | None = None, **monitoring: Any) -> Any:
+    from serving.webapp.app import WebApp
+
+    raw = {"monitoring": {"db_uri": db_uri or f"sqlite:///{tmp_path / 'log.db'}", "flush_interval_s": 0.05,
+                          "feedback_dir": str(tmp_path / "feedback"), **monitoring}}  # fmt: skip
+    app = WebApp(params_from_dict(raw), _FixedBackend([0.2, 0.7, 0.05, 0.05], {"review_threshold": 0.9}, False))  # type: ignore[arg-type]
+    app.open_log()
+    return app
+
+
+def test_every_answer_is_logged_and_a_correction_stores_the_upload(tmp_path: Any, monkeypatch: Any) -> None:
+    import hashlib
+
+    monkeypatch.delenv("EMASSIST_MONITORING_DB_URI", raising=False)
+    app = _logged_app(tmp_path)
+    data = _png(48)
+    try:
+        out = app.classify(data, "scan 7.png")
+        assert out["sha256"] == hashlib.sha256(data).hexdigest() and out["corrected"] == ""
+        writer = app.log_writer
+        assert writer is not None and _until(lambda: writer.stats["written"] >= 1)
+        rows = app.store.predictions()
+        assert len(rows) == 1
+        row = rows.iloc[0]
+        assert (row.source, row.sha256, row.origin, row.format, row.width, row.label) == (
+            "web", out["sha256"], "scan 7.png", "PNG", 48, "B")  # fmt: skip
+        assert (row.model_name, row.model_version, row.model_alias) == ("m", "7", "champion")
+        assert bool(row.needs_review) is True and bool(row.unfamiliar) is False and row.contrast > 0
+        done = app.correct({"id": out["id"], "label": "C", "who": "Ada"})
+        assert done["status"] == "stored" and done["label"] == "C"
+        stored = tmp_path / "feedback" / "C" / f"{out['sha256']}.png"
+        assert done["path"] == stored.as_posix() and stored.read_bytes() == data  # the original bytes
+        fix = app.store.corrections().iloc[0]
+        assert (fix.old_label, fix.new_label, fix.who, fix.model_version) == ("B", "C", "Ada", "7")
+        assert app.result_json(app.results[out["id"]])["corrected"] == "C"
+        assert app.correct({"id": out["id"], "label": "C", "who": "Bob"})["status"] == "repeat"
+        assert len(app.store.corrections()) == 1
+    finally:
+        app.close_log()
+
+
+def test_bad_corrections_get_a_status_and_a_message(tmp_path: Any, monkeypatch: Any) -> None:
+    from serving.webapp import app as webapp_module
+    from serving.webapp.app import HttpError
+
+    monkeypatch.delenv("EMASSIST_MONITORING_DB_URI", raising=False)
+    monkeypatch.setattr(webapp_module, "KEEP_UPLOADS", 1)
+    app = _logged_app(tmp_path)
+    try:
+        first = app.classify(_png(40), "a.png")
+        second = app.classify(_png(44), "b.png")  # only the newest upload's bytes are kept now
+        cases = [
+            ({"id": "nope", "label": "A"}, 404, "no classified image with id 'nope'"),
+            ({"id": second["id"], "label": "Z"}, 400, "unknown class 'Z' (the model knows: A, B, C, D)"),
+            ({"id": second["id"]}, 400, "label: the right class is missing"),
+            (["not", "an", "object"], 400, 'send JSON {"id"'),
+            ({"id": first["id"], "label": "A"}, 410, "a.png: its bytes are no longer kept (only the last 1 uploads"),
+        ]
+        for body, status, message in cases:
+            with pytest.raises(HttpError) as err:
+                app.correct(body)
+            assert (err.value.status, message in err.value.message) == (status, True), err.value.message
+        assert len(app.store.corrections()) == 0 and not (tmp_path / "feedback").exists()
+        assert app.correct({"id": second["id"], "label": "A"})["status"] == "stored"
+    finally:
+        app.close_log()
+
+
+def test_the_page_answers_when_the_log_store_is_down(tmp_path: Any, monkeypatch: Any) -> None:
+    from serving.webapp.app import HttpError
+
+    monkeypatch.delenv("EMASSIST_MONITORING_DB_URI", raising=False)
+    missing = tmp_path / "no" / "such" / "folder" / "log.db"  # SQLite cannot create it: every write fails
+    app = _logged_app(tmp_path, f"sqlite:///{missing}")
+    try:
+        out = app.classify(_png(40), "a.png")
+        assert out["label"] == "B"  # answered
+        writer = app.log_writer
+        assert writer is not None and _until(lambda: writer.stats["failed_writes"] >= 1)
+        assert writer.pending == 1 and writer.stats["written"] == 0  # kept for a retry
+        with pytest.raises(HttpError) as err:
+            app.correct({"id": out["id"], "label": "C"})
+        assert err.value.status == 503 and "could not be stored" in err.value.message
+        assert not list((tmp_path / "feedback").rglob("*.png"))  # no file without its row
+    finally:
+        app.close_log()
+    off = _logged_app(tmp_path, "nosuchdialect://x")
+    try:
+        assert off.classify(_png(40), "b.png")["label"] == "B" and off.log_writer is None
+        with pytest.raises(HttpError) as err:
+            off.correct({"id": next(iter(off.results)), "label": "C"})
+        assert err.value.status == 503 and "corrections are off" in err.value.message
+    finally:
+        off.close_log()

@@ -120,10 +120,65 @@ function resultCard(r) {
     body.append(el("div", { class: "review-reason", "data-testid": "review-reason", text: r.review_reason }));
   }
   body.append(bars(r.top));
+  body.append(correctionBox(r));
   const card = el("div", { class: "card" + (r.needs_review ? " low" : ""), "data-testid": "result" },
     [el("div", { class: "thumb" }, [img, badge]), body]);
   card.dataset.id = r.id;
   return card;
+}
+
+// ------------------------------------------------------------------------------------------------ corrections
+
+function savedName() {
+  try { return localStorage.getItem("emassist-who") || ""; } catch (_) { return ""; }
+}
+
+function correctedNote(label, text) {
+  return el("div", { class: "corrected", "data-testid": "corrected",
+    text: text || `corrected to ${label.replaceAll("_", " ")}` });
+}
+
+// "Wrong? choose the right class": the upload's original bytes are stored under that class (POST /api/correct).
+function correctionBox(r) {
+  const box = el("div", { class: "correct" });
+  if (r.corrected) { box.append(correctedNote(r.corrected)); return box; }
+  const classes = state.info ? state.info.classes : Object.keys(r.probabilities);
+  const select = el("select", { "data-testid": "correct-class", "aria-label": "the right class" });
+  for (const c of classes) select.append(el("option", { value: c, text: c.replaceAll("_", " ") }));
+  if (r.top.length > 1) select.value = r.top[1].class;  // the runner-up: the likeliest right answer
+  const who = el("input", { type: "text", maxlength: "128", placeholder: "your name", "data-testid": "correct-who",
+    "aria-label": "your name" });
+  who.value = savedName();
+  const send = el("button", { type: "button", class: "button small", "data-testid": "correct-send", text: "Correct" });
+  const status = el("div", { class: "correct-status", "data-testid": "correct-status", role: "status" });
+  const details = el("details", { class: "correct-form" }, [
+    el("summary", { "data-testid": "correct-open", text: "Wrong? choose the right class" }),
+    el("div", { class: "correct-row" }, [select, who, send]), status,
+  ]);
+  send.addEventListener("click", async () => {
+    status.textContent = "";
+    status.classList.remove("error");
+    send.disabled = true;
+    try { localStorage.setItem("emassist-who", who.value.trim()); } catch (_) { /* private mode */ }
+    try {
+      const c = await api("/api/correct", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ id: r.id, label: select.value, who: who.value.trim() }) });
+      if (c.status === "conflicting") {
+        status.textContent = c.message;
+        send.disabled = false;
+        return;
+      }
+      r.corrected = c.label;
+      details.replaceWith(correctedNote(c.label, c.status === "repeat" ?
+        `corrected to ${c.label.replaceAll("_", " ")} (already stored)` : ""));
+    } catch (err) {
+      status.textContent = err.message;
+      status.classList.add("error");
+      send.disabled = false;
+    }
+  });
+  box.append(details);
+  return box;
 }
 
 async function showGradcam(card, on) {
