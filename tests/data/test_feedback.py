@@ -196,3 +196,88 @@ def test_merge_replaces_a_source_file_the_correction_relabels(tmp_path: Path) ->
     assert rows == [{"source_path": "Fibres/w.tif", "label": "Fibres",
                      "reason": f"relabelled by a correction: Nanowires/feedback_{sha256_of(wrong)[:12]}…"}]  # fmt: skip
     assert stored_files(fb, sha256_of(wrong)) == [fb / "Nanowires" / f"{sha256_of(wrong)}.tif"]
+
+
+# ------------------------------------------------------------------------------------------------ dvc repro
+
+
+@pytest.mark.slow
+def test_dvc_repro_merges_corrections_into_the_manifest_and_keeps_near_duplicates_together(tmp_path: Path) -> None:
+    """In a fresh copy of the repository: corrections made with :func:`correct`, then ``dvc repro split``. An exact
+    copy of a source image relabelled -> in the manifest under its new class, the source file quarantined; re-encoded
+    copies (near duplicates) of source images, corrected -> each in the same split as its original."""
+    import io
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+    from PIL import Image
+
+    from emassist.config.settings import params_from_dict
+    from emassist.data.demo import generate_demo
+    from tests.helpers import copy_repo
+
+    tiny = {"demo": {"n_images": 60, "width": 64, "height": 64, "min_per_class": 5}, "ingest": {"cache_size": 32},
+            "validate": {"min_per_class": 3}, "train": {"image_size": 32}}  # fmt: skip
+    repo = copy_repo(tmp_path / "repo", overrides=tiny, site_cache=True)
+    params = params_from_dict(yaml_load(repo / "params.yaml"))
+    preview = tmp_path / "preview"  # the demo images acquire will write (deterministic)
+    generate_demo(preview, params.demo)
+    sources = sorted(p for p in preview.rglob("*") if p.is_file())
+    store = PredictionLog(f"sqlite:///{tmp_path / 'log.db'}")
+    fb = repo / params.monitoring.feedback_dir
+    classes = params.data.classes
+
+    relabel = sources[0]
+    old_class = relabel.parent.name
+    new_class = next(c for c in classes if c != old_class)
+    data = relabel.read_bytes()
+    correct(store, sha256_of(data), new_class, classes=classes, feedback_dir=fb, image_bytes=data, ext=relabel.suffix)
+    near: dict[str, str] = {}  # sha256 of the corrected copy -> sha256 of its source
+    for src in sources[1::11][:5]:
+        buf = io.BytesIO()
+        with Image.open(src) as im:
+            im.save(buf, format="PNG", compress_level=9)  # the same pixels, other bytes
+        copy = buf.getvalue()
+        assert sha256_of(copy) != sha256_of(src.read_bytes())
+        label = next(c for c in classes if c != src.parent.name)
+        correct(store, sha256_of(copy), label, classes=classes, feedback_dir=fb, image_bytes=copy)
+        near[sha256_of(copy)] = sha256_of(src.read_bytes())
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    run = subprocess.run([sys.executable, "-m", "dvc", "repro", "split"], cwd=repo, env=env, capture_output=True,
+                         text=True, timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"feedback: {1 + len(near)} corrected images merged" in run.stdout
+    manifest = pd.read_parquet(repo / "data/interim/manifest.parquet")
+    rejected = pd.read_csv(repo / "data/interim/rejected.csv")
+    sha = sha256_of(data)
+    row = manifest[manifest["sha256"] == sha]
+    assert list(row["label"]) == [new_class], row  # only the corrected copy: the source file was replaced
+    assert row["source_path"].iloc[0] == f"{new_class}/feedback_{sha}{relabel.suffix}"
+    quarantined = rejected[rejected["source_path"] == f"{old_class}/{relabel.name}"]
+    assert quarantined["reason"].iloc[0].startswith("relabelled by a correction"), rejected
+    split_of = {}
+    for name in ("train", "val", "test"):
+        for s in pd.read_csv(repo / f"data/splits/{name}.csv")["sha256"]:
+            split_of[s] = name
+    assert split_of[sha] in ("train", "val", "test")
+    for copy_sha, src_sha in near.items():
+        assert copy_sha in set(manifest["sha256"]) and split_of[copy_sha] == split_of[src_sha], (copy_sha, split_of)
+
+    again = subprocess.run([sys.executable, "-m", "dvc", "status", "acquire"], cwd=repo, env=env,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert "changed deps" not in again.stdout, again.stdout
+    extra = sources[2].read_bytes()
+    correct(store, sha256_of(extra), new_class, classes=classes, feedback_dir=fb, image_bytes=extra)
+    changed = subprocess.run([sys.executable, "-m", "dvc", "status", "acquire"], cwd=repo, env=env,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert "data/feedback" in changed.stdout and "modified" in changed.stdout, changed.stdout
+
+
+def yaml_load(path: Path) -> dict:  # type: ignore[type-arg]
+    import yaml
+
+    return yaml.safe_load(path.read_text())
