@@ -81,7 +81,12 @@ def drift_report_url(summary: dict[str, Any], tracking_uri: str) -> str | None:
     if isinstance(url, str) and url.startswith(("http://", "https://")):
         return url
     run_id = summary.get("mlflow_run_id")
-    return mlflow_run_url(tracking_uri, run_id) if isinstance(run_id, str) and run_id else None
+    if not isinstance(run_id, str) or not run_id:
+        return None
+    try:
+        return mlflow_run_url(tracking_uri, run_id)
+    except Exception:  # the tracking server went away since the report was logged: no link, the summary stays
+        return None
 
 
 def decision_markdown(decision: Decision) -> str:

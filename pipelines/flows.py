@@ -336,7 +336,7 @@ def _pipeline_target() -> Any:
 
     try:
         return import_object(target)
-    except (ImportError, AttributeError, FileNotFoundError, ValueError) as exc:
+    except Exception as exc:  # a missing file or name, or the script itself failing (Prefect's ScriptError)
         raise OrchestrationError(f"{PIPELINE_FLOW_ENV}={target!r}: cannot load it ({exc})") from exc
 
 

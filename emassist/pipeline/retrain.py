@@ -247,7 +247,7 @@ def _drift_reason(drift: Mapping[str, Any], window_days: float) -> str:
     if status == "no_drift":
         return f"no drift in the last {window_days:g} days of predictions" + (f" ({details})" if details else "")
     if status == "not_enough_data":
-        return "not enough data for a drift check" + (f": {details}" if details else "")
+        return f"drift check: {details}" if details else "not enough data for a drift check"
     return details or "no drift summary"
 
 

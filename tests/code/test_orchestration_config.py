@@ -19,6 +19,54 @@ def test_prefect_yaml_agrees_with_params() -> None:
     assert params.orchestration.retrain_cron == "0 3 * * 1"  # weekly by default
 
 
+def test_monitor_deployment_runs_on_the_monitoring_cron() -> None:
+    from pipelines.deploy import MONITOR_DEPLOYMENT, specs
+
+    params = load_params(REPO_ROOT / "params.yaml")
+    by_name = {s.full_name: s for s in specs(params)}
+    monitor = by_name[MONITOR_DEPLOYMENT]
+    assert (monitor.entrypoint, monitor.pool, monitor.cron) == (
+        "pipelines/flows.py:monitor_flow",
+        params.orchestration.pipeline_pool,
+        params.monitoring.monitor_cron,
+    )
+    assert params.monitoring.monitor_cron == "0 * * * *"  # hourly by default
+    assert by_name["sem-retrain/retrain"].cron == params.orchestration.retrain_cron  # the weekly one stays
+
+
+def test_monitor_cron_out_of_step_is_reported(tmp_path: Path) -> None:
+    from pipelines.deploy import yaml_differences
+
+    config = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    config["deployments"] = [d for d in config["deployments"] if d["name"] != "monitor"]
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(config))
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    assert yaml_differences(params_from_dict(raw), tmp_path / "prefect.yaml") == ["deployment 'monitor' missing"]
+    config = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(config))
+    raw["monitoring"]["monitor_cron"] = "*/15 * * * *"
+    problems = yaml_differences(params_from_dict(raw), tmp_path / "prefect.yaml")
+    assert problems == ["monitor.schedules: [('0 * * * *', 'UTC')], params say [('*/15 * * * *', 'UTC')]"]
+
+
+def test_force_goes_with_the_monitor_flow(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.flows import main
+
+    assert main(["--params", str(REPO_ROOT / "params.yaml"), "--flow", "retrain", "--force"]) == 1
+    assert "error: --force goes with --flow monitor (retrain always retrains)" in capsys.readouterr().err
+
+
+def test_retraining_refuses_a_bad_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.flows import PIPELINE_FLOW_ENV, _pipeline_target, pipeline_flow
+    from pipelines.preflight import OrchestrationError
+
+    monkeypatch.delenv(PIPELINE_FLOW_ENV, raising=False)
+    assert _pipeline_target() is pipeline_flow
+    monkeypatch.setenv(PIPELINE_FLOW_ENV, "no_such_file.py:pipeline")
+    with pytest.raises(OrchestrationError, match=r"EMASSIST_PIPELINE_FLOW='no_such_file\.py:pipeline': cannot load"):
+        _pipeline_target()
+
+
 def test_prefect_yaml_out_of_step_is_reported(tmp_path: Path) -> None:
     from pipelines.deploy import yaml_differences
 

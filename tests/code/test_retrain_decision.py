@@ -97,16 +97,16 @@ def feedback_files(params: Params, n: int) -> None:
 
 
 def test_empty_log_and_no_champion_is_nothing_to_do(params: Params) -> None:
-    write_drift("not_enough_data", "0 predictions in the last 7 days, monitoring.min_rows=50")
+    write_drift("not_enough_data", "not enough data: 0 predictions in the last 7 days, monitoring.min_rows=50")
     d = retrain_decision(params)
     assert (d.run, d.trigger, d.drift_status, d.n_new_corrections) == (False, "none", "not_enough_data", 0)
     assert d.champion_version is None and d.champion_data_version is None and d.since is None
     assert d.reasons == [
-        "not enough data for a drift check: 0 predictions in the last 7 days, monitoring.min_rows=50",
+        "drift check: not enough data: 0 predictions in the last 7 days, monitoring.min_rows=50",
         "0 newly corrected images since the beginning of the log (no champion yet), < the threshold "
         "monitoring.retrain_min_corrections=3",
     ]
-    assert d.summary().startswith("nothing to do: not enough data")
+    assert d.summary().startswith("nothing to do: drift check: not enough data")
 
 
 def test_drift_triggers(params: Params) -> None:
