@@ -152,7 +152,10 @@ class PredictionLog:
         elif db_uri.startswith("postgresql"):
             connect_args["connect_timeout"] = max(1, int(connect_timeout_s))
         try:
-            self.engine = sa.create_engine(db_uri, connect_args=connect_args, pool_pre_ping=True)
+            url = sa.engine.make_url(db_uri)
+            if url.drivername == "postgresql":  # SQLAlchemy 2.1 would pick psycopg 3; the lock ships psycopg2
+                url = url.set(drivername="postgresql+psycopg2")
+            self.engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True)
         except (sa.exc.ArgumentError, ImportError) as exc:
             raise PredictionLogError(f"monitoring.db_uri {safe_url(db_uri)!r} is not usable: {exc}") from exc
         self._ready = False
@@ -292,8 +295,9 @@ class LogWriter:
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.max_pending = max_pending
-        self._pending: deque[PredictionRow] = deque()
+        self._pending: deque[dict[str, Any]] = deque()  # rows already converted (as_record)
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one flush at a time: the thread's and a caller's never share a batch
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._failing = False
@@ -308,13 +312,13 @@ class LogWriter:
     def record(self, row: PredictionRow) -> None:
         """Queue one row (never raises: a bad row is logged and dropped)."""
         try:
-            row.as_record()  # a row the table cannot take is refused here, not in a batch with good ones
+            record = row.as_record()  # a row the table cannot take is refused here, not in a batch with good ones
         except Exception:
             log.exception("prediction log: a row could not be logged")
             self.stats["dropped"] += 1
             return
         with self._lock:
-            self._pending.append(row)
+            self._pending.append(record)
             while len(self._pending) > self.max_pending:
                 self._pending.popleft()
                 self.stats["dropped"] += 1
@@ -328,9 +332,17 @@ class LogWriter:
 
     def flush(self) -> bool:
         """Write everything pending now, in batches; True when nothing is left pending."""
+        with self._flush_lock:
+            return self._flush(full_only=False)
+
+    def _flush(self, *, full_only: bool) -> bool:
+        """Write pending rows in batches (``full_only``: only whole batches; the rest waits for the interval)."""
         while True:
             with self._lock:
-                batch = [self._pending[i] for i in range(min(self.batch_size, len(self._pending)))]
+                n = len(self._pending)
+                if full_only and n < self.batch_size:
+                    return n == 0
+                batch = [self._pending[i] for i in range(min(self.batch_size, n))]
             if not batch:
                 return True
             try:
@@ -352,9 +364,10 @@ class LogWriter:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(self.flush_interval_s)
+            woken = self._wake.wait(self.flush_interval_s)  # True: a full batch (or close); False: the interval
             self._wake.clear()
-            self.flush()
+            with self._flush_lock:
+                self._flush(full_only=woken and not self._stop.is_set())
 
     def close(self, close_timeout_s: float = 5.0) -> None:
         """Stop the thread and flush what is pending (rows still pending after the timeout count as dropped)."""
