@@ -1,6 +1,7 @@
 """The web-page tests' champion: the session's small trained model (``small_model`` in tests/conftest.py, a
 compact_cnn trained by the train stage on demo images of Fibres, Particles and Patterned_surface at 48 px), logged
-into a run of a local sqlite MLflow store, registered and made champion; and ``emassist web`` as a real process.
+into a run of a local sqlite MLflow store, registered and made champion; and ``emassist web`` as a real process
+(its prediction log and corrected images in the champion's folder: :func:`monitoring_uri`, ``data/feedback``).
 
 On a composite image (Fibres left, Particles right, :func:`composite`) its tile scores separate the halves.
 """
@@ -55,7 +56,15 @@ def params_dict(root: Path, tracking_uri: str, **webapp: Any) -> dict[str, Any]:
         "mlflow": {"tracking_uri": tracking_uri, "experiment": "webapp-tests", "registered_model": MODEL_NAME},
         "webapp": {"temp_dir": str(root / "webtmp"), "max_upload_bytes": 2_000_000, "max_pixels": 4_000_000,
                    "tile_size": 128, "tile_stride": 64, "low_confidence": 0.97, **webapp},
+        # the page's prediction log and corrected images, in the test's folder
+        "monitoring": {"db_uri": monitoring_uri(root), "feedback_dir": str(root / "data" / "feedback"),
+                       "flush_interval_s": 0.2},
     }  # fmt: skip
+
+
+def monitoring_uri(root: Path) -> str:
+    """The prediction log of the page's tests (an SQLite file in the champion's folder)."""
+    return f"sqlite:///{root / 'monitoring.db'}"
 
 
 def register_champion(root: Path, small_model: SmallModel) -> Champion:
@@ -99,6 +108,7 @@ def web_server(champion: Champion, params_file: Path | None = None, *extra: str)
     cmd = [sys.executable, "-m", "emassist.cli.main", "--params", str(params_file or champion.params_file), "web",
            "--host", "127.0.0.1", "--port", str(port), *extra]  # fmt: skip
     env = server_env(MLFLOW_TRACKING_URI=champion.tracking_uri, PYTHONPATH=str(REPO_ROOT))
+    env.pop("EMASSIST_MONITORING_DB_URI", None)  # the params file's log, not the caller's
     with open(log_file, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=champion.root,
                                 start_new_session=True)  # fmt: skip

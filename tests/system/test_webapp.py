@@ -275,6 +275,65 @@ def test_page_tile_scan_heat_is_higher_where_the_class_is(page: Any, images: dic
     assert grid2[:, :3].mean() > grid2[:, 4:].mean() + 0.5
 
 
+def test_page_correction_is_logged_and_stores_the_original_upload(
+    page: Any, server: str, champion: ws.Champion, images: dict[str, Path]
+) -> None:
+    """Classify, "Wrong? choose the right class", and the correction is in the log and the image in data/feedback;
+    bad correction requests get a status and a message, and the page keeps answering."""
+    import hashlib
+    import time
+
+    from emassist.data.predlog import PredictionLog
+
+    pg = page
+    upload = champion.root / "images" / "to-correct.tif"  # a TIFF: its original bytes must be what is stored
+    upload.write_bytes(encode(ws.demo_image(ws.LEFT, 310, 256), "TIFF"))
+    sha = hashlib.sha256(upload.read_bytes()).hexdigest()
+    pg.set_input_files("#file-input", [str(upload)])
+    card = pg.locator("[data-testid=result]", has_text="to-correct.tif")
+    card.wait_for()
+    shown = card.locator("[data-testid=label]").inner_text()
+    right = next(c for c in ws.CLASSES if c.replace("_", " ") != shown)
+    card.locator("[data-testid=correct-open]").click()
+    card.locator("[data-testid=correct-class]").select_option(right)
+    card.locator("[data-testid=correct-who]").fill("Ada Lovelace")
+    card.locator("[data-testid=correct-send]").click()
+    done = card.locator("[data-testid=corrected]")
+    done.wait_for()
+    assert done.inner_text() == f"corrected to {right.replace('_', ' ')}"
+    pg.screenshot(path=str(SCREENSHOTS / "05-corrected.png"), full_page=True)
+
+    stored = champion.root / "data" / "feedback" / right / f"{sha}.tif"
+    assert stored.read_bytes() == upload.read_bytes()
+    store = PredictionLog(ws.monitoring_uri(champion.root))
+    fixes = store.corrections(sha256=sha)
+    assert len(fixes) == 1
+    fix = fixes.iloc[0]
+    assert (fix.new_label, fix.old_label.replace("_", " "), fix.who, fix.model_version, fix.status) == (
+        right, shown, "Ada Lovelace", champion.version, "ok")  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not len(store.predictions(sha256=sha)) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the page logs its answers on a background writer
+    logged = store.predictions(sha256=sha).iloc[0]
+    assert (logged.source, logged.origin, logged.format, logged.model_version, logged.model_alias) == (
+        "web", "to-correct.tif", "TIFF", champion.version, "champion")  # fmt: skip
+
+    result_id = card.get_attribute("data-id")
+    again = requests.post(f"{server}/api/correct", json={"id": result_id, "label": right, "who": "Bob"}, timeout=30)
+    assert again.status_code == 200 and again.json()["status"] == "repeat"
+    for body, status, message in [
+        ({"id": "doesnotexist", "label": right}, 404, "no classified image with id 'doesnotexist'"),
+        ({"id": result_id, "label": "Nanotubes"}, 400, "unknown class 'Nanotubes'"),
+        ({"label": right}, 400, "id: the result's id is missing"),
+    ]:
+        r = requests.post(f"{server}/api/correct", json=body, timeout=30)
+        assert r.status_code == status and message in r.json()["error"], r.text
+    r = requests.post(f"{server}/api/correct", data=b"{not json", timeout=30)
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]
+    assert len(store.corrections(sha256=sha)) == 1
+    assert _post(server, images["fibres"].read_bytes(), "fibres.png").json()["label"] == ws.LEFT  # still answering
+
+
 # ------------------------------------------------------------------------------------------------ CLI scan
 
 
