@@ -82,7 +82,8 @@ def main(params: Params, *, window_days: float | None = None, now: datetime | No
     now = now or datetime.now(UTC)
     current = read_window(params, window, now)
     reference, where = load_reference(params)
-    classes = [c for c in params.data.classes if reference is None or c in set(classes_of(reference))] or None
+    named = set(classes_of(reference)) if reference is not None else set()
+    classes = [c for c in params.data.classes if c in named] or None  # params' order; None: the reference's own
     result = drift_report(reference, current, params.monitoring, window_days=window, classes=classes, now=now)
     result.summary["reference"] = where
     result.summary["mlflow_run_id"] = _log_to_mlflow(params, result)

@@ -148,3 +148,19 @@ def test_bad_inputs_are_named(project: Path, capsys: pytest.CaptureFixture[str])
     log_now(project, cases.reference_frame().head(60))
     assert cli(["--params", "params.yaml", "monitor"]) == 1
     assert "no reference predictions to compare with" in capsys.readouterr().err
+
+
+def test_an_unreachable_tracking_server_loses_no_report(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    reference = cases.reference_frame()
+    write_local_reference(reference)
+    log_now(project, reference.sample(60, replace=True, random_state=2))
+    assert cli(["--params", "params.yaml", "monitor"]) == 0
+    out = capsys.readouterr().out
+    assert "status: no_drift" in out and out.rstrip().endswith("not logged to MLflow")
+    summary = json.loads(Path("reports/monitoring/drift.json").read_text())
+    assert summary["mlflow_run_id"] is None and summary["reference"].startswith("reports/test_predictions.parquet")
