@@ -59,7 +59,7 @@ LR_SCHEDULES: tuple[str, ...] = ("plateau", "cosine")
 # --------------------------------------------------------------------------------------------------- split
 
 EMBEDDING_BACKBONES: tuple[str, ...] = ("xception", "mobilenet_v2")  # frozen backbones of the embedding grouping
-MIN_EMBEDDING_SIZE = 32  # keras.applications' smallest input among EMBEDDING_BACKBONES (MobileNetV2)
+MIN_EMBEDDING_SIZE: dict[str, int] = {"xception": 71, "mobilenet_v2": 32}  # keras.applications' smallest inputs
 
 # ------------------------------------------------------------------------------------------------------ serve
 

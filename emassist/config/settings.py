@@ -160,7 +160,12 @@ class SplitParams:
         if self.near_dup_distance > 32:
             raise ParamsError(f"split.near_dup_distance: at most 32 of 64 hash bits, got {self.near_dup_distance}")
         _one_of("split.embedding_backbone", self.embedding_backbone, EMBEDDING_BACKBONES)
-        _at_least("split.embedding_image_size", self.embedding_image_size, MIN_EMBEDDING_SIZE)
+        smallest = MIN_EMBEDDING_SIZE[self.embedding_backbone]
+        if self.embedding_image_size < smallest:
+            raise ParamsError(
+                f"split.embedding_image_size: {self.embedding_backbone} needs at least {smallest} pixels, "
+                f"got {self.embedding_image_size}"
+            )
         _between("split.embedding_threshold", self.embedding_threshold, -1.0, 1.0)
         check_weights_file("split.embedding", self.embedding, f"the {self.embedding_backbone} backbone")
 

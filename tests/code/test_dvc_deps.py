@@ -54,8 +54,9 @@ METHODS = {
 }
 #: Data each stage reads (besides code): paths from params.yaml and the model files of emassist.model.files.
 DATA = PARAMS["data"]
+SOURCE_DATA = {PARAMS["monitoring"]["feedback_dir"]}  # data kept in the repository (DVC-tracked by class), not made
 DATA_INPUTS: dict[str, list[str]] = {
-    "acquire": [],
+    "acquire": [PARAMS["monitoring"]["feedback_dir"]],  # corrections merged into the raw data
     "ingest": [DATA["raw_dir"]],
     "validate": [DATA["interim_dir"]],
     "split": [DATA["interim_dir"], "reports/validation"],  # split only after the data passed validation
@@ -162,6 +163,8 @@ def test_every_dep_exists_or_is_made_upstream(stage: str) -> None:
     for dep in deps(stage):
         if dep.startswith(CODE_ROOTS):
             assert (REPO_ROOT / dep).exists(), f"{stage}: dep {dep} does not exist"
+        elif dep in SOURCE_DATA:
+            assert (REPO_ROOT / dep).is_dir(), f"{stage}: source folder {dep} is missing (a fresh clone needs it)"
         else:
             assert covered(dep, upstream), f"{stage}: dep {dep} is neither code nor the output of an earlier stage"
 
