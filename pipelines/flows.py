@@ -11,7 +11,7 @@
   pipeline; the registry's gate decides whether the new model becomes champion. Deployed on a cron from params
   (forced: it always retrains). The training's MLflow run is tagged with what triggered it (``retrain_trigger``,
   ``retrain_reasons``) and what the data adds to the champion's (``retrain_base_version``,
-  ``retrain_base_data_version``, ``retrain_new_corrections``, ``retrain_added_images``).
+  ``retrain_base_data_version``, ``retrain_new_corrections``, ``retrain_added_images``, ``retrain_feedback_images``).
 * ``sem-monitor`` (:func:`monitor_flow`): the monitoring step (drift of the prediction log), then the retraining
   decision (:func:`emassist.pipeline.retrain.retrain_decision`): drift, enough new corrections, or forced → the
   ``sem-retrain`` flow as a child run; otherwise "nothing to do" and why (the flow's result and an artifact).
@@ -358,6 +358,7 @@ def retrain_flow(
     params = load_params(params_path)
     reasons = list(reasons or [SCHEDULED_REASON])
     data_diff = dict(data_diff or {})
+    data_diff.setdefault("feedback_images", retrain.count_feedback_images(params.monitoring.feedback_dir))
     try:
         env = retrain.retrain_environment(trigger, reasons, **data_diff)
     except (TypeError, ValueError) as exc:

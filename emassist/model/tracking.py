@@ -110,17 +110,12 @@ def data_version(splits_dir: Path, lock_file: Path = Path("dvc.lock")) -> dict[s
 
 
 def run_tags(params: Params) -> dict[str, str]:
-    """Tags of a training run: code and data versions, the Prefect flow run, and why it was retrained.
-
-    ``feedback_images``: corrected images under ``monitoring.feedback_dir`` (what a later retraining compares with);
-    every ``EMASSIST_RETRAIN_X`` environment variable (set by the retraining flow) becomes tag ``retrain_x``.
-    """
+    """Tags of a training run: code and data versions, the Prefect flow run, and why it was retrained (every
+    ``EMASSIST_RETRAIN_X`` environment variable, set by the retraining flow, becomes tag ``retrain_x``)."""
     tags = {"git_commit": git_commit(), "model": params.train.model, "data_source": params.data.source}
     tags.update(data_version(Path(params.data.splits_dir)))
     if os.environ.get("PREFECT__FLOW_RUN_ID"):
         tags["prefect_flow_run_id"] = os.environ["PREFECT__FLOW_RUN_ID"]
-    feedback = Path(params.monitoring.feedback_dir)
-    tags["feedback_images"] = str(sum(1 for p in feedback.glob("*/*") if p.is_file()) if feedback.is_dir() else 0)
     for key, value in os.environ.items():
         if key.startswith("EMASSIST_RETRAIN_") and value:
             tags["retrain_" + key.removeprefix("EMASSIST_RETRAIN_").lower()] = value[:5000]  # MLflow: 8,000 max

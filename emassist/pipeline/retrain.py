@@ -11,8 +11,8 @@ started (its data was taken then; no champion yet: every correction counts) and 
 
 :meth:`Decision.environment` is what a retraining passes to the train stage (``EMASSIST_RETRAIN_*``): the MLflow run
 it logs gets the tags ``retrain_trigger``, ``retrain_reasons``, ``retrain_base_version``,
-``retrain_base_data_version``, ``retrain_new_corrections`` and ``retrain_added_images``
-(:func:`emassist.model.tracking.run_tags`).
+``retrain_base_data_version``, ``retrain_new_corrections``, ``retrain_added_images`` and ``retrain_feedback_images``
+(:func:`emassist.model.tracking.run_tags`); the last is what the next decision compares its feedback folder with.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ MISSING = "missing"  # no drift summary at all (the monitoring step has not run)
 TRIGGERS = ("drift", "corrections", "forced", "none")
 #: Environment variables the train stage copies into run tags (``EMASSIST_RETRAIN_X`` → ``retrain_x``).
 ENV_PREFIX = "EMASSIST_RETRAIN_"
-#: The run tag :func:`emassist.model.tracking.run_tags` gives every training: images under ``monitoring.feedback_dir``.
-FEEDBACK_TAG = "feedback_images"
+#: The run tag of a retraining: images under ``monitoring.feedback_dir`` when it started.
+FEEDBACK_TAG = "retrain_feedback_images"
 FORCED_REASON = "retraining was asked for (forced: the scheduled sem-retrain, or --force)"
 
 
@@ -53,7 +53,7 @@ class Champion:
     version: str
     data_version: str | None
     trained_at: datetime  # the training run's start (its data was taken then); else the version's creation
-    feedback_images: int | None  # images under monitoring.feedback_dir when it was trained (None: not recorded)
+    feedback_images: int | None  # images under monitoring.feedback_dir when it was retrained (None: not recorded)
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,8 @@ class Decision:
 
     @property
     def added_images(self) -> int:
-        """Images added by corrections since the champion's data: the feedback folder's growth when the champion
-        recorded its count, else the newly corrected images."""
+        """Images added by corrections since the champion's data: the feedback folder's growth when the champion's
+        run recorded its count (a retraining by the flows), else the newly corrected images."""
         if self.champion_feedback_images is not None:
             return max(self.feedback_images - self.champion_feedback_images, 0)
         return self.n_new_corrections
@@ -100,6 +100,7 @@ class Decision:
             "base_data_version": self.champion_data_version,
             "new_corrections": self.n_new_corrections,
             "added_images": self.added_images,
+            "feedback_images": self.feedback_images,
         }
 
     def environment(self) -> dict[str, str]:
@@ -115,6 +116,7 @@ def retrain_environment(
     base_data_version: str | None = None,
     new_corrections: int | None = None,
     added_images: int | None = None,
+    feedback_images: int | None = None,
 ) -> dict[str, str]:
     """``EMASSIST_RETRAIN_*`` for a retraining (values left out when unknown)."""
     if trigger not in TRIGGERS:
@@ -126,6 +128,7 @@ def retrain_environment(
         "BASE_DATA_VERSION": base_data_version,
         "NEW_CORRECTIONS": new_corrections,
         "ADDED_IMAGES": added_images,
+        "FEEDBACK_IMAGES": feedback_images,
     }
     return {ENV_PREFIX + k: str(v) for k, v in values.items() if v is not None and v != ""}
 

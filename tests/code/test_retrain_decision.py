@@ -142,6 +142,7 @@ def test_corrections_since_the_champion_trigger(params: Params) -> None:
         "EMASSIST_RETRAIN_BASE_DATA_VERSION": "dv-champ",
         "EMASSIST_RETRAIN_NEW_CORRECTIONS": "3",
         "EMASSIST_RETRAIN_ADDED_IMAGES": "3",
+        "EMASSIST_RETRAIN_FEEDBACK_IMAGES": "5",
     }
     json.dumps(d.as_dict())  # the flow's result: plain JSON
 
@@ -241,10 +242,10 @@ def test_environment_tags_the_training_run(params: Params, monkeypatch: pytest.M
     from emassist.model.tracking import run_tags
 
     monkeypatch.setattr("emassist.model.tracking.git_commit", lambda: "abc")
-    feedback_files(params, 4)
     monkeypatch.setenv("EMASSIST_RETRAIN_STALE", "from an earlier run")
     env = retrain.retrain_environment("corrections", ["25 newly corrected images"], base_version="3",
-                                      base_data_version="dv3", new_corrections=25, added_images=4)  # fmt: skip
+                                      base_data_version="dv3", new_corrections=25, added_images=4,
+                                      feedback_images=9)  # fmt: skip
     with retrain.environment(env):
         tags = run_tags(params)
     assert {k: v for k, v in tags.items() if k.startswith("retrain_")} == {
@@ -254,12 +255,12 @@ def test_environment_tags_the_training_run(params: Params, monkeypatch: pytest.M
         "retrain_base_data_version": "dv3",
         "retrain_new_corrections": "25",
         "retrain_added_images": "4",
+        "retrain_feedback_images": "9",
     }
-    assert tags["feedback_images"] == "4"
     assert os.environ["EMASSIST_RETRAIN_STALE"] == "from an earlier run"  # restored afterwards
     monkeypatch.delenv("EMASSIST_RETRAIN_STALE")
     plain = run_tags(params)
-    assert not [k for k in plain if k.startswith("retrain_")] and plain["feedback_images"] == "4"
+    assert not [k for k in plain if k.startswith("retrain_")]
 
 
 def test_monitoring_step_falls_back_to_its_last_summary(params: Params, monkeypatch: pytest.MonkeyPatch) -> None:

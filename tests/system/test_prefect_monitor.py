@@ -221,7 +221,7 @@ def test_at_the_threshold_the_retraining_runs_and_names_its_trigger(stack: Stack
     assert f"{THRESHOLD} newly corrected images" in tags["retrain_reasons"]
     assert tags["retrain_new_corrections"] == str(THRESHOLD) and tags["retrain_added_images"] == str(THRESHOLD)
     assert "retrain_base_version" not in tags  # no champion yet
-    assert tags["feedback_images"] == "0"
+    assert tags["retrain_feedback_images"] == "0"  # what the next decision compares the feedback folder with
 
 
 def test_scheduled_retraining_is_forced_and_says_so(stack: Stack) -> None:
@@ -235,4 +235,5 @@ def test_scheduled_retraining_is_forced_and_says_so(stack: Stack) -> None:
     tags = MlflowClient(stack.mlflow_uri).get_run(result["run_id"]).data.tags
     assert tags["retrain_trigger"] == "forced" and tags["retrain_reasons"] == result["reasons"][0]
     assert "retrain_new_corrections" not in tags  # no decision behind it: no figures claimed
+    assert tags["retrain_feedback_images"] == "0"
     assert [r.id for r in stack.retrain_runs(children=False)] == [flow_run.id]
