@@ -414,31 +414,35 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
             raise BadRequest(f"internal error while predicting: {type(exc).__name__}", INTERNAL_ERROR) from exc
         if all(errors):
             raise BadRequest(describe_errors(errors, n))
-        frame = self.result_frame(proba, errors, unfamiliar)
         if logging_on:
-            self._log_answers(frame, facts)
-        return frame
+            self._log_answers(proba, unfamiliar, facts)
+        return self.result_frame(proba, errors, unfamiliar)
 
-    def _log_answers(self, frame: pd.DataFrame, facts: Sequence[ImageFacts | None]) -> None:
-        """Queue one prediction-log row per answered row (a queue append each; never raises)."""
+    def _log_answers(self, proba: np.ndarray, scores: np.ndarray, facts: Sequence[ImageFacts | None]) -> None:
+        """Queue one prediction-log row per answered row (``facts`` set); a queue append each, never raises.
+
+        Built from the arrays, not the answer frame (pandas' per-cell access would cost more than the log itself);
+        label, confidence and review are decided as :meth:`result_frame` decides them."""
         writer = self.prediction_log
         if writer is None:
             return
         try:
             checked = self.familiarity is not None
-            probas = frame[self.classes].to_numpy(dtype=np.float64)
             for i, f in enumerate(facts):
                 if f is None:
                     continue
-                score = float(frame["unfamiliar_score"].iat[i])
+                p = proba[i].astype(np.float64)
+                best = int(p.argmax())
+                confidence, score = float(p[best]), float(scores[i])
+                needs, unfamiliar, _ = self.review(confidence, score)
                 writer.record(
                     prediction_row(
                         "server", f, self.model_identity,
-                        label=str(frame["label"].iat[i]),
-                        confidence=float(frame["confidence"].iat[i]),
-                        probabilities=dict(zip(self.classes, probas[i], strict=True)),
-                        needs_review=bool(frame["needs_review"].iat[i]),
-                        unfamiliar=bool(frame["unfamiliar"].iat[i]) if checked else None,
+                        label=self.classes[best],
+                        confidence=confidence,
+                        probabilities=dict(zip(self.classes, p.tolist(), strict=True)),
+                        needs_review=needs,
+                        unfamiliar=unfamiliar if checked else None,
                         unfamiliar_score=score if checked else None,
                     )
                 )  # fmt: skip
