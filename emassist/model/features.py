@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from emassist.model.builders import OUTPUT_NAME
-
 
 def with_features(model: Any) -> Any:
     """A Keras model with the same input and two outputs: ``[probabilities, features]`` (features in float32).
 
     The classifier layer is the one named ``OUTPUT_NAME`` (every builder names it so), else the model's last layer.
     """
-    import keras  # lazy: importing Keras takes seconds
+    import keras  # lazy: importing Keras takes seconds (so is builders, which imports it at the top)
+
+    from emassist.model.builders import OUTPUT_NAME
 
     names = [layer.name for layer in model.layers]
     head = model.get_layer(OUTPUT_NAME) if OUTPUT_NAME in names else model.layers[-1]
