@@ -27,6 +27,9 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 _PREFECT_HOME = tempfile.mkdtemp(prefix="emassist-tests-prefect-")
 os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The prediction log of every command a test runs (emassist predict / scan / web): one session file, never the
+# working directory's monitoring.db. Tests that check the log point it elsewhere themselves.
+os.environ.setdefault("EMASSIST_MONITORING_DB_URI", f"sqlite:///{Path(_PREFECT_HOME) / 'monitoring.db'}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

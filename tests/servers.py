@@ -72,6 +72,14 @@ def start_process(cmd: list[str], log_file: Path, env: dict[str, str]) -> subpro
                                 preexec_fn=_default_signals)  # fmt: skip
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     """Stop the process and its whole process group (uvicorn workers, job runners)."""
     if proc.poll() is None:
@@ -79,6 +87,11 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
             os.killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout)
+        # The parent may exit before its workers finish shutting down (their exit handlers flush, e.g. the
+        # prediction log): give the group a moment to empty before killing what is left.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and _group_alive(proc.pid):
+            time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # stragglers in the group
     with contextlib.suppress(subprocess.TimeoutExpired):
