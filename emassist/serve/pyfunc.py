@@ -29,8 +29,9 @@ URL (e.g. ``sqlite:////var/lib/emassist/monitoring.db``), every answered row of 
 the sha256 of the decoded file bytes, size/format/SEM metadata from the decode, brightness/contrast of the
 standardized image, the model as ``EMASSIST_MODEL_NAME`` / ``EMASSIST_MODEL_VERSION`` / ``EMASSIST_MODEL_ALIAS`` say
 (the pyfunc cannot know its registry version), and the answer. Recording is a queue append; a background
-:class:`~emassist.data.predlog.LogWriter` writes batches, keeps rows while the store is down (one warning) and is
-flushed at interpreter exit. A store that is down never costs an answer.
+:class:`~emassist.data.predlog.LogWriter` writes batches, keeps rows while the store is down (one warning) and
+writes every 0.25 s (``SERVER_FLUSH_INTERVAL_S``: uvicorn's process runs no atexit handlers, so a stop loses at most
+that much). A store that is down never costs an answer.
 
 Calibration: the probabilities are ``softmax(log p / T)`` of the Keras model's softmax ``p``, with the temperature
 ``T`` of the serving config (``temperature``, fitted on val by the evaluate stage, see
@@ -70,6 +71,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
+from emassist.config.settings import MonitoringParams
 from emassist.data.decode import ImageRejected
 from emassist.data.predlog import LogWriter
 from emassist.data.preprocess import STANDARDIZED_PARAM, Preprocessor
@@ -89,6 +91,7 @@ from emassist.serve.predlog_hooks import (
 log = logging.getLogger("emassist.serving")
 
 IMAGE_COLUMN = "image"
+SERVER_FLUSH_INTERVAL_S = 0.25  # the scoring server's prediction-log writer (it has no params.yaml)
 ERROR_COLUMN = "error"
 #: The columns after ``error`` saying whether to trust an answer (bools, a reason, a score).
 TRUST_COLUMNS = ("needs_review", "review_reason", "unfamiliar", "unfamiliar_score")
@@ -237,13 +240,16 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
 
     def open_prediction_log(self, db_uri: str | None = None) -> LogWriter | None:
         """Start the server's prediction log when ``db_uri`` (default: ``$EMASSIST_PREDICTION_LOG``) is set; it is
-        closed (pending rows flushed) at interpreter exit. A URL that cannot be used: one warning, no log."""
+        written every ``SERVER_FLUSH_INTERVAL_S`` (and closed at interpreter exit where that runs). A URL that cannot
+        be used: one warning, no log."""
         if self.prediction_log is not None:
             return self.prediction_log
         url = db_uri if db_uri is not None else os.environ.get(ENV_PREDICTION_LOG, "").strip()
         if not url:
             return None
-        writer, why = open_writer(url)
+        # The scoring server writes often: uvicorn's process does not run atexit handlers on its way out (measured),
+        # so rows still pending when it stops are lost; a short interval keeps that to a fraction of a second.
+        writer, why = open_writer(url, MonitoringParams(flush_interval_s=SERVER_FLUSH_INTERVAL_S))
         if writer is None:
             log.warning("prediction log off: %s", why)
             return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from emassist.config.settings import load_params
+from emassist.config.settings import ParamsError, load_params
 from emassist.data.hashing import dhash
 from emassist.model.embedding import EmbeddingError, build_backbone, check_backbone, embed_images
 from emassist.pipeline import split as split_step
@@ -129,5 +130,14 @@ def test_split_step_refuses_a_too_small_xception_before_any_work(
     overrides = {"split": {"embedding": "imagenet", "embedding_backbone": "xception", "embedding_image_size": 64}}
     params_file.write_text(yaml.safe_dump(tiny_params(overrides)))
     monkeypatch.chdir(tmp_path)  # no data/interim here: the check must come first
+    # refused when the params load, naming the key (the split step's own check stays for values set in code)
+    with pytest.raises(ParamsError, match=r"split\.embedding_image_size: xception needs at least 71 pixels"):
+        load_params(params_file)
+    # values set in code (not through params.yaml) meet the split step's own check, still before any work
+    good = params_file.with_name("good.yaml")
+    good.write_text(yaml.safe_dump(tiny_params({"split": {"embedding": "imagenet", "embedding_backbone": "mobilenet_v2",
+                                                          "embedding_image_size": 64}})))  # fmt: skip
+    params = load_params(good)
+    small = dataclasses.replace(params, split=dataclasses.replace(params.split, embedding_backbone="xception"))
     with pytest.raises(StageError, match="xception needs at least 71 px"):
-        split_step.main(load_params(params_file))
+        split_step.main(small)
