@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from emassist.core.atomic import atomic_write_bytes
+from emassist.data.hashing import sha256_of
 from emassist.data.ingest import REJECTED_COLUMNS, UPSTREAM_REJECTED_FILE
 from emassist.data.predlog import PredictionLog
 
@@ -74,11 +75,6 @@ class Correction:
         if self.status == "resolved":
             return f"{short} resolved as {self.label}: {self.path} (correction #{self.row_id})"
         return f"{short} corrected to {self.label}: stored {self.path} (correction #{self.row_id})"
-
-
-def sha256_of(data: bytes) -> str:
-    """The sha256 of a file's bytes, as ingest computes it."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def check_class(label: str, classes: Sequence[str]) -> None:

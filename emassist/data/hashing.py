@@ -1,9 +1,28 @@
-"""Perceptual hashes for near-duplicate detection: a 64-bit difference hash and the Hamming distance of two."""
+"""Hashes of images: the sha256 an image is named by (of its file's bytes: ingest, the prediction log and the
+corrections must agree), and the perceptual 64-bit difference hash of near-duplicate detection with its Hamming
+distance."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 import numpy as np
 from PIL import Image
+
+
+def sha256_of(data: bytes) -> str:
+    """The sha256 of a file's bytes: the name of an image in ingest's cache, the prediction log and the feedback."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """:func:`sha256_of` a file, read in chunks; "" when it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return ""
 
 
 def dhash(gray: np.ndarray) -> str:

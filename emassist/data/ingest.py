@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from emassist.core.atomic import atomic_path
 from emassist.data.decode import ImageRejected
-from emassist.data.hashing import dhash
+from emassist.data.hashing import dhash, sha256_of
 from emassist.data.preprocess import DEFAULT_MIN_CONTRAST, Preprocessor
 from emassist.data.sem_metadata import METADATA_KEYS
 
@@ -236,7 +236,7 @@ def _ingest_one(task: _Task, settings: _Settings) -> tuple[str, dict[str, Any]]:
             return reject(f"unreadable: {exc.strerror or exc}")
         if not data:
             return reject("zero-byte file")
-        sha = hashlib.sha256(data).hexdigest()
+        sha = sha256_of(data)
         decoded = settings.preprocessor.decode(data)
         cached, rows = settings.preprocessor.standardize(decoded.gray)
         image_path = f"{IMAGES_DIR}/{sha}.png"

@@ -22,13 +22,14 @@ import numpy as np
 import pandas as pd
 
 from emassist.config.settings import Params
+from emassist.data.hashing import file_sha256
 from emassist.data.predlog import LogWriter
 from emassist.model.files import CALIBRATION_FILE, FAMILIARITY_FILE
 from emassist.model.provenance import describe_training_data
 from emassist.model.registry import serving_config
 from emassist.model.selective import ReviewPolicy
 from emassist.serve.client import ServingError, predict_in_batches
-from emassist.serve.predlog_hooks import ImageFacts, ModelIdentity, file_sha256, prediction_row
+from emassist.serve.predlog_hooks import ImageFacts, ModelIdentity, prediction_row
 from emassist.serve.pyfunc import TRUST_COLUMNS, SemClassifier
 
 log = logging.getLogger(__name__)

@@ -56,13 +56,13 @@ from __future__ import annotations
 import atexit
 import base64
 import binascii
-import hashlib
 import json
 import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -73,6 +73,7 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from emassist.config.settings import MonitoringParams
 from emassist.data.decode import ImageRejected
+from emassist.data.hashing import sha256_of
 from emassist.data.predlog import LogWriter
 from emassist.data.preprocess import STANDARDIZED_PARAM, Preprocessor
 from emassist.model.calibration import apply_temperature, as_temperature
@@ -83,7 +84,6 @@ from emassist.serve.predlog_hooks import (
     ENV_PREDICTION_LOG,
     ImageFacts,
     ModelIdentity,
-    file_sha256,
     open_writer,
     prediction_row,
 )
@@ -310,13 +310,14 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         twice."""
         try:
             data = value if file else decode_base64(value)
+            if file and details:  # read the file once: the decode and the hash take the same bytes
+                data = Path(data).read_bytes()
             pre = self.preprocessor
             decoded = pre.decode(data)
             gray = pre.resize(decoded.gray) if standardized else pre.standardize(decoded.gray)[0]
             if not details:
                 return Prepared(gray)
-            sha = file_sha256(data) if file else hashlib.sha256(data).hexdigest()
-            return Prepared(gray, "", ImageFacts.of(sha, decoded, gray))
+            return Prepared(gray, "", ImageFacts.of(sha256_of(data), decoded, gray))
         except ImageRejected as exc:
             return Prepared(None, exc.reason)
         except Exception as exc:  # a bug met by one odd image must not fail the others
