@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from emassist.model.tracking import tracking_client
 from emassist.serve.client import SemClient, ServingError
 from emassist.serve.drawing import png_bytes
 from emassist.serve.predict import load_predictor
+from emassist.serve.predlog_hooks import ModelIdentity
 
 log = logging.getLogger("emassist.webapp")
 
@@ -228,22 +228,11 @@ def load_registry(params: Params) -> LocalBackend:
 
 def load_model_uri(uri: str, params: Params) -> LocalBackend:
     """A model named by hand: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, a model folder or a ``.keras`` file."""
-    from mlflow.exceptions import MlflowException
-
     client = tracking_client(params)  # models:/ URIs resolve against the configured tracking URI
     model = _load_classifier(uri, params)
-    name, version, alias = os.path.basename(uri.rstrip("/")), "", ""
-    if uri.startswith("models:/"):
-        rest = uri[len("models:/") :]
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            try:
-                version = str(client.get_model_version_by_alias(name, alias).version)
-            except MlflowException:
-                version = ""
-        else:
-            name, _, version = rest.partition("/")
-    return LocalBackend(model, ModelInfo(name, version, alias, "registry" if alias or version else "file", uri))
+    who = ModelIdentity.from_uri(uri, client)
+    source = "registry" if who.alias or who.version else "file"
+    return LocalBackend(model, ModelInfo(who.name, who.version, who.alias, source, uri))
 
 
 def served_config(params: Params, version: str) -> dict[str, Any]:

@@ -9,11 +9,10 @@ a warning, never an answer.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -64,6 +63,9 @@ class ImageFacts:
         )
 
 
+_FACT_FIELDS = fields(ImageFacts)
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
     """The model a row names: registered name, version and the alias that resolved to it ("" when unknown)."""
@@ -99,15 +101,6 @@ class ModelIdentity:
         return cls(name, version, alias)
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's bytes (what ingest names an image by); "" when it cannot be read."""
-    try:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
-    except OSError:
-        return ""
-
-
 def prediction_row(
     source: str,
     facts: ImageFacts,
@@ -124,16 +117,8 @@ def prediction_row(
     """One :class:`PredictionRow` from an image's facts, the model and its answer."""
     return PredictionRow(
         source=source,
-        sha256=facts.sha256,
         origin=origin,
-        width=facts.width,
-        height=facts.height,
-        format=facts.format,
-        pixel_size_nm=facts.pixel_size_nm,
-        magnification=facts.magnification,
-        instrument=facts.instrument,
-        brightness=facts.brightness,
-        contrast=facts.contrast,
+        **{f.name: getattr(facts, f.name) for f in _FACT_FIELDS},  # ImageFacts' fields are PredictionRow's
         model_name=model.name,
         model_version=model.version,
         model_alias=model.alias,
