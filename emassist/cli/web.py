@@ -125,9 +125,11 @@ def _log_scan(params: Any, image: Path, decoded: Any, result: Any, backend: Any)
     """Write ONE ``scan`` row for the overview (its file's sha256, size/format/SEM metadata, brightness/contrast
     of the cropped, resized overview, and :func:`scan_summary`); review by the model's policy on the summary's
     confidence (no familiarity check: tiles are not whole images). A store that is down: one warning on stderr."""
+    # lazy, as the rest of this module's model-side imports: `emassist --help` does not need them
+    from emassist.data.hashing import file_sha256
     from emassist.data.predlog import PredictionLog, PredictionLogError
     from emassist.model.selective import ReviewPolicy
-    from emassist.serve.predlog_hooks import ImageFacts, ModelIdentity, file_sha256, prediction_row
+    from emassist.serve.predlog_hooks import ImageFacts, ModelIdentity, prediction_row
 
     label, confidence, probabilities = scan_summary(result)
     try:
@@ -135,7 +137,8 @@ def _log_scan(params: Any, image: Path, decoded: Any, result: Any, backend: Any)
     except ValueError:
         policy = ReviewPolicy.from_config({})
     pre = backend.preprocessor
-    overview = pre.resize(pre.crop(decoded.gray)[0])
+    rows = result.databar_rows  # the scan cropped the data bar once already: no second search
+    overview = pre.resize(decoded.gray[: decoded.gray.shape[0] - rows] if rows else decoded.gray)
     info = backend.info
     row = prediction_row(
         "scan",
