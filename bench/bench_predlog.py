@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
-from bench_serving import free_port, log, make_images, stand_in_model  # noqa: E402
+from bench_serving import free_port, log, make_images, stand_in_model, wait_ping  # noqa: E402
 
 from emassist.data.predlog import LogWriter, PredictionLog, PredictionRow  # noqa: E402
 
@@ -95,8 +95,6 @@ def servers(model_dir: Path, tmp: Path, envs: dict[str, dict[str, str]]) -> Iter
     import signal
     import subprocess
 
-    import requests
-
     procs: dict[str, tuple[Any, str, Path]] = {}
     try:
         for name, extra in envs.items():
@@ -110,16 +108,8 @@ def servers(model_dir: Path, tmp: Path, envs: dict[str, dict[str, str]]) -> Iter
                 proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             procs[name] = (proc, f"http://127.0.0.1:{port}", log_file)
         deadline = time.monotonic() + 240
-        for _name, (proc, url, log_file) in procs.items():
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"server exited ({proc.returncode}):\n{log_file.read_text()[-2000:]}")
-                with contextlib.suppress(requests.RequestException):
-                    if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"server not up in 240 s:\n{log_file.read_text()[-2000:]}")
-                time.sleep(0.5)
+        for proc, url, log_file in procs.values():
+            wait_ping(proc, url, log_file, deadline)
         yield {name: url for name, (_, url, _) in procs.items()}
     finally:
         for proc, _, _ in procs.values():

@@ -98,9 +98,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_ping(proc: subprocess.Popen[bytes], url: str, log_file: Path, deadline: float) -> None:
+    """Until ``url``/ping answers 200; RuntimeError with the log's tail when the server exits or ``deadline``
+    (a ``time.monotonic()`` value) passes."""
+    import requests
+
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow models serve exited ({proc.returncode}):\n{log_file.read_text()[-2000:]}")
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server not up in time:\n{log_file.read_text()[-2000:]}")
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def model_server(model_uri: str, tracking_uri: str, log_file: Path, workers: int) -> Iterator[str]:
-    import requests
 
     port = free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, TF_CPP_MIN_LOG_LEVEL="2")
@@ -111,16 +126,7 @@ def model_server(model_uri: str, tracking_uri: str, log_file: Path, workers: int
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow models serve exited ({proc.returncode}):\n{log_file.read_text()[-2000:]}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not up in 240 s:\n{log_file.read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_ping(proc, url, log_file, time.monotonic() + 240)
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
