@@ -132,10 +132,7 @@ def _log_scan(params: Any, image: Path, decoded: Any, result: Any, backend: Any)
     from emassist.serve.predlog_hooks import ImageFacts, ModelIdentity, prediction_row
 
     label, confidence, probabilities = scan_summary(result)
-    try:
-        policy = ReviewPolicy.from_config(backend.config)
-    except ValueError:
-        policy = ReviewPolicy.from_config({})
+    policy = ReviewPolicy.served(backend.config)
     pre = backend.preprocessor
     rows = result.databar_rows  # the scan cropped the data bar once already: no second search
     overview = pre.resize(decoded.gray[: decoded.gray.shape[0] - rows] if rows else decoded.gray)

@@ -12,12 +12,15 @@ Pure NumPy: the serving side uses the same code.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 #: Threshold of a model registered before abstention existed (it ships none): the old fixed "low confidence" flag.
 LEGACY_REVIEW_THRESHOLD = 0.5
@@ -173,6 +176,17 @@ class ReviewPolicy:
         if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
             raise ValueError(f"review_threshold must be a confidence in [0, 1] or null, got {value!r}")
         return cls(threshold, "model", target)
+
+    @classmethod
+    def served(cls, config: Mapping[str, Any], override: float | None = None) -> ReviewPolicy:
+        """:meth:`from_config` for a model being served: a review threshold that is not usable gives the legacy
+        policy with one warning (serving it so beats not serving it); registering still refuses it."""
+        try:
+            return cls.from_config(config, override)
+        except ValueError as exc:
+            log.warning("the model's review threshold is unusable (%s): using the legacy %.2f", exc,
+                        LEGACY_REVIEW_THRESHOLD)  # fmt: skip
+            return cls.from_config({}, override)
 
     def decide(self, confidence: float, unfamiliar: bool = False) -> tuple[bool, str]:
         """``(needs_review, reason)``; the reason is "" when the answer is accepted."""

@@ -148,7 +148,7 @@ def training_data_lines(config: dict[str, Any] | None) -> list[str]:
     line, notice = describe_training_data(config or {})
     lines = [line] + ([f"NOTICE: {notice}"] if notice else [])
     if config is not None:
-        text = ReviewPolicy.from_config(config).describe()
+        text = ReviewPolicy.served(config).describe()
         lines.append(text[0].upper() + text[1:])
         if "temperature" not in config:
             lines.append("uncalibrated: this model was registered without a temperature (confidences as trained)")

@@ -267,11 +267,7 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         self.chunk_size = max(1, int(config.get("chunk_size", DEFAULT_CHUNK_SIZE)))
         self.decode_threads = max(1, int(config.get("decode_threads", min(4, os.cpu_count() or 1))))
         self.temperature, self.calibrated = config_temperature(config)
-        try:
-            self.review_policy = ReviewPolicy.from_config(config)
-        except ValueError:
-            log.warning("serving config review_threshold %r unusable: legacy threshold", config.get("review_threshold"))
-            self.review_policy = ReviewPolicy.from_config({})
+        self.review_policy = ReviewPolicy.served(config)
         self.training_data = config.get("training_data") if isinstance(config.get("training_data"), dict) else None
         self.familiarity = getattr(self, "familiarity", None)
         self.config = dict(config)

@@ -59,7 +59,7 @@ from emassist.data.decode import DecodedImage, ImageRejected, check_pixels, prob
 from emassist.data.feedback import FeedbackError, correct, sha256_of
 from emassist.data.predlog import LogWriter, PredictionLog, PredictionLogError, PredictionRow, image_stats
 from emassist.model.provenance import describe_training_data
-from emassist.model.selective import LEGACY_REVIEW_THRESHOLD, ReviewPolicy
+from emassist.model.selective import ReviewPolicy
 from emassist.serve import tilescan
 from emassist.serve.backend import Backend, BackendError, load_backend
 from emassist.serve.drawing import overlay, png_bytes
@@ -151,12 +151,7 @@ class WebApp:
         self._lock = threading.Lock()
         self._gradcam: Any = None
         self._gradcam_error = ""
-        try:
-            self.policy = ReviewPolicy.from_config(backend.config, override=self.cfg.low_confidence)
-        except ValueError as exc:  # a broken threshold in the serving config: the legacy one, and say so
-            log.warning("the model's review threshold is unusable (%s): using the legacy %.2f", exc,
-                        LEGACY_REVIEW_THRESHOLD)  # fmt: skip
-            self.policy = ReviewPolicy.from_config({}, override=self.cfg.low_confidence)
+        self.policy = ReviewPolicy.served(backend.config, override=self.cfg.low_confidence)
         self.training_line, self.training_notice = describe_training_data(backend.config)
 
     # --------------------------------------------------------------------------------------------- prediction log

@@ -105,3 +105,16 @@ def test_trust_report_completes_with_a_missing_val_class_and_an_unreachable_targ
     assert not choice.reached and report["review_threshold"] is None and report["coverage"] == 0.0
     assert "no image of Powder" in choice.message and "every answer is flagged for review" in choice.message
     assert familiarity.means.shape == (3, 4) and report["unfamiliar_threshold"] > 0
+
+
+def test_a_served_model_with_an_unusable_threshold_gets_the_legacy_policy(caplog: pytest.LogCaptureFixture) -> None:
+    from emassist.serve.predict import training_data_lines
+
+    caplog.set_level("WARNING", logger="emassist.model.selective")
+    policy = ReviewPolicy.served({"review_threshold": 1.5})
+    assert (policy.threshold, policy.source) == (LEGACY_REVIEW_THRESHOLD, "legacy")
+    assert sum("review threshold is unusable" in r.getMessage() for r in caplog.records) == 1
+    assert ReviewPolicy.served({"review_threshold": 1.5}, override=0.3).source == "override"
+    assert ReviewPolicy.served({"review_threshold": 0.8}).threshold == 0.8
+    # `emassist predict`'s header for such a model: said, not a crash
+    assert any("registered without a review threshold" in line for line in training_data_lines({"review_threshold": 2}))
