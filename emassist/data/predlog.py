@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -117,7 +117,7 @@ class PredictionRow:
         """The row as the table stores it (probabilities as JSON; NaN as null)."""
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
-        row = asdict(self)
+        row = {f.name: getattr(self, f.name) for f in fields(self)}  # asdict would deep-copy (hot path)
         row["probabilities"] = json.dumps({str(k): round(float(v), 6) for k, v in self.probabilities.items()})
         for key, value in row.items():
             if isinstance(value, float | np.floating) and not math.isfinite(float(value)):
