@@ -9,10 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from emassist import __version__
+from emassist.cli import batch as cli_batch
 from emassist.cli import feedback as cli_feedback
 from emassist.cli import models as cli_models
 from emassist.cli import monitor as cli_monitor
 from emassist.cli import s3 as cli_s3
+from emassist.cli import watch as cli_watch
 from emassist.cli import web as cli_web
 from emassist.config.settings import load_params
 from emassist.pipeline.acquire import fetch, generate
@@ -109,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_web.add_commands(sub)
     cli_feedback.add_commands(sub)
     cli_monitor.add_commands(sub)
+    cli_watch.add_commands(sub)
+    cli_batch.add_commands(sub)
     return parser
 
 

@@ -402,6 +402,60 @@ class MonitoringParams:
         return os.environ.get("EMASSIST_MONITORING_DB_URI") or self.db_uri
 
 
+@dataclass(frozen=True)
+class WatchParams:
+    """``emassist watch DIR``: the folder watcher beside the microscope."""
+
+    settle_s: float = 1.0  # complete once the size has not changed for this long and it decodes
+    incomplete_timeout_s: float = 120.0  # still growing or undecodable after this: reported incomplete
+    batch_size: int = 32  # images per forward pass in a burst
+    max_wait_s: float = 0.5  # a partial batch waits at most this long for more files
+    queue_size: int = 256  # completed files waiting for the model (bounded)
+    poll_interval_s: float = 1.0  # --poll: how often the folder is listed
+    min_confidence: float = 0.9  # --alert fires at or above this calibrated confidence
+    alert_timeout_s: float = 5.0  # the --alert-url POST
+    state_file: str = ".emassist-watch.db"  # beside the results: path + sha256 already classified
+
+    def check(self) -> None:
+        _at_least("watch.settle_s", self.settle_s, 0)
+        _positive("watch.incomplete_timeout_s", self.incomplete_timeout_s)
+        if self.incomplete_timeout_s <= self.settle_s:
+            raise ParamsError(
+                f"watch.incomplete_timeout_s: {self.incomplete_timeout_s} must exceed watch.settle_s {self.settle_s}"
+            )
+        _at_least("watch.batch_size", self.batch_size, 1)
+        _at_least("watch.max_wait_s", self.max_wait_s, 0)
+        _at_least("watch.queue_size", self.queue_size, 1)
+        _positive("watch.poll_interval_s", self.poll_interval_s)
+        _fraction("watch.min_confidence", self.min_confidence)
+        _positive("watch.alert_timeout_s", self.alert_timeout_s)
+        if not self.state_file.strip():
+            raise ParamsError("watch.state_file: must not be empty")
+
+
+@dataclass(frozen=True)
+class BatchParams:
+    """``emassist batch``: archive-scale scoring with ``mlflow.pyfunc.spark_udf`` on Spark."""
+
+    master: str = "local[*]"  # SPARK_MASTER and --master override
+    glob: str = "*.{png,PNG,jpg,JPG,jpeg,JPEG,tif,TIF,tiff,TIFF}"  # pathGlobFilter of the binaryFile source
+    max_records_per_batch: int = 64  # spark.sql.execution.arrow.maxRecordsPerBatch
+    max_file_bytes: int = 200_000_000  # larger files: an error row instead of a read
+    partitions: int = 0  # input partitions; 0: Spark's default
+
+    def check(self) -> None:
+        if not self.master.strip():
+            raise ParamsError("batch.master: must not be empty (e.g. local[*] or spark://host:7077)")
+        if not self.glob.strip():
+            raise ParamsError("batch.glob: must not be empty (e.g. *.png)")
+        _at_least("batch.max_records_per_batch", self.max_records_per_batch, 1)
+        _at_least("batch.max_file_bytes", self.max_file_bytes, 1)
+        _at_least("batch.partitions", self.partitions, 0)
+
+    def resolved_master(self) -> str:
+        return os.environ.get("SPARK_MASTER") or self.master
+
+
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _REMOTE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -483,6 +537,8 @@ class Params:
     orchestration: OrchestrationParams = field(default_factory=OrchestrationParams)
     webapp: WebappParams = field(default_factory=WebappParams)
     monitoring: MonitoringParams = field(default_factory=MonitoringParams)
+    watch: WatchParams = field(default_factory=WatchParams)
+    batch: BatchParams = field(default_factory=BatchParams)
     s3: S3Params = field(default_factory=S3Params)
 
     def check(self) -> None:
