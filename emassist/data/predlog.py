@@ -2,7 +2,7 @@
 
 One SQLAlchemy URL (``monitoring.db_uri``): an SQLite file by default, PostgreSQL for a team. Two tables:
 
-* ``predictions``: time (UTC), source (``web`` | ``cli`` | ``scan`` | ``server``), the image's sha256 (of the file's
+* ``predictions``: time (UTC), source (``web`` | ``cli`` | ``scan`` | ``server`` | ``watch`` | ``batch``), the image's sha256 (of the file's
   bytes, as ingest computes it), where it came from (a path or an upload's name), size and format, SEM metadata when
   known, image statistics of the standardized image (brightness, contrast), the model (name, version, alias), the
   answer (label, calibrated confidence, every class's probability as JSON, needs_review, unfamiliar and its score).
@@ -34,7 +34,7 @@ import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("web", "cli", "scan", "server")
+SOURCES = ("web", "cli", "scan", "server", "watch", "batch")
 CORRECTION_STATUSES = ("ok", "conflicting")
 
 _metadata = sa.MetaData()
