@@ -2,10 +2,11 @@
 
 One SQLAlchemy URL (``monitoring.db_uri``): an SQLite file by default, PostgreSQL for a team. Two tables:
 
-* ``predictions``: time (UTC), source (``web`` | ``cli`` | ``scan`` | ``server`` | ``watch`` | ``batch``), the image's sha256 (of the file's
-  bytes, as ingest computes it), where it came from (a path or an upload's name), size and format, SEM metadata when
-  known, image statistics of the standardized image (brightness, contrast), the model (name, version, alias), the
-  answer (label, calibrated confidence, every class's probability as JSON, needs_review, unfamiliar and its score).
+* ``predictions``: time (UTC), source (``web`` | ``cli`` | ``scan`` | ``server`` | ``watch`` | ``batch``), the image's
+  sha256 (of the file's bytes, as ingest computes it), where it came from (a path or an upload's name), size and format,
+  SEM metadata when known, image statistics of the standardized image (brightness, contrast), the model (name, version,
+  alias), the answer (label, calibrated confidence, every class's probability as JSON, needs_review, unfamiliar and its
+  score).
 * ``corrections``: time, sha256, the model version and label it corrects, the right label, who (free text), where
   the image was stored, and a status (``ok`` | ``conflicting``).
 
