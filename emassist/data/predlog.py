@@ -25,7 +25,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -328,6 +328,7 @@ class LogWriter:
         self.flush_interval_s = flush_interval_s
         self.max_pending = max_pending
         self._pending: deque[dict[str, Any]] = deque()  # rows already converted (as_record)
+        self._later: deque[Callable[[], PredictionRow]] = deque()  # rows the writer thread builds (record_later)
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one flush at a time: the thread's and a caller's never share a batch
         self._wake = threading.Event()
@@ -339,24 +340,67 @@ class LogWriter:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._later)
 
     def record(self, row: PredictionRow) -> None:
         """Queue one row (never raises: a bad row is logged and dropped)."""
-        try:
-            record = row.as_record()  # a row the table cannot take is refused here, not in a batch with good ones
-        except Exception:
-            log.exception("prediction log: a row could not be logged")
-            self.stats["dropped"] += 1
+        record = self._convert(row)
+        if record is None:
             return
         with self._lock:
             self._pending.append(record)
-            while len(self._pending) > self.max_pending:
-                self._pending.popleft()
-                self.stats["dropped"] += 1
-            full = len(self._pending) >= self.batch_size
+            full = self._bound()
         if full:
             self._wake.set()
+
+    def record_later(self, build: Callable[[], PredictionRow]) -> None:
+        """Queue a row that the writer thread builds (``build()``) before its next write: what the row costs to make
+        (hashing the file, image statistics) leaves the caller's thread — the scoring server's request path. A
+        ``build`` that raises drops that row (logged, counted). Never raises itself."""
+        with self._lock:
+            self._later.append(build)
+            full = self._bound()
+        if full:
+            self._wake.set()
+
+    def _convert(self, row: PredictionRow) -> dict[str, Any] | None:
+        try:
+            return row.as_record()  # a row the table cannot take is refused here, not in a batch with good ones
+        except Exception:
+            log.exception("prediction log: a row could not be logged")
+            self.stats["dropped"] += 1
+            return None
+
+    def _bound(self) -> bool:
+        """Drop the oldest rows beyond ``max_pending`` (counted); True when a batch is full. Under ``_lock``."""
+        while len(self._pending) + len(self._later) > self.max_pending:
+            (self._pending or self._later).popleft()
+            self.stats["dropped"] += 1
+        return len(self._pending) + len(self._later) >= self.batch_size
+
+    def _build_later(self) -> None:
+        """Turn the rows queued by :meth:`record_later` into records (on the flushing thread; even while the store
+        is down, so that what they hold — file bytes, images — is let go at once)."""
+        while True:
+            with self._lock:
+                if not self._later:
+                    return
+                builds = list(self._later)
+                self._later.clear()
+            records = []
+            for build in builds:
+                try:
+                    row = build()
+                except Exception:
+                    log.exception("prediction log: a row could not be built")
+                    self.stats["dropped"] += 1
+                    continue
+                record = self._convert(row)
+                if record is not None:
+                    records.append(record)
+            with self._lock:
+                self._pending.extend(records)
+                self._bound()
 
     def record_many(self, rows: Iterable[PredictionRow]) -> None:
         for row in rows:
@@ -369,6 +413,7 @@ class LogWriter:
 
     def _flush(self, *, full_only: bool) -> bool:
         """Write pending rows in batches (``full_only``: only whole batches; the rest waits for the interval)."""
+        self._build_later()
         while True:
             with self._lock:
                 n = len(self._pending)
@@ -414,3 +459,4 @@ class LogWriter:
             self.stats["dropped"] += self.pending
             log.warning("prediction log: %d rows could not be written and are dropped", self.pending)
             self._pending.clear()
+            self._later.clear()

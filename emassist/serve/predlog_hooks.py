@@ -11,15 +11,25 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 
 from emassist.config.settings import MonitoringParams
 from emassist.data.decode import DecodedImage
-from emassist.data.predlog import LogWriter, PredictionLog, PredictionLogError, PredictionRow, image_stats, safe_url
+from emassist.data.hashing import sha256_of
+from emassist.data.predlog import (
+    LogWriter,
+    PredictionLog,
+    PredictionLogError,
+    PredictionRow,
+    image_stats,
+    safe_url,
+    utcnow,
+)
 
 log = logging.getLogger("emassist.serving")
 
@@ -61,6 +71,19 @@ class ImageFacts:
             brightness=brightness,
             contrast=contrast,
         )
+
+    @classmethod
+    def later(cls, data: bytes, decoded: DecodedImage, standardized: np.ndarray) -> Callable[[], ImageFacts]:
+        """:meth:`of` with the costly part (the sha256 of ``data``, the statistics of ``standardized``) put off until
+        the returned function is called (the prediction log's writer thread calls it). What the header says is
+        taken now, so the full-size decoded image is not kept alive."""
+        header = cls.of("", decoded, None)
+
+        def build() -> ImageFacts:
+            brightness, contrast = image_stats(standardized)
+            return replace(header, sha256=sha256_of(data), brightness=brightness, contrast=contrast)
+
+        return build
 
 
 _FACT_FIELDS = fields(ImageFacts)
@@ -113,9 +136,12 @@ def prediction_row(
     unfamiliar: bool | None = None,
     unfamiliar_score: float | None = None,
     origin: str = "",
+    ts: datetime | None = None,
 ) -> PredictionRow:
-    """One :class:`PredictionRow` from an image's facts, the model and its answer."""
+    """One :class:`PredictionRow` from an image's facts, the model and its answer (``ts``: when it was answered;
+    default now)."""
     return PredictionRow(
+        ts=ts or utcnow(),
         source=source,
         origin=origin,
         **{f.name: getattr(facts, f.name) for f in _FACT_FIELDS},  # ImageFacts' fields are PredictionRow's

@@ -28,7 +28,8 @@ URL (e.g. ``sqlite:////var/lib/emassist/monitoring.db``), every answered row of 
 ``standardized`` tile requests, whose caller logs the scan's summary) is queued as one ``source="server"`` row:
 the sha256 of the decoded file bytes, size/format/SEM metadata from the decode, brightness/contrast of the
 standardized image, the model as ``EMASSIST_MODEL_NAME`` / ``EMASSIST_MODEL_VERSION`` / ``EMASSIST_MODEL_ALIAS`` say
-(the pyfunc cannot know its registry version), and the answer. Recording is a queue append; a background
+(the pyfunc cannot know its registry version), and the answer. Recording is a queue append (the row itself, hash
+and statistics included, is built on the writer's thread, off the request path); a background
 :class:`~emassist.data.predlog.LogWriter` writes batches, keeps rows while the store is down (one warning) and
 writes every 0.25 s (``SERVER_FLUSH_INTERVAL_S``: uvicorn's process runs no atexit handlers, so a stop loses at most
 that much). A store that is down never costs an answer.
@@ -59,9 +60,11 @@ import binascii
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +76,7 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from emassist.config.settings import MonitoringParams
 from emassist.data.decode import ImageRejected
-from emassist.data.hashing import sha256_of
-from emassist.data.predlog import LogWriter
+from emassist.data.predlog import LogWriter, PredictionRow, utcnow
 from emassist.data.preprocess import STANDARDIZED_PARAM, Preprocessor
 from emassist.model.calibration import apply_temperature, as_temperature
 from emassist.model.familiarity import Familiarity
@@ -154,11 +156,17 @@ def describe_errors(errors: Sequence[str], n_rows: int) -> str:
 @dataclass
 class Prepared:
     """One input made ready for the model: the standardized image, or None and the reason; with ``details``, what
-    the prediction log records about the file (:class:`~emassist.serve.predlog_hooks.ImageFacts`)."""
+    the prediction log records about the file (:attr:`facts`, worked out on first use: the scoring server leaves that
+    to the log's writer thread)."""
 
     image: np.ndarray | None
     error: str = ""
-    facts: ImageFacts | None = None
+    facts_later: Callable[[], ImageFacts] | None = None
+
+    @cached_property
+    def facts(self) -> ImageFacts | None:
+        """:class:`~emassist.serve.predlog_hooks.ImageFacts` of the file (None without ``details``)."""
+        return self.facts_later() if self.facts_later is not None else None
 
 
 def config_temperature(config: dict[str, Any]) -> tuple[float, bool]:
@@ -313,7 +321,7 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
             gray = pre.resize(decoded.gray) if standardized else pre.standardize(decoded.gray)[0]
             if not details:
                 return Prepared(gray)
-            return Prepared(gray, "", ImageFacts.of(sha256_of(data), decoded, gray))
+            return Prepared(gray, "", ImageFacts.later(data, decoded, gray))
         except ImageRejected as exc:
             return Prepared(None, exc.reason)
         except Exception as exc:  # a bug met by one odd image must not fail the others
@@ -396,7 +404,7 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         unfamiliar = np.zeros(n)
         errors = [""] * n
         logging_on = self.prediction_log is not None and not standardized  # tiles: the scan logs its summary
-        facts: list[ImageFacts | None] = [None] * n
+        facts: list[Prepared | None] = [None] * n
         try:
             for start in range(0, n, self.chunk_size):
                 rows: list[int] = []
@@ -409,7 +417,7 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
                     else:
                         images.append(p.image)
                         rows.append(i)
-                        facts[i] = p.facts
+                        facts[i] = p
                 if images:
                     proba[rows], unfamiliar[rows] = self.score(np.stack(images))
         except Exception as exc:  # a bug, not a bad request: log the traceback here, answer briefly
@@ -421,38 +429,43 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
             self._log_answers(proba, unfamiliar, facts)
         return self.result_frame(proba, errors, unfamiliar)
 
-    def _log_answers(self, proba: np.ndarray, scores: np.ndarray, facts: Sequence[ImageFacts | None]) -> None:
-        """Queue one prediction-log row per answered row (``facts`` set); a queue append each, never raises.
+    def _log_answers(self, proba: np.ndarray, scores: np.ndarray, prepared: Sequence[Prepared | None]) -> None:
+        """Queue one prediction-log row per answered row (``prepared`` set); never raises.
 
-        Built from the arrays, not the answer frame (pandas' per-cell access would cost more than the log itself);
-        label, confidence and review are decided as :meth:`result_frame` decides them."""
+        The request thread only queues: the row (the file's sha256, image statistics, the review decision, as
+        :meth:`result_frame` decides it) is built by the log's writer thread (:meth:`LogWriter.record_later`)."""
         writer = self.prediction_log
         if writer is None:
             return
         try:
-            checked = self.familiarity is not None
-            for i, f in enumerate(facts):
-                if f is None:
-                    continue
-                p = proba[i].astype(np.float64)
-                best = int(p.argmax())
-                confidence, score = float(p[best]), float(scores[i])
-                needs, unfamiliar, _ = self.review(confidence, score)
-                writer.record(
-                    prediction_row(
-                        "server", f, self.model_identity,
-                        label=self.classes[best],
-                        confidence=confidence,
-                        probabilities=dict(zip(self.classes, p.tolist(), strict=True)),
-                        needs_review=needs,
-                        unfamiliar=unfamiliar if checked else None,
-                        unfamiliar_score=score if checked else None,
-                    )
-                )  # fmt: skip
+            ts = utcnow()
+            for i, p in enumerate(prepared):
+                if p is not None:
+                    writer.record_later(partial(self._log_row, p, proba[i].copy(), float(scores[i]), ts))
         except Exception:  # the answer matters more than its log line
             if not getattr(self, "_log_failed", False):
                 log.exception("prediction log: answers could not be queued")
                 self._log_failed = True
+
+    def _log_row(self, prepared: Prepared, proba: np.ndarray, score: float, ts: datetime) -> PredictionRow:
+        """One answered image's prediction-log row (called on the log's writer thread)."""
+        p = proba.astype(np.float64)
+        best = int(p.argmax())
+        confidence = float(p[best])
+        needs, unfamiliar, _ = self.review(confidence, score)
+        checked = self.familiarity is not None
+        facts = prepared.facts
+        assert facts is not None  # only prepared with details reach the log
+        return prediction_row(
+            "server", facts, self.model_identity,
+            label=self.classes[best],
+            confidence=confidence,
+            probabilities=dict(zip(self.classes, p.tolist(), strict=True)),
+            needs_review=needs,
+            unfamiliar=unfamiliar if checked else None,
+            unfamiliar_score=score if checked else None,
+            ts=ts,
+        )  # fmt: skip
 
     @staticmethod
     def _standardized_param(params: dict[str, Any] | None) -> bool:

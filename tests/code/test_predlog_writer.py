@@ -5,6 +5,7 @@ counted beyond ``max_pending``, and a row the table cannot take refused without 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -120,3 +121,51 @@ def test_a_row_the_table_cannot_take_is_refused_without_raising(tmp_path: Path) 
     writer.close()
     assert writer.stats == {"written": 1, "dropped": 1, "failed_writes": 0}
     assert list(store.predictions()["origin"]) == ["img1.png"]
+
+
+def test_rows_recorded_later_are_built_on_the_writer_thread_and_kept_while_the_store_is_down(tmp_path: Path) -> None:
+    """record_later (the scoring server's path): the caller only queues; the writer thread builds the row (even
+    while the store is down, so what the builder holds is let go), a builder that raises costs that row only."""
+    folder = tmp_path / "absent"
+    store = PredictionLog(f"sqlite:///{folder / 'log.db'}")
+    writer = LogWriter(store, batch_size=100, flush_interval_s=3600, max_pending=100)
+    built_on: list[str] = []
+
+    def later(i: int) -> Callable[[], PredictionRow]:
+        def build() -> PredictionRow:
+            built_on.append(threading.current_thread().name)
+            if i == 2:
+                raise RuntimeError("a bug in one row's facts")
+            return row(i)
+
+        return build
+
+    for i in range(5):
+        writer.record_later(later(i))
+    assert built_on == [] and writer.pending == 5  # nothing built by the caller
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (writer.flush(), done.set()), name="flusher")
+    thread.start()
+    thread.join(WAIT_S)
+    assert done.is_set() and built_on == ["flusher"] * 5  # built by whoever flushes, not by record_later's caller
+    assert writer.pending == 4 and writer.stats["dropped"] == 1  # built and kept while the store is down
+    folder.mkdir()
+    writer.record(row(9))
+    writer.close()
+    assert writer.stats == {"written": 5, "dropped": 1, "failed_writes": 1}
+    assert sorted(PredictionLog(store.db_uri).predictions()["origin"]) == [f"img{i}.png" for i in (0, 1, 3, 4, 9)]
+
+
+def test_rows_recorded_later_count_towards_max_pending_and_a_full_batch(tmp_path: Path) -> None:
+    store = CountingLog(f"sqlite:///{tmp_path / 'log.db'}")
+    writer = LogWriter(store, batch_size=4, flush_interval_s=3600, max_pending=100)  # only a full batch wakes it
+    for i in range(4):
+        writer.record_later(lambda i=i: row(i))
+    assert wait_for(lambda: writer.stats["written"] == 4)
+    writer.close()
+    bounded = LogWriter(PredictionLog(f"sqlite:///{tmp_path / 'no' / 'log.db'}"), batch_size=100,
+                        flush_interval_s=3600, max_pending=3)  # fmt: skip
+    for i in range(5):
+        bounded.record_later(lambda i=i: row(i))
+    assert bounded.pending == 3 and bounded.stats["dropped"] == 2
+    bounded.close(close_timeout_s=0.2)
