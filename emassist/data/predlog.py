@@ -334,6 +334,7 @@ class LogWriter:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._failing = False
+        self._write_through = False  # set by write_through(): every row is written before record returns
         self.stats = {"written": 0, "dropped": 0, "failed_writes": 0}
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self._thread.start()
@@ -350,8 +351,20 @@ class LogWriter:
         with self._lock:
             self._pending.append(record)
             full = self._bound()
-        if full:
+        if self._write_through:
+            self.flush()
+        elif full:
             self._wake.set()
+
+    def write_through(self) -> None:
+        """From now on write each row before :meth:`record` returns (what is pending first). For a process on its
+        way out (the scoring server on SIGTERM): the requests it still finishes are logged though it runs no exit
+        handlers. Never raises."""
+        self._write_through = True
+        try:
+            self.flush()
+        except Exception:  # the flush keeps its rows on failure; a stop must go on
+            log.exception("prediction log: flush on stop failed")
 
     def record_later(self, build: Callable[[], PredictionRow]) -> None:
         """Queue a row that the writer thread builds (``build()``) before its next write: what the row costs to make
@@ -360,7 +373,9 @@ class LogWriter:
         with self._lock:
             self._later.append(build)
             full = self._bound()
-        if full:
+        if self._write_through:
+            self.flush()
+        elif full:
             self._wake.set()
 
     def _convert(self, row: PredictionRow) -> dict[str, Any] | None:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+import signal
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -177,3 +180,27 @@ def open_writer(
         return None, f"cannot open the prediction log {safe_url(db_uri)}: {type(exc).__name__}: {exc}"
     writer = LogWriter(store, batch_size=m.batch_size, flush_interval_s=m.flush_interval_s, max_pending=m.max_pending)
     return writer, ""
+
+
+def write_through_on_stop(writer: LogWriter, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> bool:
+    """On a stop signal, switch ``writer`` to :meth:`~emassist.data.predlog.LogWriter.write_through` (pending rows
+    written at once, later ones as they come), then hand the signal on to the handler that was there before.
+
+    For the scoring server: uvicorn catches SIGTERM, finishes the requests in flight and then re-raises the signal
+    with the default handler, so no exit handler runs and rows queued in the writer would be lost. Only the main
+    thread can set handlers: elsewhere nothing is changed (False)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    for sig in signals:
+        previous = signal.getsignal(sig)
+
+        def handler(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
+            writer.write_through()
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
+
+        signal.signal(sig, handler)
+    return True

@@ -31,8 +31,9 @@ standardized image, the model as ``EMASSIST_MODEL_NAME`` / ``EMASSIST_MODEL_VERS
 (the pyfunc cannot know its registry version), and the answer. Recording is a queue append (the row itself, hash
 and statistics included, is built on the writer's thread, off the request path); a background
 :class:`~emassist.data.predlog.LogWriter` writes batches, keeps rows while the store is down (one warning) and
-writes every 0.25 s (``SERVER_FLUSH_INTERVAL_S``: uvicorn's process runs no atexit handlers, so a stop loses at most
-that much). A store that is down never costs an answer.
+writes every 0.25 s (``SERVER_FLUSH_INTERVAL_S``; ``EMASSIST_PREDICTION_LOG_FLUSH_S`` overrides), and writes through
+from SIGTERM/SIGINT on (uvicorn's process runs no atexit handlers; a SIGKILL loses at most the last interval). A
+store that is down never costs an answer.
 
 Calibration: the probabilities are ``softmax(log p / T)`` of the Keras model's softmax ``p``, with the temperature
 ``T`` of the serving config (``temperature``, fitted on val by the evaluate stage, see
@@ -88,12 +89,14 @@ from emassist.serve.predlog_hooks import (
     ModelIdentity,
     open_writer,
     prediction_row,
+    write_through_on_stop,
 )
 
 log = logging.getLogger("emassist.serving")
 
 IMAGE_COLUMN = "image"
 SERVER_FLUSH_INTERVAL_S = 0.25  # the scoring server's prediction-log writer (it has no params.yaml)
+ENV_FLUSH_INTERVAL = "EMASSIST_PREDICTION_LOG_FLUSH_S"  # overrides it (seconds)
 ERROR_COLUMN = "error"
 #: The columns after ``error`` saying whether to trust an answer (bools, a reason, a score).
 TRUST_COLUMNS = ("needs_review", "review_reason", "unfamiliar", "unfamiliar_score")
@@ -248,22 +251,30 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
 
     def open_prediction_log(self, db_uri: str | None = None) -> LogWriter | None:
         """Start the server's prediction log when ``db_uri`` (default: ``$EMASSIST_PREDICTION_LOG``) is set; it is
-        written every ``SERVER_FLUSH_INTERVAL_S`` (and closed at interpreter exit where that runs). A URL that cannot
-        be used: one warning, no log."""
+        written every ``SERVER_FLUSH_INTERVAL_S``, written through from a stop signal on (SIGTERM/SIGINT: the
+        requests the server still finishes are logged before it exits) and closed at interpreter exit where that
+        runs. A URL that cannot be used: one warning, no log."""
         if self.prediction_log is not None:
             return self.prediction_log
         url = db_uri if db_uri is not None else os.environ.get(ENV_PREDICTION_LOG, "").strip()
         if not url:
             return None
-        # The scoring server writes often: uvicorn's process does not run atexit handlers on its way out (measured),
-        # so rows still pending when it stops are lost; a short interval keeps that to a fraction of a second.
-        writer, why = open_writer(url, MonitoringParams(flush_interval_s=SERVER_FLUSH_INTERVAL_S))
+        # uvicorn's process does not run atexit handlers on its way out (measured): a stop signal switches the writer
+        # to write-through (write_through_on_stop); a short interval bounds what a SIGKILL can take.
+        try:
+            interval = float(os.environ.get(ENV_FLUSH_INTERVAL) or SERVER_FLUSH_INTERVAL_S)
+            MonitoringParams(flush_interval_s=interval).check()
+        except ValueError as exc:
+            log.warning("%s: %s; using %s s", ENV_FLUSH_INTERVAL, exc, SERVER_FLUSH_INTERVAL_S)
+            interval = SERVER_FLUSH_INTERVAL_S
+        writer, why = open_writer(url, MonitoringParams(flush_interval_s=interval))
         if writer is None:
             log.warning("prediction log off: %s", why)
             return None
         self.prediction_log = writer
         self.model_identity = ModelIdentity.from_env()
         atexit.register(writer.close)
+        write_through_on_stop(writer)
         self._log_failed = False
         return writer
 

@@ -277,3 +277,26 @@ def test_scan_with_the_store_down_warns_and_writes_its_outputs(
     assert code == 0 and (tmp_path / "heat.png").is_file()
     err = capsys.readouterr().err
     assert err.count("warning") == 1 and "the scan is not logged" in err
+
+
+def test_a_stop_signal_switches_the_writer_to_write_through_and_hands_the_signal_on(tmp_path: Path) -> None:
+    """What the scoring server installs: uvicorn's own handler (here a stand-in) still gets the signal."""
+    import signal
+
+    from emassist.data.predlog import LogWriter, PredictionLog, PredictionRow
+    from emassist.serve.predlog_hooks import write_through_on_stop
+
+    store = PredictionLog(f"sqlite:///{tmp_path / 'log.db'}")
+    writer = LogWriter(store, batch_size=100, flush_interval_s=3600)
+    writer.record(PredictionRow(source="server", sha256="a" * 64, label="Tips", confidence=0.9,
+                                probabilities={"Tips": 0.9}, needs_review=False))  # fmt: skip
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    try:
+        assert write_through_on_stop(writer, signals=(signal.SIGUSR1,)) is True
+        signal.raise_signal(signal.SIGUSR1)
+        assert seen == [signal.SIGUSR1]  # handed on
+        assert writer.stats["written"] == 1 and store.count() == 1  # pending row written at the signal
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        writer.close()

@@ -169,3 +169,18 @@ def test_rows_recorded_later_count_towards_max_pending_and_a_full_batch(tmp_path
         bounded.record_later(lambda i=i: row(i))
     assert bounded.pending == 3 and bounded.stats["dropped"] == 2
     bounded.close(close_timeout_s=0.2)
+
+
+def test_write_through_writes_pending_rows_and_each_later_row_before_record_returns(tmp_path: Path) -> None:
+    store = CountingLog(f"sqlite:///{tmp_path / 'log.db'}")
+    writer = LogWriter(store, batch_size=100, flush_interval_s=3600, max_pending=100)  # the thread never flushes
+    writer.record(row(0))
+    writer.record_later(lambda: row(1))
+    assert writer.stats["written"] == 0
+    writer.write_through()
+    assert writer.stats["written"] == 2 and writer.pending == 0
+    writer.record(row(2))
+    assert writer.stats["written"] == 3  # written before record returned
+    writer.record_later(lambda: row(3))
+    assert writer.stats["written"] == 4 and store.batches == [2, 1, 1]
+    writer.close()
