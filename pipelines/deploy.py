@@ -1,6 +1,6 @@
 """Deploy the flows to a Prefect server from params.yaml, and keep prefect.yaml in step with it.
 
-``python -m pipelines.deploy`` creates (or updates) four deployments on the server named by ``PREFECT_API_URL``:
+``python -m pipelines.deploy`` creates (or updates) five deployments on the server named by ``PREFECT_API_URL``:
 
 =========================  ==============================  =====================================================
 deployment                 work pool                       when
@@ -9,6 +9,7 @@ deployment                 work pool                       when
 ``sem-train/train``        ``train.work_pool``             sent by the pipeline when ``train.work_pool`` is set
 ``sem-retrain/retrain``    ``orchestration.pipeline_pool``  cron ``orchestration.retrain_cron`` (always retrains)
 ``sem-monitor/monitor``    ``orchestration.pipeline_pool``  cron ``monitoring.monitor_cron`` (retrains with a reason)
+``sem-batch/batch``        ``orchestration.pipeline_pool``  on demand, ``-p src=... -p out=...`` (Spark batch scoring)
 =========================  ==============================  =====================================================
 
 Every deployment runs in the worker's own checkout of this repository: the pull step changes to the directory in
@@ -45,6 +46,7 @@ PULL_STEPS: list[dict[str, Any]] = [
 ]
 DEFAULT_TRAIN_POOL = "gpu"
 MONITOR_DEPLOYMENT = "sem-monitor/monitor"
+BATCH_DEPLOYMENT = "sem-batch/batch"
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ def specs(params: Params) -> list[Spec]:
              "Scheduled retraining: fresh data, the whole pipeline, promotion only through the registry gate"),
         Spec(MONITOR_DEPLOYMENT, "pipelines/flows.py:monitor_flow", o.pipeline_pool, params.monitoring.monitor_cron,
              "Drift check of the prediction log; retrains only on drift, enough new corrections, or force"),
+        Spec(BATCH_DEPLOYMENT, "pipelines/flows.py:batch_flow", o.pipeline_pool, None,
+             "Archive-scale scoring on Spark with the registered model: -p src=... -p out=... (emassist batch)"),
     ]  # fmt: skip
 
 
@@ -157,8 +161,8 @@ def yaml_differences(params: Params, prefect_yaml: Path = PREFECT_YAML) -> list[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.deploy",
-        description="Create or update the Prefect deployments (pipeline, train, retrain, monitor) from params.yaml "
-        "on the server named by PREFECT_API_URL.",
+        description="Create or update the Prefect deployments (pipeline, train, retrain, monitor, batch) from "
+        "params.yaml on the server named by PREFECT_API_URL.",
     )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
     parser.add_argument("--check", action="store_true", help="only compare prefect.yaml with params; exit 1 if apart")

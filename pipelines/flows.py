@@ -16,6 +16,9 @@
   decision (:func:`emassist.pipeline.retrain.retrain_decision`): drift, enough new corrections, or forced → the
   ``sem-retrain`` flow as a child run; otherwise "nothing to do" and why (the flow's result and an artifact).
   Deployed on the cron ``monitoring.monitor_cron``.
+* ``sem-batch`` (:func:`batch_flow`): ``emassist batch`` as a flow: an archive under ``src`` scored on Spark with the
+  registered model (:mod:`emassist.pipeline.batch`), Parquet and the per-class summary under ``out``; the summary is
+  the flow's artifact. Deployed on demand (``prefect deployment run sem-batch/batch -p src=... -p out=...``).
 
 Run locally, no setup (Prefect starts a temporary server): ``python -m pipelines.flows [--params params.yaml]``.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -405,6 +409,38 @@ def monitor_flow(params_path: str = "params.yaml", force: bool = False) -> dict[
     result = retrain_flow(params_path=params_path, trigger=decision.trigger, reasons=decision.reasons,
                           data_diff=decision.data_diff())  # fmt: skip
     return {**outcome, "result": "retrained", "trigger": decision.trigger, "retrain": result}
+
+
+@task(name="spark-batch", cache_policy=NO_CACHE)
+def batch_task(params: Params, src: str, out: str, model: str | None, master: str | None) -> dict[str, Any]:
+    """The Spark job (not retried: it is long, and a failure it reports is the input's or the model's)."""
+    from emassist.pipeline.batch import run_batch  # lazy: pyspark only for this flow
+
+    logger = get_run_logger()
+    report = run_batch(params, src, out, model=model, master=master, progress=False, announce=logger.info)
+    for line in report.lines():
+        logger.info("%s", line)
+    return dataclasses.asdict(report)
+
+
+@flow(name="sem-batch", log_prints=True)
+def batch_flow(
+    src: str, out: str, model: str | None = None, master: str | None = None, params_path: str = "params.yaml"
+) -> dict[str, Any]:
+    """Score every image under ``src`` on Spark (``emassist batch``); Parquet and summary.csv under ``out``.
+
+    ``model``: default the champion; ``master``: default ``SPARK_MASTER``, else ``batch.master``. The result is the
+    run's report (counts, model version, timings); the per-class summary is a markdown artifact."""
+    params = load_params(params_path)
+    report = batch_task(params, src, out, model, master)
+    rows = ["| class | files | mean confidence | needs review |", "|---|---:|---:|---:|"]
+    rows += [f"| {r['class']} | {r['files']} | {r['mean_confidence']} | {r['needs_review']} |"
+             for r in report["summary"]]  # fmt: skip
+    notice = f"\n\n**{report['notice']}**" if report.get("notice") else ""
+    create_markdown_artifact(f"Batch {src} → {report['predictions']} with {report['model_uri']} "
+                             f"(version {report['model_version'] or '-'})\n\n" + "\n".join(rows) + notice,
+                             key="batch-summary", description="emassist batch: files per class")  # fmt: skip
+    return report
 
 
 FLOWS = {"pipeline": pipeline_flow, "retrain": retrain_flow, "monitor": monitor_flow}
