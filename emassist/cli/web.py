@@ -28,8 +28,17 @@ def _cmd_web(args: argparse.Namespace) -> int:
     from serving.webapp.app import serve
 
     params = load_params(args.params)
+    watch = None
+    if args.watch is not None:
+        from emassist.pipeline.watch import WatchOptions
+
+        if not args.watch.is_dir():
+            print(f"error: --watch {args.watch}: not a folder", file=sys.stderr)
+            return 2
+        alert = [c.strip() for c in (args.watch_alert or "").split(",") if c.strip()]
+        watch = WatchOptions(folder=args.watch, out=args.watch_out, poll=args.watch_poll, alert=alert)
     try:
-        serve(params, args.host, args.port, model_uri=args.model, endpoint_url=args.endpoint)
+        serve(params, args.host, args.port, model_uri=args.model, endpoint_url=args.endpoint, watch=watch)
     except BackendError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -184,6 +193,13 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     _model_options(p)
+    p.add_argument("--watch", type=Path, metavar="DIR",
+                   help="also watch DIR as `emassist watch` does (same model); arrivals on the Live tab")  # fmt: skip
+    p.add_argument("--watch-out", type=Path, metavar="OUT", help="the watcher's results folder (default: DIR-emassist)")
+    p.add_argument("--watch-poll", action="store_true", help="the watcher lists DIR every watch.poll_interval_s "
+                   "instead of file-system events (network shares)")  # fmt: skip
+    p.add_argument("--watch-alert", metavar="CLASS[,CLASS]",
+                   help="classes the Live tab highlights (at or above watch.min_confidence)")  # fmt: skip
     p.set_defaults(func=_cmd_web)
 
     p = sub.add_parser(

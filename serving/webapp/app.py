@@ -14,6 +14,10 @@ HTTP API (every error is JSON ``{"error": "<one line>"}`` with a 4xx/5xx status;
 * ``POST /api/scan?filename=NAME&class=C&tile=256&stride=128`` — body: the overview image. → heat map overlay
   of class C, the score grid, the tile count and time. ``GET /api/scan/{id}/heatmap?class=C`` redraws it for
   another class; ``GET /api/scan/{id}/tiles.csv`` gives every tile's scores.
+* ``GET  /api/live`` — the watched folder (``emassist web --watch DIR``; null when none) and its recent arrivals;
+  ``GET /api/live/events`` streams each arrival as it is answered (Server-Sent Events, ``event: arrival``, the
+  id a sequence number: a reconnecting browser sends ``Last-Event-ID`` and gets only what it missed): file, status,
+  label, confidence, needs-review, alert, a thumbnail of what the model saw.
 
 Uploads are held in memory, bounded by the page's own limits (``webapp.max_upload_bytes``, and
 ``webapp.max_pixels`` on the declared size, checked from the header before decoding); types are decided by content,
@@ -43,15 +47,16 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.staticfiles import StaticFiles
 
 from emassist.config.settings import Params
@@ -60,6 +65,8 @@ from emassist.data.feedback import FeedbackError, correct, sha256_of
 from emassist.data.predlog import LogWriter, PredictionLog, PredictionLogError, PredictionRow, image_stats
 from emassist.model.provenance import describe_training_data
 from emassist.model.selective import ReviewPolicy
+from emassist.pipeline.watch import Watcher, WatchOptions
+from emassist.pipeline.watch_scorer import Scorer
 from emassist.serve import tilescan
 from emassist.serve.backend import Backend, BackendError, load_backend
 from emassist.serve.drawing import overlay, png_bytes
@@ -74,6 +81,9 @@ KEEP_UPLOADS = 200  # original upload bytes kept for corrections (the newest) ..
 KEEP_UPLOAD_BYTES = 512 * 2**20  # ... and at most this many bytes of them in all
 PREVIEW_SIDE = 384
 TOP_K = 3
+LIVE_KEEP = 200  # arrivals the Live tab keeps (a browser that connects gets these first)
+LIVE_THUMB = 96  # thumbnail side, pixels
+LIVE_POLL_S = 0.25  # how often an open event stream looks for new arrivals
 
 
 class HttpError(Exception):
@@ -132,6 +142,44 @@ def _preview(gray: np.ndarray, aspect: float) -> np.ndarray:
         w, h = max(1, round(PREVIEW_SIDE * aspect)), PREVIEW_SIDE
     resample = Image.Resampling.BILINEAR
     return np.asarray(Image.fromarray(np.ascontiguousarray(gray)).resize((w, h), resample))
+
+
+class LiveHub:
+    """The Live tab's arrivals: the watcher (its sink thread) publishes, each event stream reads what is new."""
+
+    def __init__(self, keep: int = LIVE_KEEP) -> None:
+        self.events: deque[dict[str, Any]] = deque(maxlen=keep)
+        self.seq = 0
+        self.folder: str | None = None
+        self.out: str | None = None
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def publish(self, record: dict[str, Any], image: np.ndarray | None) -> None:
+        """One answered (or rejected, incomplete, gone) file from the watcher → an arrival."""
+        thumb = ""
+        if image is not None:
+            from PIL import Image
+
+            small = Image.fromarray(np.ascontiguousarray(image)).resize((LIVE_THUMB, LIVE_THUMB))
+            thumb = _data_url(png_bytes(np.asarray(small)))
+        keys = ("time", "path", "relpath", "status", "label", "confidence", "needs_review", "review_reason",
+                "unfamiliar", "error", "sha256", "sorted_to")  # fmt: skip
+        event = {k: record.get(k) for k in keys}
+        event.update(alert=bool(record.get("alert")), thumbnail=thumb)
+        with self._lock:
+            self.seq += 1
+            event["id"] = self.seq
+            self.events.append(event)
+
+    def since(self, seq: int) -> list[dict[str, Any]]:
+        with self._lock:
+            return [e for e in self.events if e["id"] > seq]
+
+    def summary(self) -> dict[str, Any]:
+        with self._lock:
+            recent = list(self.events)
+        return {"watching": self.folder, "out": self.out, "events": recent[::-1]}
 
 
 class WebApp:
@@ -530,20 +578,30 @@ def _filename(value: str | None) -> str:
     return "".join(ch for ch in name if ch.isprintable() and ch not in '"\\')[:200]
 
 
-def create_app(params: Params, backend: Backend) -> FastAPI:
-    """The FastAPI app around ``backend`` (:func:`serve` runs it inside :func:`private_tempdir`)."""
+def create_app(params: Params, backend: Backend, *, watch: WatchOptions | None = None,
+               should_exit: Any = None) -> FastAPI:  # fmt: skip
+    """The FastAPI app around ``backend`` (:func:`serve` runs it inside :func:`private_tempdir`).
+
+    ``watch``: also run the folder watcher (``emassist web --watch DIR``) with the same model, its arrivals on the
+    Live tab. ``should_exit``: a callable saying that the server is stopping (open event streams end then)."""
     state = WebApp(params, backend)
+    hub = LiveHub()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         state.open_log()
+        live = _start_watch(params, backend, watch, hub) if watch is not None else None
         try:
             yield
         finally:
+            hub.closed = True
+            if live is not None:
+                _stop_watch(*live)
             state.close_log()
 
     app = FastAPI(title="Electron Microscope Assistant", docs_url="/api/docs", redoc_url=None, lifespan=lifespan)
     app.state.webapp = state
+    app.state.live = hub
 
     @app.exception_handler(HttpError)
     async def http_error(request: Request, exc: HttpError) -> JSONResponse:
@@ -623,8 +681,54 @@ def create_app(params: Params, backend: Backend) -> FastAPI:
         headers = {"Content-Disposition": f'attachment; filename="{stem}-tiles.csv"'}
         return Response(record.result.csv_text(), media_type="text/csv", headers=headers)
 
+    @app.get("/api/live")
+    def live() -> dict[str, Any]:
+        return hub.summary()
+
+    @app.get("/api/live/events", response_class=EventSourceResponse)
+    async def live_events(last_event_id: str | None = Header(None)) -> AsyncIterator[ServerSentEvent]:
+        import asyncio
+
+        seq = int(last_event_id) if (last_event_id or "").isdigit() else 0
+        while not hub.closed and not (should_exit is not None and should_exit()):
+            for event in hub.since(seq):
+                seq = event["id"]
+                yield ServerSentEvent(data=event, event="arrival", id=str(seq))
+            await asyncio.sleep(LIVE_POLL_S)
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def _start_watch(params: Params, backend: Backend, options: WatchOptions, hub: LiveHub) -> tuple[Any, Any, Any]:
+    """The watcher in this process (its own threads), publishing to the Live tab; its answers are logged as source
+    ``watch`` by a writer of its own."""
+    from emassist.serve.predlog_hooks import open_writer
+
+    writer = None
+    if options.log_predictions and params.monitoring.log_predictions:
+        writer, why = open_writer(params.monitoring.resolved_db_uri(), params.monitoring)
+        if writer is None:
+            log.warning("watch: prediction log off: %s", why)
+
+    def say(line: str) -> None:
+        log.warning("watch: %s", line)
+
+    watcher = Watcher(options, params, Scorer(backend), log_writer=writer, say=say, listeners=[hub.publish])
+    watcher.start()
+    hub.folder, hub.out = str(watcher.root), str(watcher.out)
+    log.warning("watching %s; results in %s", watcher.root, watcher.out)
+    thread = threading.Thread(target=watcher.run, name="watch-supervisor", daemon=True)
+    thread.start()
+    return watcher, thread, writer
+
+
+def _stop_watch(watcher: Watcher, thread: threading.Thread, writer: LogWriter | None) -> None:
+    """Finish the batch in hand, close the watcher's files and its log writer."""
+    watcher.stop()
+    thread.join(30)
+    if writer is not None:
+        writer.close()
 
 
 def _int_param(value: str | None, default: int, name: str) -> int:
@@ -657,9 +761,16 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 
 def serve(
-    params: Params, host: str, port: int, *, model_uri: str | None = None, endpoint_url: str | None = None
+    params: Params,
+    host: str,
+    port: int,
+    *,
+    model_uri: str | None = None,
+    endpoint_url: str | None = None,
+    watch: WatchOptions | None = None,
 ) -> None:
-    """Load the model (``webapp.source``, or ``model_uri`` / ``endpoint_url``) and serve the page until stopped."""
+    """Load the model (``webapp.source``, or ``model_uri`` / ``endpoint_url``) and serve the page until stopped;
+    ``watch``: with the folder watcher inside (the Live tab)."""
     import uvicorn
 
     # uvicorn re-raises SIGTERM after its graceful shutdown; as SystemExit it lets the temporary folder go too.
@@ -667,4 +778,10 @@ def serve(
     with private_tempdir(params.webapp.temp_dir):
         backend = load_backend(params, model_uri=model_uri, endpoint_url=endpoint_url)
         log.warning("model: %s; page at http://%s:%d/", backend.info.label, host, port)
-        uvicorn.run(create_app(params, backend), host=host, port=port, log_level="info", access_log=False)
+        server: Any = None
+        app = create_app(params, backend, watch=watch, should_exit=lambda: bool(server and server.should_exit))
+        # uvicorn.Server rather than uvicorn.run: the Live tab's open event streams end when it starts stopping
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False))
+        server.run()
+        if not server.started:  # as uvicorn.run: a port in use, a failed start-up
+            raise SystemExit(3)

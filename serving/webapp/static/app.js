@@ -311,6 +311,62 @@ function setupScan() {
   });
 }
 
+// ------------------------------------------------------------------------------------------------ live
+
+const LIVE_MAX = 200; // arrivals shown (newest first)
+
+function liveCard(ev) {
+  const alert = ev.alert ? " alert" : "";
+  const card = el("div", { class: "live-item" + alert + (ev.status !== "classified" ? " bad" : ""),
+    "data-testid": "live-item", "data-relpath": ev.relpath || "" });
+  if (ev.thumbnail) card.append(el("img", { class: "live-thumb", src: ev.thumbnail, alt: "what the model saw" }));
+  else card.append(el("div", { class: "live-thumb empty", text: "—" }));
+  const body = el("div", { class: "live-body" });
+  body.append(el("div", { class: "filename", text: ev.relpath || ev.path || "" }));
+  if (ev.status === "classified") {
+    const line = el("div", { class: "live-label" });
+    line.append(el("b", { "data-testid": "live-label", text: ev.label.replaceAll("_", " ") }),
+      " " + (100 * ev.confidence).toFixed(1) + " %");
+    if (ev.alert) line.append(" ", el("span", { class: "badge alert-badge", "data-testid": "live-alert", text: "ALERT" }));
+    if (ev.needs_review) {
+      line.append(" ", el("span", { class: "badge review", "data-testid": "live-review",
+        text: "check by eye" + (ev.review_reason ? ": " + ev.review_reason : "") }));
+    }
+    body.append(line);
+  } else {
+    body.append(el("div", { class: "live-error", text: ev.status + ": " + (ev.error || "") }));
+  }
+  body.append(el("div", { class: "muted small", text: ev.time || "" }));
+  card.append(body);
+  return card;
+}
+
+function addLive(ev) {
+  const list = $("live-list");
+  list.prepend(liveCard(ev));
+  while (list.children.length > LIVE_MAX) list.lastChild.remove();
+}
+
+async function setupLive() {
+  let info;
+  try {
+    info = await api("/api/live");
+  } catch (err) {
+    $("live-status").textContent = "live view unavailable: " + err.message;
+    return;
+  }
+  if (!info.watching) {
+    $("live-status").textContent = "No folder is watched. Start the page with `emassist web --watch DIR` to see " +
+      "images here as the microscope saves them.";
+    return;
+  }
+  $("live-status").textContent = `Watching ${info.watching} · results in ${info.out} · newest first`;
+  const source = new EventSource("/api/live/events");
+  source.addEventListener("arrival", (e) => addLive(JSON.parse(e.data)));
+  source.onerror = () => { $("live-status").dataset.connection = "reconnecting"; };
+  source.onopen = () => { $("live-status").dataset.connection = "open"; };
+}
+
 // ------------------------------------------------------------------------------------------------ tabs
 
 function setupTabs() {
@@ -327,4 +383,5 @@ function setupTabs() {
 setupTabs();
 setupClassify();
 setupScan();
+setupLive();
 loadInfo();
