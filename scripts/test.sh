@@ -20,7 +20,7 @@ ruff check .
 ruff format --check .
 echo "==> pytest"
 set +e
-pytest "$@"
+pytest --durations=25 "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
