@@ -395,10 +395,14 @@ class Watcher:
             deadline = time.monotonic() + wait
             while len(batch) < size:
                 left = deadline - time.monotonic()
-                try:
-                    item = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
-                except queue.Empty:
+                if left <= 0:
                     break
+                try:
+                    item = self.queue.get(timeout=min(left, 0.02))
+                except queue.Empty:
+                    if not self._settling and self.queue.empty():
+                        break  # nothing on its way: answer now rather than wait for a batch that will not come
+                    continue
                 batch.append(item)
                 with self._busy_lock:
                     self._busy = len(batch)
