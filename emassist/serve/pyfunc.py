@@ -392,17 +392,17 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         labels = [self.classes[int(k)] if good else "" for k, good in zip(best, ok, strict=True)]
         confidence = np.where(ok, proba.max(axis=1) if len(proba) else 0.0, 0.0).astype(np.float64)
         scores = np.zeros(len(errors)) if unfamiliar_scores is None else np.asarray(unfamiliar_scores, np.float64)
-        frame = pd.DataFrame({"label": labels, "confidence": confidence})
-        for k, name in enumerate(self.classes):
-            frame[name] = proba[:, k].astype(np.float64)
-        frame[ERROR_COLUMN] = list(errors)
         reviews = [self.review(float(c), float(u)) if good else (True, False, "image rejected")
                    for c, u, good in zip(confidence, scores, ok, strict=True)]  # fmt: skip
-        frame["needs_review"] = [r[0] for r in reviews]
-        frame["review_reason"] = [r[2] for r in reviews]
-        frame["unfamiliar"] = [r[1] for r in reviews]
-        frame["unfamiliar_score"] = np.where(ok, scores, 0.0)
-        return frame
+        probabilities = proba.astype(np.float64)
+        columns: dict[str, Any] = {"label": labels, "confidence": confidence}
+        columns.update({name: probabilities[:, k] for k, name in enumerate(self.classes)})
+        columns[ERROR_COLUMN] = list(errors)
+        columns["needs_review"] = [r[0] for r in reviews]
+        columns["review_reason"] = [r[2] for r in reviews]
+        columns["unfamiliar"] = [r[1] for r in reviews]
+        columns["unfamiliar_score"] = np.where(ok, scores, 0.0)
+        return pd.DataFrame(columns)  # built at once: 15 column insertions cost ~1 ms a request
 
     # ----------------------------------------------------------------------------------------- pyfunc API
 
