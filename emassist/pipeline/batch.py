@@ -17,8 +17,11 @@ The job, in order (see docs/batch.md):
    sees can be all bad, whatever ``maxRecordsPerBatch`` / ``maxBytesPerBatch`` cut.
 4. **Scoring** with ``mlflow.pyfunc.spark_udf(spark, <the downloaded model>, env_manager="local",
    result_type=<the pyfunc's output columns>)``: the SAME pyfunc ``mlflow models serve`` runs, fed base64 file
-   bytes in its ``image`` column. Spark's ``SparkModelCache`` keeps the loaded model per Python worker process, and
-   ``spark.python.worker.reuse`` (set true) keeps those processes across tasks: one load per executor process.
+   bytes in its ``image`` column. On a cluster MLflow ships the model as an archive and its ``SparkModelCache``
+   keeps the loaded model per Python worker process; ``spark.python.worker.reuse`` (set true) keeps those processes
+   across tasks: one load per executor Python process. In local mode MLflow skips that cache and loads the model
+   once per task (``mlflow/pyfunc/__init__.py``: ``should_use_spark_to_broadcast_file`` is false for a local master),
+   so the job packs small files into large tasks (:data:`FILES_PER_TASK`).
 5. **Output** under OUT: ``predictions/`` (Parquet; one row per file), ``summary.csv`` (per class) and
    ``batch.json`` (the run: model, training data notice, counts). A re-run replaces them (written beside, then
    swapped in), so rows are never duplicated.
@@ -68,11 +71,17 @@ ERROR_LABEL = "(error)"  # the summary's row for files that got no answer
 APP_NAME = "emassist-batch"
 SENTINEL_SEED = 17
 EMPTY_SHA256 = sha256_of(b"")
+#: Files per input task when they are small: Spark counts each file as ``spark.sql.files.openCostInBytes`` (4 MiB by
+#: default) when it packs files into tasks, so thousands of small images would make tasks of ~32 files; in local mode
+#: MLflow's spark_udf loads the model once per TASK (no SparkModelCache there), so tasks should be large.
+FILES_PER_TASK = 512  # TODO param: batch.files_per_task
+MAX_PARTITION_BYTES = 128 * 1024 * 1024  # Spark's default spark.sql.files.maxPartitionBytes
 #: Spark settings the job always makes (a --conf of the same key wins).
 BASE_CONF: dict[str, str] = {
     "spark.python.worker.reuse": "true",  # the pyfunc stays loaded in a worker across tasks (SparkModelCache)
     "spark.sql.chunkBase64String.enabled": "false",  # one base64 line per file: the pyfunc's fast strict path
     "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.files.openCostInBytes": str(MAX_PARTITION_BYTES // FILES_PER_TASK),
 }
 
 
