@@ -8,7 +8,11 @@ Starts ``emassist web`` as a process on 127.0.0.1 with a model of the configured
 * the first upload → result JSON after start (cold), and the median of ``--repeats`` more (warm), for a
   1024×768 demo PNG with a data bar;
 * Grad-CAM for one image (first call builds the gradient model; median of the rest);
-* a tile scan of a 4096×4096 PNG (``--tile`` / ``--stride``), upload → heat map JSON, median of ``--scan-repeats``.
+* a tile scan of a 4096×4096 PNG (``--tile`` / ``--stride``), upload → heat map JSON, median of ``--scan-repeats``
+  (upload, PNG decode, scan, heat map and JSON: what the page waits for);
+
+and first, in this process with the same model, the scan itself (``tilescan.scan``) against its floor, the compiled
+forward pass on tiles already cut at the same batch size (``--floor-only`` for that table alone).
 
     python bench/bench_webapp.py [--repeats 10] [--scan-repeats 3] [--tile 256] [--stride 128]
 """
@@ -80,6 +84,45 @@ def timed_post(url: str, data: bytes, **query: str) -> tuple[float, dict]:
     return elapsed, resp.json()
 
 
+def scan_vs_forward(
+    model: str, params_file: Path, overview: bytes, *, tile: int, stride: int, batch: int, runs: int
+) -> dict[str, list[float]]:
+    """In-process: the tile scan's throughput against its floor, the compiled forward pass of the same model at the
+    same batch size on tiles already cut (``SemClassifier._forward``: the model-input resize and the network, the
+    tf.function the scan itself calls). Runs interleaved, ``runs`` each; tiles/s and images/s per run."""
+    from emassist.serve import tilescan
+    from emassist.serve.predict import load_predictor
+
+    params = load_params(params_file)
+    predictor = load_predictor(model, params)
+    pre = predictor.preprocessor
+    gray = pre.decode(overview).gray
+    cropped, _ = pre.crop(gray)
+    ys = tilescan.positions(cropped.shape[0], tile, stride)
+    xs = tilescan.positions(cropped.shape[1], tile, stride)
+    corners = [(y, x) for y in ys for x in xs]
+    batches = [pre.tiles(cropped, corners[i : i + batch], tile)[..., None] for i in range(0, len(corners), batch)]
+    predictor._forward(batches[0])  # traced at load; one call more so both start warm
+    out: dict[str, list[float]] = {"forward": [], "scan": [], "ratio": []}
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for b in batches:
+            predictor._forward(b)
+        forward = len(corners) / (time.perf_counter() - t0)
+        result = tilescan.scan(gray, predictor.probabilities, predictor.classes, tile=tile, stride=stride,
+                               preprocessor=pre, batch_size=batch)  # fmt: skip
+        scan = result.n_tiles / result.seconds
+        out["forward"].append(forward)
+        out["scan"].append(scan)
+        out["ratio"].append(scan / forward)
+    out["n_tiles"] = [float(len(corners))]
+    return out
+
+
+def spread(values: list[float], fmt: str = "{:.0f}") -> str:
+    return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
@@ -89,6 +132,9 @@ def main() -> int:
     ap.add_argument("--tile", type=int, default=256)
     ap.add_argument("--stride", type=int, default=128)
     ap.add_argument("--side", type=int, default=4096)
+    ap.add_argument("--batch", type=int, help="tiles per forward pass (default: webapp.tile_batch)")
+    ap.add_argument("--floor-runs", type=int, default=5, help="in-process scan vs forward-pass runs (default: 5)")
+    ap.add_argument("--floor-only", action="store_true", help="only the in-process scan vs forward-pass table")
     args = ap.parse_args()
     params = load_params(args.params)
 
@@ -98,6 +144,19 @@ def main() -> int:
         one = demo_png(tmp / "one.png", 1024, 768).read_bytes()
         others = [demo_png(tmp / f"img{i}.png", 1024, 768, index=i + 1).read_bytes() for i in range(args.repeats)]
         overview = overview_png(tmp / "overview.png", args.side).read_bytes()
+        batch = args.batch or params.webapp.tile_batch
+        floor = scan_vs_forward(model, args.params, overview, tile=args.tile, stride=args.stride, batch=batch,
+                                runs=args.floor_runs)  # fmt: skip
+        print(f"Tile scan vs its floor, in-process ({args.side}×{args.side} overview, tile {args.tile} stride "
+              f"{args.stride}, {floor['n_tiles'][0]:.0f} tiles, batch {batch}; min / median / max of "
+              f"{args.floor_runs} interleaved runs; load average {os.getloadavg()[0]:.1f})")  # fmt: skip
+        print("| path | throughput |\n|---|---:|")
+        print(f"| compiled forward pass on cut tiles (the floor) | {spread(floor['forward'])} images/s |")
+        print(f"| `tilescan.scan` (crop, featureless check, cutting, forward, calibration) | "
+              f"{spread(floor['scan'])} tiles/s |")  # fmt: skip
+        print(f"| scan / floor, per run | {spread(floor['ratio'], '{:.2f}')} × (goal ≥ 0.9×) |\n")
+        if args.floor_only:
+            return 0
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log_file = tmp / "web.log"

@@ -175,8 +175,10 @@ class Preprocessor:
         region of a real overview is still scored): uint8 ``[B, S, S]``."""
         g = _as_uint8_gray(full, "tiles")
         out = np.empty((len(corners), self.cache_size, self.cache_size), dtype=np.uint8)
+        same = tile == self.cache_size and tile <= min(g.shape)  # the usual scan: tiles are cut at the cache size
         for k, (y, x) in enumerate(corners):
-            out[k] = self.resize(g[y : y + tile, x : x + tile])
+            window = g[y : y + tile, x : x + tile]
+            out[k] = window if same else self.resize(window)  # a copy of the window, no PIL round trip
         return out
 
     def to_model_input(self, gray: Any) -> Any:

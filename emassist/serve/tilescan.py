@@ -3,8 +3,9 @@
 The overview is decoded once and its data bar cropped once, by the model's own
 :class:`~emassist.data.preprocess.Preprocessor`; that image is cut into ``tile``×``tile`` windows every ``stride``
 pixels (the last row and column are moved in to touch the edge, so every pixel is covered), each resized to the
-cache size by :meth:`Preprocessor.tiles` (no data-bar search of its own), and the tiles go through the model in
-batches (in-process, or to the endpoint as already-standardized images). The result is a per-class score grid
+cache size by :meth:`Preprocessor.tiles` (no data-bar search of its own; a plain copy when the tile is the cache
+size), and the tiles go through the model in batches (in-process, or to the endpoint as already-standardized images),
+the next batch cut on a second thread while the model runs the current one. The result is a per-class score grid
 ``[rows, cols, classes]``; :func:`heatmap` spreads one class's scores back over the pixels (the mean over the
 tiles covering each pixel).
 
@@ -19,6 +20,7 @@ import io
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,15 +146,27 @@ def scan(
     coords = [(r, c) for r in range(len(ys)) for c in range(len(xs))]
     scores = np.zeros((len(ys), len(xs), len(classes)), dtype=np.float32)
     batch_size = max(1, int(batch_size))
-    with tqdm(total=len(coords), unit="tile", desc="scan", disable=None if progress is None else not progress) as bar:
-        for start in range(0, len(coords), batch_size):
-            chunk = coords[start : start + batch_size]
-            tiles = preprocessor.tiles(g, [(ys[r], xs[c]) for r, c in chunk], tile)
+    chunks = [coords[start : start + batch_size] for start in range(0, len(coords), batch_size)]
+
+    def cut(chunk: list[tuple[int, int]]) -> np.ndarray:
+        return preprocessor.tiles(g, [(ys[r], xs[c]) for r, c in chunk], tile)
+
+    # The next batch is cut on a second thread while the model runs this one (NumPy's copies, PIL's resizes and
+    # TensorFlow's kernels release the GIL): the scan runs at the forward pass's pace, not at forward + cutting.
+    with (
+        tqdm(total=len(coords), unit="tile", desc="scan", disable=None if progress is None else not progress) as bar,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="scan-cut") as cutter,
+    ):
+        upcoming = cutter.submit(cut, chunks[0])
+        for k, chunk in enumerate(chunks):
+            tiles = upcoming.result()
+            if k + 1 < len(chunks):
+                upcoming = cutter.submit(cut, chunks[k + 1])
             proba = np.asarray(predict(tiles), dtype=np.float32)
             if proba.shape != (len(chunk), len(classes)):
                 raise RuntimeError(f"the model answered shape {proba.shape} for {len(chunk)} tiles")
-            for (r, c), p in zip(chunk, proba, strict=True):
-                scores[r, c] = p
+            rows, cols = zip(*chunk, strict=True)
+            scores[list(rows), list(cols)] = proba
             bar.update(len(chunk))
     return TileScan(
         classes=list(classes),
