@@ -33,7 +33,6 @@ ships no ``hadoop-aws`` jars; ``s3a://`` goes straight to Spark where those jars
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import re
@@ -41,21 +40,19 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-import numpy as np
 import pandas as pd
 
 from emassist.config.settings import Params
 from emassist.core.atomic import atomic_open
-from emassist.data.decode import ImageRejected
 from emassist.data.hashing import sha256_of
-from emassist.data.preprocess import Preprocessor
 from emassist.model.provenance import describe_training_data
+from emassist.pipeline.batch_udf import precheck_udf, sentinel_png
 from emassist.serve.predict import MODEL_CONFIG_PATH, training_data_lines
 from emassist.serve.pyfunc import ERROR_COLUMN, TRUST_COLUMNS
 
@@ -69,7 +66,6 @@ MANIFEST_FILE = "batch.json"
 REJECTED_REVIEW_REASON = "image rejected"  # what the pyfunc's result_frame says for a bad row
 ERROR_LABEL = "(error)"  # the summary's row for files that got no answer
 APP_NAME = "emassist-batch"
-SENTINEL_SEED = 17
 EMPTY_SHA256 = sha256_of(b"")
 #: Files per input task when they are small: Spark counts each file as ``spark.sql.files.openCostInBytes`` (4 MiB by
 #: default) when it packs files into tasks, so thousands of small images would make tasks of ~32 files; in local mode
@@ -218,49 +214,6 @@ def output_columns(classes: Sequence[str]) -> list[str]:
             "model_name", "model_version"]  # fmt: skip
 
 
-def precheck_reason(pre: Preprocessor, data: bytes | None) -> str:
-    """Why the pyfunc would refuse these file bytes ("" when it takes them): the pyfunc's ``prepare``, less the
-    model (decode, then standardize, with the same two kinds of failure)."""
-    if data is None:
-        return "unreadable: no content"
-    try:
-        pre.standardize(pre.decode(bytes(data)).gray)
-        return ""
-    except ImageRejected as exc:
-        return exc.reason
-    except Exception as exc:  # as the pyfunc: one odd image must not fail the others
-        return f"cannot process image ({type(exc).__name__})"
-
-
-def sentinel_png(config: dict[str, Any]) -> bytes:
-    """A small valid image the model accepts (noise: not featureless, no data bar), scored in place of a refused
-    file so that no batch the pyfunc sees is all bad; its answer is never kept."""
-    from PIL import Image
-
-    pre = Preprocessor.from_config(config)
-    side = max(32, pre.min_side, pre.cache_size)
-    gray = np.random.default_rng(SENTINEL_SEED).integers(0, 256, (side, side), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(gray).save(buf, format="PNG")
-    data = buf.getvalue()
-    if precheck_reason(pre, data):  # pragma: no cover - a model whose checks refuse noise
-        raise BatchError(f"the model refuses the stand-in image: {precheck_reason(pre, data)}")
-    return data
-
-
-def _precheck_udf(config: dict[str, Any]) -> Any:
-    """A pandas UDF: file bytes → the reason the model would refuse them ("" when fine)."""
-    from pyspark.sql.functions import pandas_udf
-
-    @pandas_udf("string")  # type: ignore[call-overload]
-    def precheck(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
-        pre = Preprocessor.from_config(config)  # once per task
-        for contents in batches:
-            yield pd.Series([precheck_reason(pre, c) for c in contents], dtype=object)
-
-    return precheck.asNondeterministic()  # evaluated once per row, never duplicated by the optimizer
-
-
 def spark_path(src: str) -> str:
     """A local folder as an absolute path Spark reads (URIs such as ``s3a://``, ``hdfs://`` pass through)."""
     if "://" in src or src.startswith("file:"):
@@ -320,7 +273,7 @@ def scored_frame(spark: SparkSession, src: str, model: ResolvedModel, params: Pa
     readable = files.where(F.col("length") <= limit)
     if b.partitions > 0:
         readable = readable.repartition(b.partitions)
-    precheck = _precheck_udf(model.config)
+    precheck = precheck_udf(model.config)
     checked = readable.select(
         "path",
         F.sha2(F.col("content"), 256).alias("sha256"),
@@ -328,7 +281,10 @@ def scored_frame(spark: SparkSession, src: str, model: ResolvedModel, params: Pa
         "content",
         precheck(F.col("content")).alias("pre_error"),
     )
-    sentinel = base64.b64encode(sentinel_png(model.config)).decode("ascii")
+    try:
+        sentinel = base64.b64encode(sentinel_png(model.config)).decode("ascii")
+    except ValueError as exc:  # pragma: no cover - a model whose checks refuse noise
+        raise BatchError(str(exc)) from exc
     predict = mlflow.pyfunc.spark_udf(
         spark, model.local_path, result_type=result_schema(model.classes), env_manager="local"
     )

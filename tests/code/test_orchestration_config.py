@@ -136,3 +136,21 @@ def test_retry_only_where_it_can_help() -> None:
     assert not _retry_helps(None, None, state(ParamsError("train.epochs: must be >= 1")))
     assert not _retry_helps(None, None, state(OrchestrationError("work pool 'x' not found")))
     assert not _retry_helps(None, None, state(FileNotFoundError("models/model.keras")))
+
+
+def test_batch_deployment_runs_the_spark_job_on_demand() -> None:
+    from prefect.utilities.callables import parameter_schema
+
+    from pipelines.deploy import BATCH_DEPLOYMENT, specs
+    from pipelines.flows import batch_flow
+
+    params = load_params(REPO_ROOT / "params.yaml")
+    spec = {s.full_name: s for s in specs(params)}[BATCH_DEPLOYMENT]
+    assert (spec.entrypoint, spec.pool, spec.cron) == (
+        "pipelines/flows.py:batch_flow",
+        params.orchestration.pipeline_pool,
+        None,
+    )
+    schema = parameter_schema(batch_flow).model_dump_for_openapi()
+    assert sorted(schema["required"]) == ["out", "src"]  # a run names its archive and output
+    assert {"model", "master", "params_path"} <= set(schema["properties"])

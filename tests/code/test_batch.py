@@ -1,0 +1,107 @@
+"""``emassist batch`` without Spark: a model URI or source that does not exist fails before Spark starts, with one
+clear line; the pre-check agrees with the pyfunc's reasons; the small helpers (paths, --conf, s3:// URIs)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from emassist.cli.main import main
+from emassist.config.classes import CLASSES
+from emassist.data.preprocess import Preprocessor
+from emassist.pipeline import batch
+from emassist.pipeline.batch_s3 import split_s3
+from emassist.pipeline.batch_udf import precheck_reason, sentinel_png
+from tests.helpers import encode, png_header_only, texture
+
+CONFIG: dict[str, Any] = {"classes": list(CLASSES), "cache_size": 64, "crop_databar": True, "max_pixels": 1_000_000,
+                          "min_side": 16, "image_size": 48, "min_contrast": 2.0}  # fmt: skip
+
+
+def no_spark(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("Spark must not start")
+
+
+def run_cli(tmp_path: Path, *argv: str) -> tuple[int, str]:
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["--params", str(params), "batch", *argv])
+    return code, err.getvalue()
+
+
+def test_unknown_model_fails_before_spark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batch, "spark_session", no_spark)
+    (tmp_path / "src").mkdir()
+    code, err = run_cli(tmp_path, str(tmp_path / "src"), "--out", str(tmp_path / "out"),
+                        "--model", "models:/no-such-model@champion")  # fmt: skip
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith("error: cannot load model models:/no-such-model@champion: ")
+    assert "Traceback" not in err
+
+
+def test_folder_that_is_not_our_pyfunc_fails_before_spark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batch, "spark_session", no_spark)
+    (tmp_path / "not-a-model").mkdir()
+    code, err = run_cli(tmp_path, str(tmp_path), "--out", str(tmp_path / "out"), "--model",
+                        str(tmp_path / "not-a-model"))  # fmt: skip
+    assert code == 1 and "is not an emassist SEM classifier pyfunc" in err
+
+
+def test_missing_source_fails_before_spark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batch, "spark_session", no_spark)
+    model = tmp_path / "model"
+    (model / "artifacts").mkdir(parents=True)
+    (model / "artifacts" / "serving_config.json").write_text(json.dumps(CONFIG))
+    code, err = run_cli(tmp_path, str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--model", str(model))
+    assert code == 1 and f"error: {tmp_path / 'nowhere'}: no such file or folder" in err
+
+
+def test_bad_conf_is_refused(tmp_path: Path) -> None:
+    code, err = run_cli(tmp_path, str(tmp_path), "--out", str(tmp_path / "out"), "--conf", "spark.executor.memory")
+    assert code == 1 and "expected KEY=VALUE" in err
+
+
+def test_precheck_gives_the_pyfunc_reasons() -> None:
+    pre = Preprocessor.from_config(CONFIG)
+    assert precheck_reason(pre, encode(texture(48, 64, 1), "PNG")) == ""
+    assert precheck_reason(pre, b"operator notes\n") == "not an image (content is text)"
+    assert precheck_reason(pre, png_header_only(9_000, 9_000)).startswith("decompression bomb: 9000x9000")
+    assert precheck_reason(pre, encode(Image.new("L", (1, 1)), "PNG")) == "too small: 1x1 (min_side=16)"
+    assert precheck_reason(pre, encode(np.zeros((40, 48), np.uint8), "PNG")).startswith("featureless image")
+    assert precheck_reason(pre, b"") == "zero-byte file"
+    assert precheck_reason(pre, None) == "unreadable: no content"
+
+
+def test_sentinel_is_an_image_the_model_takes() -> None:
+    data = sentinel_png(CONFIG)
+    assert precheck_reason(Preprocessor.from_config(CONFIG), data) == ""
+    assert data == sentinel_png(CONFIG)  # deterministic
+
+
+def test_paths_and_uris() -> None:
+    assert batch.listed_path("file:///data/a%20b/%C3%A9.png") == "/data/a b/é.png"
+    assert batch.listed_path("file:/data/x.png") == "/data/x.png"
+    assert batch.listed_path("hdfs://nn/sem/x.png") == "hdfs://nn/sem/x.png"
+    assert split_s3("s3://bucket/some/prefix/") == ("bucket", "some/prefix")
+    assert split_s3("s3://bucket") == ("bucket", "")
+    assert batch.output_columns(["A", "B"])[:6] == ["path", "sha256", "size_bytes", "label", "confidence", "A"]
+    assert batch.is_local("results/") and not batch.is_local("s3a://b/out")
+
+
+def test_help_names_the_essentials() -> None:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main(["batch", "--help"])
+    text = " ".join(out.getvalue().split())
+    for word in ("--master", "--model", "--glob", "SPARK_MASTER", "Parquet", "summary.csv", "Java 17", "[spark]"):
+        assert word in text
