@@ -184,12 +184,14 @@ def spark_session(master: str, params: Params, conf: dict[str, str] | None = Non
         "spark.sql.sources.binaryFile.maxLength": str(min(params.batch.max_file_bytes, 2**31 - 1)),
         **(conf or {}),
     }
-    if master.startswith("local"):
+    submitted = "PYSPARK_GATEWAY_PORT" in os.environ  # under spark-submit: its master and Python win
+    explicit = "spark.master" in (conf or {})
+    if master.startswith("local") and not submitted:
         # local mode: the workers are this interpreter's (the venv with TensorFlow); a cluster sets its own
         # (pyspark reads PYSPARK_PYTHON when it starts the context; spark.pyspark.python only under spark-submit)
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(APP_NAME)
-    if "PYSPARK_GATEWAY_PORT" not in os.environ or "spark.master" in (conf or {}):
+    if not submitted or explicit:
         builder = builder.master(settings.pop("spark.master", master))
     for key, value in settings.items():
         builder = builder.config(key, value)
@@ -469,6 +471,7 @@ def run_batch(
         wants_log = params.monitoring.log_predictions if log_predictions is None else log_predictions
         if wants_log:
             logged = log_rows(session, predictions, resolved, params)
+        used_master = session.sparkContext.master
     finally:
         if own:
             session.stop()
@@ -476,7 +479,7 @@ def run_batch(
     files = int(summary["files"].sum()) if len(summary) else 0
     report = BatchReport(
         src=src, out=out, predictions=predictions, model_uri=uri, model_name=resolved.name,
-        model_version=resolved.version, master=session.sparkContext.master if not own else the_master,
+        model_version=resolved.version, master=used_master,
         files=files, errors=int(summary.loc[summary["class"] == ERROR_LABEL, "files"].sum()),
         needs_review=int(summary.loc[summary["class"] != ERROR_LABEL, "needs_review"].sum()), logged=logged,
         training_data=line, notice=notice, summary=summary.to_dict("records"),
