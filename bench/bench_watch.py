@@ -169,10 +169,24 @@ def rss_run(params_file: Path, model: str, folder: Path, out: Path) -> tuple[flo
     cmd = [sys.executable, "-m", "emassist.cli.main", "--params", str(params_file), "watch", str(folder), "--once",
            "--model", model, "--no-log", "--no-progress", "--out", str(out)]  # fmt: skip
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
-    text = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, env=env, check=True)
+    code = code.replace("stderr=subprocess.DEVNULL", "stderr=open(sys.argv[1] + '.err', 'w')")
+    log_file = str(out) + ".log"
+    text = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code.replace("sys.argv[1:]", "sys.argv[2:]").replace("sys.argv[1] + '.err'", "sys.argv[1]"),
+            log_file,
+            *cmd,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     rc, seconds, kib = text.stdout.split()
     if rc != "0":
-        raise RuntimeError(f"emassist watch --once exited with {rc}")
+        raise RuntimeError(f"emassist watch --once exited with {rc}: {Path(log_file).read_text()[-2000:]}")
     shutil.rmtree(out, ignore_errors=True)
     return float(seconds), int(kib) / 1024
 

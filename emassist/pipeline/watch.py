@@ -231,9 +231,9 @@ class Watcher:
         from watchdog.observers.polling import PollingObserver
 
         observer = PollingObserver(timeout=self.cfg.poll_interval_s) if self.options.poll else Observer()
-        observer.schedule(_Handler(self), str(self.root), recursive=True)
         observer.daemon = True
         try:
+            observer.schedule(_Handler(self), str(self.root), recursive=True)
             observer.start()
         except OSError as exc:  # e.g. inotify watch limit reached: the rescans still find the files
             self.say(f"warning: cannot watch {self.root} for events ({exc}); finding files by rescans only")
