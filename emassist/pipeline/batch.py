@@ -472,6 +472,13 @@ def run_batch(
         if wants_log:
             logged = log_rows(session, predictions, resolved, params)
         used_master = session.sparkContext.master
+    except Exception as exc:
+        from pyspark.errors import PySparkException
+
+        if not isinstance(exc, PySparkException):
+            raise
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise BatchError(f"the Spark job on {src} failed: {first[:500]}") from exc
     finally:
         if own:
             session.stop()
