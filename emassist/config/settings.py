@@ -415,6 +415,9 @@ class WatchParams:
     min_confidence: float = 0.9  # --alert fires at or above this calibrated confidence
     alert_timeout_s: float = 5.0  # the --alert-url POST
     state_file: str = ".emassist-watch.db"  # beside the results: path + sha256 already classified
+    rescan_s: float = 60.0  # a full walk this often catches what file-system events missed
+    ignore_suffixes: tuple[str, ...] = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
+    ignore_prefixes: tuple[str, ...] = (".", "~$")  # hidden and Office-lock names
 
     def check(self) -> None:
         _at_least("watch.settle_s", self.settle_s, 0)
@@ -431,6 +434,10 @@ class WatchParams:
         _positive("watch.alert_timeout_s", self.alert_timeout_s)
         if not self.state_file.strip():
             raise ParamsError("watch.state_file: must not be empty")
+        _positive("watch.rescan_s", self.rescan_s)
+        for key in ("ignore_suffixes", "ignore_prefixes"):
+            if any(not isinstance(v, str) or not v for v in getattr(self, key)):
+                raise ParamsError(f"watch.{key}: a list of non-empty strings, got {list(getattr(self, key))!r}")
 
 
 @dataclass(frozen=True)

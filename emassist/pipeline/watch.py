@@ -13,7 +13,7 @@ Threads, each with one job:
   the prediction log (source ``watch``), ``--alert``, the listeners (the web page's Live tab), a line;
 * the **supervisor** (:meth:`Watcher.run`'s loop) restarts the observer when the folder disappears and comes back,
   and walks the folder again (catch-up) at start, after that, after an inotify queue overflow, and every
-  ``RESCAN_S``.
+  ``watch.rescan_s``.
 
 A stop (:meth:`Watcher.stop`: Ctrl-C / SIGTERM in the command) lets the sink finish the batch it holds; files
 still queued are not recorded, so the next start answers them (nothing lost, nothing twice).
@@ -37,7 +37,7 @@ import numpy as np
 from emassist.config.settings import Params, WatchParams
 from emassist.data.hashing import file_sha256
 from emassist.data.predlog import LogWriter
-from emassist.pipeline.watch_files import Lapse, Ripe, Tracker, ignored_name, still_writing, walk_files
+from emassist.pipeline.watch_files import Lapse, Ripe, Tracker, ignore_rule, still_writing, walk_files
 from emassist.pipeline.watch_outputs import REJECTED_DIR, Alerter, Results, done_of, sort_copy
 from emassist.pipeline.watch_scorer import Scorer
 from emassist.pipeline.watch_state import Done, WatchState, stat_sig
@@ -46,7 +46,6 @@ from emassist.serve.predlog_hooks import prediction_row
 
 log = logging.getLogger("emassist.watch")
 
-RESCAN_S = 60.0  # TODO param watch.rescan_s: a full walk this often catches what events missed
 RETRY_S = 2.0  # an endpoint that cannot answer: the batch is tried again after this
 RATE_WINDOW_S = 10.0  # the progress line's rate: answers over the last this many seconds
 
@@ -123,6 +122,7 @@ class Watcher:
         self.options = options
         self.params = params
         self.cfg: WatchParams = params.watch
+        self.ignored = ignore_rule(self.cfg)
         self.scorer = scorer
         self.root = Path(os.path.abspath(options.folder))
         self.out = options.resolved_out()
@@ -197,7 +197,7 @@ class Watcher:
                     self._start_observer()
                     self._catch_up()
                     last_scan = time.monotonic()
-                elif present and (self._rescan.is_set() or time.monotonic() - last_scan > RESCAN_S):
+                elif present and (self._rescan.is_set() or time.monotonic() - last_scan > self.cfg.rescan_s):
                     self._rescan.clear()
                     self._catch_up()
                     last_scan = time.monotonic()
@@ -252,7 +252,7 @@ class Watcher:
 
     def wanted(self, path: Path) -> bool:
         """Whether an event's path is a file of ours to classify (not ignored, not under the results)."""
-        if ignored_name(path.name):
+        if self.ignored(path.name):
             return False
         if self.skip is not None and (path == self.skip or self.skip in path.parents):
             return False
@@ -260,7 +260,7 @@ class Watcher:
             rel = path.relative_to(self.root)
         except ValueError:
             return False
-        return not any(ignored_name(part) for part in rel.parts[:-1])
+        return not any(self.ignored(part) for part in rel.parts[:-1])
 
     def touch(self, path: Path) -> None:
         if self.wanted(path):
@@ -269,7 +269,7 @@ class Watcher:
     def touch_tree(self, folder: Path) -> None:
         """A folder appeared (created or moved in): everything inside it."""
         if self.wanted(folder) or folder == self.root:
-            for path in walk_files(folder, self.skip):
+            for path in walk_files(folder, self.skip, self.ignored):
                 self.touch(path)
 
     def forget(self, path: Path) -> None:
@@ -278,7 +278,7 @@ class Watcher:
 
     def _catch_up(self) -> None:
         """Walk the folder: every file not answered yet is tracked (the state file skips the rest unread)."""
-        for path in walk_files(self.root, self.skip):
+        for path in walk_files(self.root, self.skip, self.ignored):
             if self._stop.is_set():
                 return
             self.touch(path)

@@ -21,20 +21,32 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emassist.config.settings import WatchParams
 from emassist.pipeline.watch_state import stat_sig
 
-# TODO param watch.ignore: names an instrument (or a copy tool) writes before the final name.
-IGNORED_SUFFIXES: tuple[str, ...] = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
-IGNORED_PREFIXES: tuple[str, ...] = (".", "~$")
+#: Names an instrument (or a copy tool) writes before the final name, and hidden ones: ``watch.ignore_suffixes`` /
+#: ``watch.ignore_prefixes`` (these are their defaults).
+IGNORED_SUFFIXES: tuple[str, ...] = WatchParams().ignore_suffixes
+IGNORED_PREFIXES: tuple[str, ...] = WatchParams().ignore_prefixes
 
 #: Decode failures that a file still being written gives: wait for it to change (or time out), do not reject it.
 WAITING_REASONS: tuple[str, ...] = ("zero-byte file", "truncated", "corrupt ")
 
 
-def ignored_name(name: str) -> bool:
+def ignored_name(
+    name: str, suffixes: tuple[str, ...] = IGNORED_SUFFIXES, prefixes: tuple[str, ...] = IGNORED_PREFIXES
+) -> bool:
     """Hidden or temporary-looking names (never read; their final name arrives by a rename)."""
     lowered = name.lower()
-    return lowered.startswith(IGNORED_PREFIXES) or lowered.endswith(IGNORED_SUFFIXES)
+    return lowered.startswith(tuple(p.lower() for p in prefixes)) or lowered.endswith(
+        tuple(x.lower() for x in suffixes)
+    )
+
+
+def ignore_rule(watch: WatchParams) -> Callable[[str], bool]:
+    """:func:`ignored_name` with the suffixes and prefixes of ``watch``."""
+    suffixes, prefixes = tuple(watch.ignore_suffixes), tuple(watch.ignore_prefixes)
+    return lambda name: ignored_name(name, suffixes, prefixes)
 
 
 def still_writing(reason: str) -> bool:
@@ -42,18 +54,18 @@ def still_writing(reason: str) -> bool:
     return reason.startswith(WAITING_REASONS)
 
 
-def walk_files(root: Path, skip: Path | None = None) -> Iterator[Path]:
+def walk_files(root: Path, skip: Path | None = None, ignored: Callable[[str], bool] = ignored_name) -> Iterator[Path]:
     """Every file under ``root`` (symbolic links to folders are not followed: a link loop ends nothing), leaving
-    out ignored names and the ``skip`` folder (the results, when they lie inside the watched folder)."""
+    out ``ignored`` names and the ``skip`` folder (the results, when they lie inside the watched folder)."""
     skip_text = os.fspath(skip) if skip is not None else None
 
     def on_error(exc: OSError) -> None:  # a folder that vanished or cannot be listed: the rest still counts
         return None
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not ignored_name(d) and os.path.join(dirpath, d) != skip_text)
+        dirnames[:] = sorted(d for d in dirnames if not ignored(d) and os.path.join(dirpath, d) != skip_text)
         for name in sorted(filenames):
-            if not ignored_name(name):
+            if not ignored(name):
                 yield Path(dirpath) / name
 
 

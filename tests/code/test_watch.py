@@ -168,3 +168,14 @@ def test_alert_fires_for_a_target_class_at_or_above_the_confidence(label: str, c
     record = {**_record("n.png"), "label": label, "confidence": confidence}
     assert alerter(record) is fires
     assert out.getvalue() == ("\aALERT Tips 0.950: /x/n.png\n" if fires else "")
+
+
+def test_the_ignored_names_come_from_params(tmp_path: Path) -> None:
+    from emassist.config.settings import WatchParams
+    from emassist.pipeline.watch_files import ignore_rule
+
+    rule = ignore_rule(WatchParams(ignore_suffixes=(".lock",), ignore_prefixes=("_",)))
+    assert rule("scan.TIF.LOCK") and rule("_draft.png") and not rule("scan.tif.part") and not rule(".hidden.png")
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "b.png.lock").write_bytes(b"x")
+    assert [p.name for p in walk_files(tmp_path, ignored=rule)] == ["a.png"]
