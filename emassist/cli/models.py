@@ -69,7 +69,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return 1
     for line in training_data_lines(config):  # what the model was trained on, before any answer
         print(line, file=sys.stderr)
-    writer = _open_prediction_log(params, args)
+    writer = open_prediction_log(params, args)
     try:
         frame = predict_paths(
             args.paths,
@@ -85,7 +85,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"error: model {model} failed to predict: {exc.message}", file=sys.stderr)
         return 1
     finally:
-        _close_prediction_log(writer)
+        close_prediction_log(writer)
     classes = [c for c in params.data.classes if c in frame.columns] or [
         c for c in frame.columns if c not in ("path", "label", "confidence", "error")
     ]
@@ -105,7 +105,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 3 if n_bad else 0
 
 
-def _open_prediction_log(params: Any, args: argparse.Namespace) -> LogWriter | None:
+def open_prediction_log(params: Any, args: argparse.Namespace) -> LogWriter | None:
     """The prediction log's writer when ``monitoring.log_predictions`` and no ``--no-log``; a store that cannot be
     opened costs one warning on stderr (the predictions are still printed and written)."""
     if getattr(args, "no_log", False) or not params.monitoring.log_predictions:
@@ -118,7 +118,7 @@ def _open_prediction_log(params: Any, args: argparse.Namespace) -> LogWriter | N
     return writer
 
 
-def _close_prediction_log(writer: LogWriter | None) -> None:
+def close_prediction_log(writer: LogWriter | None) -> None:
     """Flush and close the writer before the command exits; rows it could not write are said once."""
     if writer is None:
         return

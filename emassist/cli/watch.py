@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from emassist.cli.models import _close_prediction_log, _open_prediction_log
+from emassist.cli.models import close_prediction_log, open_prediction_log
 from emassist.config.settings import load_params
 
 # The model-side modules (MLflow, TensorFlow, watchdog) are imported inside the command: `emassist --help` and the
@@ -66,7 +66,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     options = WatchOptions(folder=folder, out=args.out, poll=args.poll, alert=_classes(args.alert),
                            min_confidence=args.min_confidence, alert_url=args.alert_url, sort=args.sort,
                            once=args.once)  # fmt: skip
-    writer = _open_prediction_log(params, args)
+    writer = open_prediction_log(params, args)
     bar = _progress(False if args.no_progress else None)
 
     def say(line: str) -> None:
@@ -77,7 +77,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         watcher.start()  # recovery after a hard stop, the observer, the catch-up walk
     except OSError as exc:
         bar.close()
-        _close_prediction_log(writer)
+        close_prediction_log(writer)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     mode = f"polling every {params.watch.poll_interval_s:g} s" if args.poll else "file-system events"
@@ -105,7 +105,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
         bar.close()
-        _close_prediction_log(writer)
+        close_prediction_log(writer)
     left = stats.queued + stats.waiting
     print(
         f"stopped: {stats.classified} classified, {stats.rejected} rejected, {stats.incomplete} incomplete, "

@@ -10,14 +10,13 @@ serve`` for the standardized images (``standardized``: the server only resizes t
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import requests
 
-from emassist.serve.backend import Backend, BackendError
+from emassist.serve.backend import Backend, BackendError, LocalBackend
 from emassist.serve.client import ServingError
 from emassist.serve.drawing import png_bytes
 from emassist.serve.predlog_hooks import ModelIdentity
@@ -55,11 +54,11 @@ class Scorer:
         Raises :class:`BackendError` when an endpoint cannot answer (the batch is retried, nothing is lost)."""
         if not images:
             return pd.DataFrame()
+        if isinstance(self.backend, LocalBackend):  # the page may share it (web --watch): its score holds the lock
+            proba, scores = self.backend.score(np.stack(list(images)))
+            return self.model.result_frame(proba, [""] * len(images), scores)
         if self.local:
-            # the page may share this model (emassist web --watch): one forward pass at a time, as the page does
-            lock = getattr(self.backend, "_lock", None) or contextlib.nullcontext()
-            with lock:
-                proba, scores = self.model.score(np.stack(list(images)))
+            proba, scores = self.model.score(np.stack(list(images)))
             return self.model.result_frame(proba, [""] * len(images), scores)
         client = getattr(self.backend, "client", None)
         if client is None:

@@ -113,6 +113,12 @@ class LocalBackend(Backend):
         with self._lock:
             return np.asarray(self.model.probabilities(np.asarray(gray, dtype=np.uint8)), dtype=np.float32)
 
+    def score(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Standardized uint8 ``[B, S, S]`` → (calibrated probabilities, unfamiliar scores), one forward pass at a
+        time (the page and a watcher inside it share the model)."""
+        with self._lock:
+            return self.model.score(np.asarray(gray, dtype=np.uint8))
+
     @property
     def familiarity_checked(self) -> bool:
         return getattr(self.model, "familiarity", None) is not None
