@@ -10,7 +10,6 @@ is built beside the target and swapped in atomically, so an interrupted run leav
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import logging
 import multiprocessing
 import multiprocessing.context
@@ -32,9 +31,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from emassist.core.atomic import atomic_path
+from emassist.data.databar import find_databar
 from emassist.data.decode import ImageRejected
 from emassist.data.hashing import dhash, sha256_of
+from emassist.data.pixelsize import resolve_pixel_size
 from emassist.data.preprocess import DEFAULT_MIN_CONTRAST, Preprocessor
+from emassist.data.scalebar import engine_available
 from emassist.data.sem_metadata import METADATA_KEYS
 
 if TYPE_CHECKING:
@@ -46,6 +48,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "sha256", "source_path", "label", "image_path", "width", "height", "mode", "bit_depth",
     "file_size", "format", "n_frames", "databar_rows", "notes", "dhash", "instrument",
     "pixel_size_nm", "magnification", "hv_kv", "wd_mm",
+    "pixel_size_source", "pixel_size_reason", "databar_text", "databar_pixel_size_nm",
 )  # fmt: skip
 REJECTED_COLUMNS: tuple[str, ...] = ("source_path", "label", "reason")
 MANIFEST_FILE = "manifest.parquet"
@@ -56,7 +59,9 @@ IMAGES_DIR = "images"
 UPSTREAM_REJECTED_FILE = "_rejected_upstream.csv"
 
 _INT_COLUMNS = ("width", "height", "bit_depth", "file_size", "n_frames", "databar_rows")
-_FLOAT_COLUMNS = ("pixel_size_nm", "magnification", "hv_kv", "wd_mm")
+_FLOAT_COLUMNS = ("pixel_size_nm", "magnification", "hv_kv", "wd_mm", "databar_pixel_size_nm")
+#: Read the data bar's text (OCR) and scale bar for the pixel size of images without it in their tags.
+READ_DATABAR = True  # TODO param ingest.read_databar
 _PNG_COMPRESS_LEVEL = 1  # cached PNGs: ~5x faster to write than the default 6 for ~15% more bytes
 
 
@@ -70,6 +75,7 @@ class _Progress(tqdm):  # type: ignore[type-arg]
 class _Settings:
     images_dir: str
     preprocessor: Preprocessor
+    bar_not_read: str | None = None  # why data bars are not read (OCR off or no engine); None: they are
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,8 @@ class IngestSummary:
     n_unique: int = 0  # distinct images (sha256) cached
     reasons: dict[str, int] = field(default_factory=dict)  # rejection kinds, most common first
     out_dir: str = ""
+    pixel_sizes: dict[str, int] = field(default_factory=dict)  # accepted images per pixel_size_source
+    notices: list[str] = field(default_factory=list)  # said once per run (e.g. no OCR engine)
 
     @property
     def files_per_second(self) -> float:
@@ -111,6 +119,9 @@ class IngestSummary:
         if self.reasons:
             kinds = ", ".join(f"{n} {kind}" for kind, n in self.reasons.items())
             lines.append(f"  rejected: {kinds}")
+        if self.pixel_sizes:
+            lines.append("  pixel size: " + ", ".join(f"{n} {src}" for src, n in self.pixel_sizes.items()))
+        lines += [f"  note: {notice}" for notice in self.notices]
         return "\n".join(lines)
 
 
@@ -239,6 +250,12 @@ def _ingest_one(task: _Task, settings: _Settings) -> tuple[str, dict[str, Any]]:
         sha = sha256_of(data)
         decoded = settings.preprocessor.decode(data)
         cached, rows = settings.preprocessor.standardize(decoded.gray)
+        # The pixel size: tags, else the cropped-off data bar of this same decode (never decoded twice).
+        bar_rows = rows if settings.preprocessor.crop_databar else find_databar(decoded.gray)
+        bar = decoded.gray[decoded.height - bar_rows :] if bar_rows else None
+        size = resolve_pixel_size(
+            decoded.metadata.get("pixel_size_nm"), bar, decoded.width, bar_not_read=settings.bar_not_read
+        )
         image_path = f"{IMAGES_DIR}/{sha}.png"
         _write_png(cached, Path(settings.images_dir) / f"{sha}.png")
         row: dict[str, Any] = {
@@ -259,6 +276,13 @@ def _ingest_one(task: _Task, settings: _Settings) -> tuple[str, dict[str, Any]]:
         }
         for key in METADATA_KEYS:
             row[key] = decoded.metadata.get(key)
+        row.update(
+            pixel_size_nm=size.nm,
+            pixel_size_source=size.source,
+            pixel_size_reason=size.reason,
+            databar_text=size.databar_text,
+            databar_pixel_size_nm=size.databar_nm,
+        )
         return "ok", row
     except ImageRejected as exc:
         return reject(exc.reason)
@@ -421,6 +445,7 @@ def run_ingest(
     min_contrast: float = DEFAULT_MIN_CONTRAST,
     workers: int = 0,
     progress: bool = True,
+    read_databar: bool = READ_DATABAR,
 ) -> IngestSummary:
     """Decode, crop, cache and catalogue every file under ``raw_dir/<Class>/**`` into ``out_dir``.
 
@@ -428,7 +453,8 @@ def run_ingest(
     ``out_dir/rejected.csv`` (``source_path,label,reason``) and ``out_dir/images/<sha256>.png``. Every file found
     lands in exactly one of the two tables. ``workers=0`` uses all cores, ``workers=1`` runs in this process.
     ``min_contrast``: images whose gray levels vary less (std, after the data-bar crop) are rejected as featureless;
-    0 accepts them.
+    0 accepts them. ``read_databar``: read the pixel size off data bars (OCR) where the tags lack it; without an
+    OCR engine the run goes on and says so once (``IngestSummary.notices``).
     """
     started = time.perf_counter()
     raw_dir = Path(raw_dir)
@@ -458,11 +484,20 @@ def run_ingest(
     n_files = len(tasks) + len(rejected_rows)
     n_workers = min(workers or _cpu_count(), max(1, len(tasks)))
 
+    notices: list[str] = []
+    bar_not_read = None if read_databar else "ingest.read_databar is false"
+    if read_databar and tasks:
+        problem = engine_available()  # once per run, not per image
+        if problem is not None:
+            bar_not_read = problem
+            notices.append(f"data-bar text is not read ({problem}): pixel sizes come from tags only")
+            log.warning("ingest: %s", notices[-1])
+
     manifest_rows: list[dict[str, Any]] = []
     with atomic_path(out_dir) as tmp:
         images_dir = tmp / IMAGES_DIR
         images_dir.mkdir(parents=True)
-        settings = _Settings(str(images_dir), preprocessor)
+        settings = _Settings(str(images_dir), preprocessor, bar_not_read)
         parallel = n_workers > 1 and len(tasks) >= 4
         pool = _start_pool(n_workers) if parallel else None
         try:
@@ -496,6 +531,8 @@ def run_ingest(
         n_unique=int(manifest["sha256"].nunique()),
         reasons=dict(Counter(_reason_kind(r) for r in rejected["reason"]).most_common()),
         out_dir=str(out_dir),
+        pixel_sizes=dict(Counter(manifest["pixel_size_source"]).most_common()),
+        notices=notices,
     )
     log.info("ingest finished: %d accepted, %d rejected", summary.n_accepted, summary.n_rejected)
     return summary

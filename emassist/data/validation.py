@@ -19,6 +19,7 @@ import pandas as pd
 
 from emassist.core.atomic import atomic_open, atomic_path
 from emassist.data.ingest import MANIFEST_COLUMNS  # the schema ingest writes is the schema checked here
+from emassist.data.pixelsize import DISAGREEMENT_FACTOR, disagreement
 
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "sha256", "source_path", "label", "image_path", "width", "height", "mode", "bit_depth",
@@ -29,6 +30,26 @@ INT_TYPES = ["int64", "int32", "Int64", "Int32"]
 # build_tables hands text columns over as ``object`` and the suite checks them with a regex as well.
 STR_TYPES = ["str"]
 TEXT_COLUMNS: tuple[str, ...] = ("sha256", "source_path", "label", "image_path", "mode", "format", "dhash")
+
+
+#: Derived column (not in the manifest file): where tags and data bar disagree on the pixel size, what they say.
+CONFLICT_COLUMN = "pixel_size_conflict"
+
+
+def pixel_size_conflicts(manifest: pd.DataFrame) -> list[str | None]:
+    """Per row: None, or 'path: tags X nm/px, data bar Y nm/px (Z x): tags used' where the pixel size came from
+    the tags and the data bar's reading differs by more than DISAGREEMENT_FACTOR."""
+    needed = ("source_path", "pixel_size_nm", "pixel_size_source", "databar_pixel_size_nm")
+    if not all(c in manifest.columns for c in needed):
+        return [None] * len(manifest)
+    out: list[str | None] = []
+    for path, tags, source, bar in zip(*(manifest[c] for c in needed), strict=True):
+        factor = disagreement(tags, bar) if source == "tags" else None
+        if factor is not None and factor > DISAGREEMENT_FACTOR:
+            out.append(f"{path}: tags {tags:.4g} nm/px, data bar {bar:.4g} nm/px ({factor:.1f}x): tags used")
+        else:
+            out.append(None)
+    return out
 
 
 class ValidationFailed(RuntimeError):
@@ -92,6 +113,7 @@ def build_tables(manifest: pd.DataFrame, rejected: pd.DataFrame, classes: Sequen
     )
     text = [c for c in TEXT_COLUMNS if c in manifest.columns]
     manifest = manifest.astype(dict.fromkeys(text, object))
+    manifest[CONFLICT_COLUMN] = pixel_size_conflicts(manifest)
     return {"manifest": manifest, "class_counts": class_counts, "ingest_summary": summary}
 
 
@@ -122,6 +144,8 @@ def _suites(
         e.ExpectColumnValuesToBeUnique(column="sha256", severity="warning"),
         e.ExpectColumnValuesToBeBetween(column="pixel_size_nm", min_value=0, strict_min=True,
                                         severity="warning"),
+        # Tags and data bar more than DISAGREEMENT_FACTOR apart: the tags are used; reported, never fatal.
+        e.ExpectColumnValuesToBeNull(column=CONFLICT_COLUMN, severity="warning"),
     ]  # fmt: skip
     class_counts = [
         e.ExpectColumnValuesToBeBetween(column="count", min_value=min_per_class),

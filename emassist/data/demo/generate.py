@@ -21,6 +21,7 @@ from emassist.config.settings import DemoParams
 from emassist.core.atomic import atomic_path
 from emassist.data.demo import scenes
 from emassist.data.demo.sem_look import draw_databar, sem_image
+from emassist.data.sem_metadata import TAG_IMAGE_DESCRIPTION
 
 EXTENSIONS = ("jpg", "png", "tif")
 JPG_SHARE = 0.75  # of the non-TIFF images; the rest are PNG
@@ -28,6 +29,18 @@ JPG_SHARE = 0.75  # of the non-TIFF images; the rest are PNG
 # Seed-sequence tags keep the different random streams of one seed apart.
 _TAG_IMAGE = 1
 _TAG_PLAN = 2
+_TAG_SCALE = 3  # the pixel size: its own stream, so the rendering's stream (and the images) stay as they were
+
+#: Range of the demo's true pixel sizes (nm per pixel), drawn log-uniformly per image.
+PIXEL_SIZE_RANGE_NM: tuple[float, float] = (1.0, 500.0)
+
+
+def true_pixel_size_nm(seed: int, class_index: int, index: int) -> float:
+    """The true pixel size of demo image (seed, class, index): what its data bar and TIFF tags say, for tests to
+    check the reading against (a pure function: nothing is written for ingest to read)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _TAG_SCALE, class_index, index]))
+    lo, hi = PIXEL_SIZE_RANGE_NM
+    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,10 @@ class Job:
     @property
     def ext(self) -> str:
         return self.name.rsplit(".", 1)[1]
+
+    @property
+    def pixel_size_nm(self) -> float:
+        return true_pixel_size_nm(self.seed, self.class_index, self.index)
 
 
 def class_counts(n_images: int, min_per_class: int) -> dict[str, int]:
@@ -121,8 +138,13 @@ def render_image(job: Job) -> tuple[np.ndarray, np.random.Generator]:
     height_map, albedo = scenes.render_scene(job.class_name, rng, job.height, job.width)
     img = sem_image(height_map, albedo, rng)
     if job.databar:
-        img = draw_databar(img, rng)
+        img = draw_databar(img, rng, job.pixel_size_nm)
     return img, rng
+
+
+def _tiff_tags(job: Job) -> dict[int, str]:
+    """The pixel size as an instrument writes it: ``PixelSize=`` in ImageDescription (read by sem_metadata)."""
+    return {TAG_IMAGE_DESCRIPTION: f"[emassist synthetic demo]\nPixelSize={job.pixel_size_nm:.6g} nm\n"}
 
 
 def write_image(job: Job) -> str:
@@ -131,7 +153,7 @@ def write_image(job: Job) -> str:
     path = Path(job.out_dir) / job.class_name / job.name
     if job.ext == "tif":
         Image.fromarray((img * 65535.0 + 0.5).astype(np.uint16)).save(
-            path, format="TIFF", compression="tiff_adobe_deflate"
+            path, format="TIFF", compression="tiff_adobe_deflate", tiffinfo=_tiff_tags(job)
         )
     else:
         pil = Image.fromarray((img * 255.0 + 0.5).astype(np.uint8))

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from emassist.data.demo._raster import Array, log_uniform
+from emassist.data.scalebar import REFERENCE_DISPLAY_NM
 
 
 def _box_blur(arr: Array, size: float) -> Array:
@@ -147,25 +148,47 @@ def _draw_text(
 
 
 def _scale_label(nm: int) -> str:
-    return f"{nm // 1000} µm" if nm >= 1000 else f"{nm} nm"
+    """'200 nm', '5 um': micrometres spelled 'um', as instruments' ASCII exports do (the bundled font has no µ)."""
+    return f"{nm // 1000} um" if nm >= 1000 else f"{nm} nm"
 
 
-def databar_text(rng: np.random.Generator) -> tuple[str, str, float]:
-    """Random instrument settings: two text lines and the magnification (independent of the class)."""
+def databar_text(rng: np.random.Generator, magnification: float | None = None) -> tuple[str, str, float]:
+    """Random instrument settings: two text lines and the magnification (independent of the class).
+
+    ``magnification``: the image's true magnification (from its pixel size); the random one is drawn all the same
+    so that ``rng`` ends in the same state either way (the encoder's later choices stay as they were).
+    """
     eht = float(rng.choice([1.0, 2.0, 3.0, 5.0, 10.0, 15.0, 20.0, 30.0]))
     wd = rng.uniform(2.5, 15.0)
-    mag = log_uniform(rng, 500.0, 300_000.0)
+    drawn = log_uniform(rng, 500.0, 300_000.0)
+    mag = drawn if magnification is None else float(magnification)
     mag_txt = f"{mag / 1000:.2f} K X" if mag >= 1000 else f"{mag:.0f} X"
     signal = str(rng.choice(["SE2", "InLens", "SE1", "BSD", "ESB"]))
     wd_txt = f"{wd:.0f} mm" if rng.random() < 0.5 else f"{wd:.1f} mm"
     return f"EHT = {eht:.2f} kV   WD = {wd_txt}", f"Mag = {mag_txt}   Signal A = {signal}", mag
 
 
-def draw_databar(img: Array, rng: np.random.Generator) -> Array:
-    """Overwrite the bottom ~8–12 % of ``img`` (floats in [0, 1]) with a black data bar: text and scale bar."""
+def scale_bar_choice(nm_per_px: float, width: int) -> tuple[int, int]:
+    """(length in nm, length in pixels) of the scale bar of an image ``width`` pixels wide: the largest round
+    length (1-2-5 series) between 12 % and 30 % of the width, so the bar is long enough to measure to a few %."""
+    fit = [v for v in _NICE if 0.12 * width <= v / nm_per_px <= 0.30 * width]
+    # (pixel sizes outside the series' range: the nearest round length)
+    nm = fit[-1] if fit else min(_NICE, key=lambda v: abs(math.log(v / nm_per_px / (0.2 * width))))
+    return nm, max(1, round(nm / nm_per_px))
+
+
+def draw_databar(img: Array, rng: np.random.Generator, pixel_size_nm: float | None = None) -> Array:
+    """Overwrite the bottom ~8–12 % of ``img`` (floats in [0, 1]) with a black data bar: text and scale bar.
+
+    ``pixel_size_nm``: the image's true pixel size; the magnification printed is then the true one (for a display
+    :data:`~emassist.data.scalebar.REFERENCE_DISPLAY_NM` wide) and the scale bar's length (between the centres of
+    its end pixels) is its label over the pixel size, to the nearest pixel. ``None``: both follow a random
+    magnification.
+    """
     h, w = img.shape
     bar_h = max(6, round(h * rng.uniform(0.08, 0.12)))
-    line1, line2, mag = databar_text(rng)
+    true_mag = None if pixel_size_nm is None else REFERENCE_DISPLAY_NM / (pixel_size_nm * w)
+    line1, line2, mag = databar_text(rng, true_mag)
     bar = Image.new("L", (w, bar_h), 0)
     draw = ImageDraw.Draw(bar)
     size = max(4, int(bar_h * 0.36))
@@ -177,16 +200,16 @@ def draw_databar(img: Array, rng: np.random.Generator) -> Array:
     _draw_text(draw, (pad, pad + bar_h * 0.46), line2, font)
     if rng.random() < 0.5:
         draw.line([(0, 0), (w, 0)], fill=255, width=1)
-    nm_per_px = 114e6 / mag / w  # a ~114 mm wide display at magnification ``mag``
-    fit = [v for v in _NICE if v / nm_per_px <= 0.22 * w]
-    nm = fit[-1] if fit else _NICE[0]
-    length = max(2.0, nm / nm_per_px)
+    nm_per_px = REFERENCE_DISPLAY_NM / mag / w if pixel_size_nm is None else pixel_size_nm
+    nm, length = scale_bar_choice(nm_per_px, w)
     x1 = w - max(2, round(0.04 * w))
     x0 = x1 - length
     label = _scale_label(nm)
-    lw = _text_width(draw, label, font)
-    _draw_text(draw, ((x0 + x1) / 2 - lw / 2, pad), label, font)
-    y_bar = bar_h * 0.68
-    draw.rectangle([x0, y_bar, x1, y_bar + max(1.0, bar_h * 0.12)], fill=255)
+    # The label in a larger font than the settings (it is short): readable by OCR even on small images.
+    label_font = _font(max(size, int(bar_h * 0.5)))
+    lw = _text_width(draw, label, label_font)
+    _draw_text(draw, ((x0 + x1) / 2 - lw / 2, max(0, pad - 1)), label, label_font)
+    y_bar = round(bar_h * 0.72)
+    draw.rectangle([x0, y_bar, x1, y_bar + max(1, round(bar_h * 0.12)) - 1], fill=255)
     img[h - bar_h :] = np.asarray(bar, dtype=np.float32) / 255.0
     return img
