@@ -28,8 +28,8 @@ DESCRIPTION = (
 EPILOG = (
     "Exit codes: 0 all files classified; 3 some files failed (see the error column); 1 none classified or the job "
     "could not run; 2 bad params (naming the key). Examples: emassist batch /archive/sem --out results/ "
-    "--master 'local[4]' · emassist batch s3://sem-archive/2024 --out results/ · SPARK_MASTER=spark://head:7077 emassist batch "
-    "hdfs:///sem --out /shared/results --conf spark.executor.memory=8g"
+    "--master 'local[4]' · emassist batch s3://sem-archive/2024 --out results/ · "
+    "SPARK_MASTER=spark://head:7077 emassist batch hdfs:///sem --out /shared/results --conf spark.executor.memory=8g"
 )
 
 
