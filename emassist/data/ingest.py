@@ -60,8 +60,6 @@ UPSTREAM_REJECTED_FILE = "_rejected_upstream.csv"
 
 _INT_COLUMNS = ("width", "height", "bit_depth", "file_size", "n_frames", "databar_rows")
 _FLOAT_COLUMNS = ("pixel_size_nm", "magnification", "hv_kv", "wd_mm", "databar_pixel_size_nm")
-#: Read the data bar's text (OCR) and scale bar for the pixel size of images without it in their tags.
-READ_DATABAR = True  # TODO param ingest.read_databar
 _PNG_COMPRESS_LEVEL = 1  # cached PNGs: ~5x faster to write than the default 6 for ~15% more bytes
 
 
@@ -445,7 +443,7 @@ def run_ingest(
     min_contrast: float = DEFAULT_MIN_CONTRAST,
     workers: int = 0,
     progress: bool = True,
-    read_databar: bool = READ_DATABAR,
+    read_databar: bool = False,
 ) -> IngestSummary:
     """Decode, crop, cache and catalogue every file under ``raw_dir/<Class>/**`` into ``out_dir``.
 

@@ -24,6 +24,7 @@ def ingest(params: Params, raw_dir: Path, out_dir: Path) -> IngestSummary:
         crop_databar=i.crop_databar,
         min_contrast=i.min_contrast,
         workers=i.workers,
+        read_databar=i.read_databar,
     )
 
 

@@ -31,7 +31,7 @@ DEMO = DemoParams(n_images=200, width=256, height=256, seed=11, min_per_class=20
 
 def _ingest(raw: Path, out: Path, **kwargs: object) -> pd.DataFrame:
     summary = run_ingest(raw, out, classes=CLASSES, cache_size=64, max_pixels=10**8, min_side=16,
-                         crop_databar=True, progress=False, **kwargs)  # type: ignore[arg-type]  # fmt: skip
+                         crop_databar=True, progress=False, read_databar=True, **kwargs)  # type: ignore[arg-type]  # fmt: skip
     frame = pd.read_parquet(out / ingest_mod.MANIFEST_FILE)
     frame.attrs["summary"] = summary
     return frame

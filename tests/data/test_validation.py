@@ -24,6 +24,8 @@ def _manifest(n_per_class: int = 4) -> pd.DataFrame:
                     "bit_depth": 8, "file_size": 1234, "format": "PNG", "n_frames": 1, "databar_rows": 0,
                     "notes": "", "dhash": f"{c_i * 100 + i:016x}", "instrument": None,
                     "pixel_size_nm": None, "magnification": None, "hv_kv": None, "wd_mm": None,
+                    "pixel_size_source": "unknown", "pixel_size_reason": "", "databar_text": "",
+                    "databar_pixel_size_nm": None,
                 }
             )  # fmt: skip
     frame = pd.DataFrame(rows)
