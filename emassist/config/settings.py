@@ -450,6 +450,7 @@ class BatchParams:
     max_records_per_batch: int = 64  # spark.sql.execution.arrow.maxRecordsPerBatch
     max_file_bytes: int = 200_000_000  # larger files: an error row instead of a read
     partitions: int = 0  # input partitions; 0: Spark's default
+    files_per_task: int = 512  # small files packed per input task (spark.sql.files.openCostInBytes = 128 MiB / this)
 
     def check(self) -> None:
         if not self.master.strip():
@@ -459,6 +460,7 @@ class BatchParams:
         _at_least("batch.max_records_per_batch", self.max_records_per_batch, 1)
         _at_least("batch.max_file_bytes", self.max_file_bytes, 1)
         _at_least("batch.partitions", self.partitions, 0)
+        _at_least("batch.files_per_task", self.files_per_task, 1)
 
     def resolved_master(self) -> str:
         return os.environ.get("SPARK_MASTER") or self.master

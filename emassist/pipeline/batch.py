@@ -21,7 +21,7 @@ The job, in order (see docs/batch.md):
    keeps the loaded model per Python worker process; ``spark.python.worker.reuse`` (set true) keeps those processes
    across tasks: one load per executor Python process. In local mode MLflow skips that cache and loads the model
    once per task (``mlflow/pyfunc/__init__.py``: ``should_use_spark_to_broadcast_file`` is false for a local master),
-   so the job packs small files into large tasks (:data:`FILES_PER_TASK`).
+   so the job packs small files into large tasks (``batch.files_per_task``).
 5. **Output** under OUT: ``predictions/`` (Parquet; one row per file), ``summary.csv`` (per class) and
    ``batch.json`` (the run: model, training data notice, counts). A re-run replaces them (written beside, then
    swapped in), so rows are never duplicated.
@@ -67,17 +67,16 @@ REJECTED_REVIEW_REASON = "image rejected"  # what the pyfunc's result_frame says
 ERROR_LABEL = "(error)"  # the summary's row for files that got no answer
 APP_NAME = "emassist-batch"
 EMPTY_SHA256 = sha256_of(b"")
-#: Files per input task when they are small: Spark counts each file as ``spark.sql.files.openCostInBytes`` (4 MiB by
-#: default) when it packs files into tasks, so thousands of small images would make tasks of ~32 files; in local mode
-#: MLflow's spark_udf loads the model once per TASK (no SparkModelCache there), so tasks should be large.
-FILES_PER_TASK = 512  # TODO param: batch.files_per_task
+# Files per input task when they are small (``batch.files_per_task``): Spark counts each file as
+# ``spark.sql.files.openCostInBytes`` (4 MiB by default) when it packs files into tasks, so thousands of small images
+# would make tasks of ~32 files; in local mode MLflow's spark_udf loads the model once per TASK (no SparkModelCache
+# there), so tasks should be large: the session sets openCostInBytes to MAX_PARTITION_BYTES / files_per_task.
 MAX_PARTITION_BYTES = 128 * 1024 * 1024  # Spark's default spark.sql.files.maxPartitionBytes
 #: Spark settings the job always makes (a --conf of the same key wins).
 BASE_CONF: dict[str, str] = {
     "spark.python.worker.reuse": "true",  # the pyfunc stays loaded in a worker across tasks (SparkModelCache)
     "spark.sql.chunkBase64String.enabled": "false",  # one base64 line per file: the pyfunc's fast strict path
     "spark.sql.execution.arrow.pyspark.enabled": "true",
-    "spark.sql.files.openCostInBytes": str(MAX_PARTITION_BYTES // FILES_PER_TASK),
 }
 
 
@@ -182,6 +181,7 @@ def spark_session(master: str, params: Params, conf: dict[str, str] | None = Non
         **BASE_CONF,
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(params.batch.max_records_per_batch),
         "spark.sql.sources.binaryFile.maxLength": str(min(params.batch.max_file_bytes, 2**31 - 1)),
+        "spark.sql.files.openCostInBytes": str(max(1, MAX_PARTITION_BYTES // params.batch.files_per_task)),
         **(conf or {}),
     }
     submitted = "PYSPARK_GATEWAY_PORT" in os.environ  # under spark-submit: its master and Python win
