@@ -14,12 +14,23 @@ Starts ``emassist web`` as a process on 127.0.0.1 with a model of the configured
 and first, in this process with the same model, the scan itself (``tilescan.scan``) against its floor, the compiled
 forward pass on tiles already cut at the same batch size (``--floor-only`` for that table alone).
 
+Start-up (``--startup-only`` for these tables alone; docs/startup.md): the model is registered as champion in a
+temporary sqlite MLflow store, then ``--startup-runs`` times each (min / median / max): ``emassist web`` process start
+→ /api/health answers (any status) → the page's HTML served → the model ready (the first classify answered), and
+``mlflow models serve`` of the same pyfunc → /ping answers; then an import-time table (``python -X importtime``,
+top cumulative imports) of what the web process imports before its health check answers, and of the pyfunc's load,
+and a breakdown of the model load in a fresh process (MLflow, TensorFlow, download, Keras load, trace).
+``--code DIR`` times another checkout's ``emassist`` (e.g. ``git archive HEAD~5 | tar -x -C DIR``: before/after).
+
     python bench/bench_webapp.py [--repeats 10] [--scan-repeats 3] [--tile 256] [--stride 128]
+    python bench/bench_webapp.py --startup-only [--startup-runs 3] [--code DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import statistics
 import subprocess
@@ -27,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import requests
@@ -123,6 +135,177 @@ def spread(values: list[float], fmt: str = "{:.0f}") -> str:
     return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
 
 
+# ------------------------------------------------------------------------------------------------ start-up
+
+
+def code_env(code: Path | None, **extra: str) -> dict[str, str]:
+    """The servers' environment; ``code``: that checkout's ``emassist`` and ``serving`` first on the path."""
+    env = server_env(**extra)
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def register_champion(params_file: Path, model_file: Path, tmp: Path) -> tuple[str, str]:
+    """``model_file`` logged and registered in a fresh sqlite store under ``tmp``, made champion: (tracking URI,
+    ``models:/NAME@champion``)."""
+    import mlflow
+
+    from emassist.model.registry import log_and_register, promote
+
+    params = load_params(params_file)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # wins over mlflow.tracking_uri, here and in the servers
+    mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment(params.mlflow.experiment, artifact_location=(tmp / "artifacts").as_uri())
+    mlflow.set_experiment(params.mlflow.experiment)
+    with mlflow.start_run() as run:
+        mlflow.set_tags({"data_version": "bench", "model": params.train.model})
+    mv = log_and_register(params, run.info.run_id, model_file=model_file)
+    promote(params.mlflow.registered_model, mv.version, client=mlflow.MlflowClient())
+    return uri, f"models:/{params.mlflow.registered_model}@champion"
+
+
+def _poll(fn: Any, proc: subprocess.Popen[bytes], log_file: Path, timeout: float = 600.0) -> float:
+    """Seconds (perf_counter) when ``fn()`` first returns true; polls every 20 ms."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}:\n{log_file.read_text()[-3000:]}")
+        with contextlib.suppress(requests.RequestException):
+            if fn():
+                return time.perf_counter()
+        time.sleep(0.02)
+    raise RuntimeError(f"not ready after {timeout:.0f} s:\n{log_file.read_text()[-3000:]}")
+
+
+def web_startup(params_file: Path, tmp: Path, image: bytes, code: Path | None) -> dict[str, float]:
+    """One ``emassist web`` (registry champion): seconds from process start to health, page and first classify."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_file = tmp / f"web-{port}.log"
+    cmd = [sys.executable, "-m", "emassist.cli.main", "--params", str(params_file), "web", "--host", "127.0.0.1",
+           "--port", str(port)]  # fmt: skip
+    started = time.perf_counter()
+    with open(log_file, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=code_env(code), cwd=tmp,
+                                start_new_session=True)  # fmt: skip
+    try:
+        health = _poll(lambda: requests.get(f"{url}/api/health", timeout=5) is not None, proc, log_file)
+        page = _poll(lambda: "Electron Microscope Assistant" in requests.get(url, timeout=5).text, proc, log_file)
+
+        def classified() -> bool:
+            r = requests.post(f"{url}/api/classify", params={"filename": "one.png"}, data=image, timeout=120)
+            if r.status_code == 503:
+                time.sleep(0.1)  # loading: the page says so at once; ask again
+                return False
+            r.raise_for_status()
+            return True
+
+        ready = _poll(classified, proc, log_file)
+    finally:
+        stop_process(proc)
+    return {"health": health - started, "page": page - started, "ready": ready - started}
+
+
+def serve_startup(model_uri: str, tmp: Path, code: Path | None) -> float:
+    """One ``mlflow models serve`` of our pyfunc: seconds from process start to /ping answering 200."""
+    port = free_port()
+    log_file = tmp / f"serve-{port}.log"
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+    started = time.perf_counter()
+    with open(log_file, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=code_env(code), cwd=tmp,
+                                start_new_session=True)  # fmt: skip
+    try:
+        ping = _poll(lambda: requests.get(f"http://127.0.0.1:{port}/ping", timeout=5).status_code == 200, proc,
+                     log_file)  # fmt: skip
+    finally:
+        stop_process(proc)
+    return ping - started
+
+
+def importtime(code: str, env: dict[str, str], cwd: Path) -> tuple[float, list[tuple[str, float, float]]]:
+    """(wall seconds, [(module, cumulative s, self s)]) of ``python -X importtime -c CODE``, top-level and their
+    direct imports only (deeper ones are inside those)."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, env=env,
+                          cwd=cwd, check=True)  # fmt: skip
+    wall = time.perf_counter() - started
+    rows = []
+    for line in done.stderr.splitlines():
+        if not line.startswith("import time:") or "| cumulative |" in line:
+            continue
+        own, cum, name = line[len("import time:") :].split("|", 2)
+        depth = (len(name) - len(name.lstrip(" ")) - 1) // 2
+        if depth <= 1:
+            rows.append((("  " * depth) + name.strip(), int(cum) / 1e6, int(own) / 1e6))
+    return wall, rows
+
+
+def print_imports(title: str, wall: float, rows: list[tuple[str, float, float]], top: int) -> None:
+    print(f"{title}: {wall:.2f} s in all (the process, imports and the code after them)")
+    print("| import (top-level, and what it imports directly) | cumulative | self |\n|---|---:|---:|")
+    for name, cum, own in sorted(rows, key=lambda r: -r[1])[:top]:
+        print(f"| `{name}` | {cum:.3f} s | {own:.3f} s |")
+    print()
+
+
+LOAD_STEPS = """
+import json, sys, time
+t = [time.perf_counter()]
+def mark(name):
+    t.append(time.perf_counter()); print(json.dumps([name, t[-1] - t[-2]]), flush=True)
+import mlflow, mlflow.pyfunc
+mark("import mlflow")
+import tensorflow, keras
+mark("import tensorflow + keras")
+local = mlflow.artifacts.download_artifacts(artifact_uri=sys.argv[1])
+mark("download the model's artifacts")
+import glob
+keras.models.load_model(glob.glob(local + "/artifacts/*.keras")[0], compile=False)
+mark("keras.models.load_model alone")
+mlflow.pyfunc.load_model(local)
+mark("mlflow.pyfunc.load_model (model code, Keras load again, tf.function trace)")
+"""
+
+
+def startup(args: argparse.Namespace, params_file: Path, model_file: Path, tmp: Path, image: bytes) -> None:
+    """The start-up tables (see the module's docstring)."""
+    code = args.code.resolve() if args.code else None
+    _, model_uri = register_champion(params_file, model_file, tmp)
+    web: dict[str, list[float]] = {"health": [], "page": [], "ready": []}
+    serve: list[float] = []
+    for _ in range(args.startup_runs):  # interleaved: a noisy minute hits both alike
+        for k, v in web_startup(params_file, tmp, image, code).items():
+            web[k].append(v)
+        serve.append(serve_startup(model_uri, tmp, code))
+    load = os.getloadavg()
+    print(f"Start-up, {args.startup_runs} runs each, min / median / max (s); model {model_uri} "
+          f"({load_params(params_file).train.model}); code {code or ROOT}; cpus {os.cpu_count()}; "
+          f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")  # fmt: skip
+    print("| from process start to | seconds |\n|---|---:|")
+    print(f"| `emassist web`: /api/health answers (any status) | {spread(web['health'], '{:.1f}')} |")
+    print(f"| `emassist web`: the page's HTML served | {spread(web['page'], '{:.1f}')} |")
+    print(f"| `emassist web`: model ready (first classify answered) | {spread(web['ready'], '{:.1f}')} |")
+    print(f"| `mlflow models serve` (our pyfunc): /ping answers | {spread(serve, '{:.1f}')} |\n")
+    env = code_env(code)
+    wall, rows = importtime("import emassist.cli.main, serving.webapp.app, uvicorn", env, tmp)
+    print_imports("Imports of `emassist web` before its health check answers", wall, rows, args.import_top)
+    wall, rows = importtime(f"import mlflow.pyfunc; mlflow.pyfunc.load_model({model_uri!r})", env, tmp)
+    print_imports("Imports of the pyfunc's load (`mlflow.pyfunc.load_model`, what `mlflow models serve` does)", wall,
+                  rows, args.import_top)  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", LOAD_STEPS, model_uri], capture_output=True, text=True, env=env,
+                          cwd=tmp, check=True)  # fmt: skip
+    print("The model's load step by step (a fresh process)\n| step | seconds |\n|---|---:|")
+    for line in done.stdout.splitlines():
+        if line.startswith("["):
+            name, seconds = json.loads(line)
+            print(f"| {name} | {seconds:.2f} |")
+    print()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
@@ -135,6 +318,11 @@ def main() -> int:
     ap.add_argument("--batch", type=int, help="tiles per forward pass (default: webapp.tile_batch)")
     ap.add_argument("--floor-runs", type=int, default=5, help="in-process scan vs forward-pass runs (default: 5)")
     ap.add_argument("--floor-only", action="store_true", help="only the in-process scan vs forward-pass table")
+    ap.add_argument("--startup-only", action="store_true", help="only the start-up tables")
+    ap.add_argument("--startup-runs", type=int, default=3, help="start-ups of each server (default: 3)")
+    ap.add_argument("--import-top", type=int, default=12, help="rows of each import-time table (default: 12)")
+    ap.add_argument("--code", type=Path, metavar="DIR",
+                    help="time this checkout's servers (default: this one's), e.g. the commit before")  # fmt: skip
     args = ap.parse_args()
     params = load_params(args.params)
 
@@ -143,6 +331,11 @@ def main() -> int:
         model = args.model or str(untrained_model(args.params, tmp / "model.keras"))
         one = demo_png(tmp / "one.png", 1024, 768).read_bytes()
         others = [demo_png(tmp / f"img{i}.png", 1024, 768, index=i + 1).read_bytes() for i in range(args.repeats)]
+        if args.startup_only or not args.floor_only:
+            model_file = Path(model) if model.endswith(".keras") else untrained_model(args.params, tmp / "m.keras")
+            startup(args, args.params.resolve(), model_file, tmp, one)
+            if args.startup_only:
+                return 0
         overview = overview_png(tmp / "overview.png", args.side).read_bytes()
         batch = args.batch or params.webapp.tile_batch
         floor = scan_vs_forward(model, args.params, overview, tile=args.tile, stride=args.stride, batch=batch,

@@ -14,28 +14,48 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-import requests
 
 from emassist.config.settings import Params
 from emassist.data.preprocess import Preprocessor
 from emassist.model.tracking import tracking_client
-from emassist.serve.client import SemClient, ServingError
 from emassist.serve.drawing import png_bytes
-from emassist.serve.predict import load_predictor
-from emassist.serve.predlog_hooks import ModelIdentity
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from emassist.serve.client import SemClient
+
+# Lazy (inside the functions that need them): pandas, requests and the scoring client (the endpoint backend only),
+# emassist.serve.predict (pulls in MLflow: seconds) and the prediction-log hooks (SQLAlchemy). `emassist web` imports
+# this module before its page answers; the model loads on a thread of its own afterwards (BackendLoader).
 
 log = logging.getLogger("emassist.webapp")
+
+URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # models:/, runs:/, s3://, file:/ ... (else a local path)
+
+#: TEST HOOK, read only by :class:`BackendLoader`: while the file this names does not exist, the background load
+#: waits before it starts (the start-up tests hold the model "loading" deterministically). Unset: no wait at all.
+ENV_TEST_HOLD_LOAD = "EMASSIST_TEST_HOLD_LOAD"
 
 
 class BackendError(RuntimeError):
     """The model cannot be loaded or reached; the message says which and why."""
+
+
+class BackendNotFound(BackendError):
+    """There is nothing to load: the registry has no such model, alias or version, no such file, or no model server
+    answers at the endpoint. ``emassist web`` exits on it (status 1), as it always did; a model that is there but
+    fails to load leaves the page up, saying why."""
 
 
 @dataclass
@@ -140,13 +160,19 @@ class EndpointBackend(Backend):
         self.url = url.rstrip("/")
         self.info = info
         self.params = params
-        self.client = SemClient(self.url, timeout=timeout)
+        from emassist.serve.client import SemClient  # lazy: pandas and requests
+
+        self.client: SemClient = SemClient(self.url, timeout=timeout)
         self.classes = [str(c) for c in config["classes"]]
         self.preprocessor = Preprocessor.from_config(config)
         self.config = dict(config)
         self._keras: tuple[Any, int] | None = None
 
     def _frame(self, blobs: list[bytes], *, standardized: bool) -> pd.DataFrame:
+        import requests
+
+        from emassist.serve.client import ServingError
+
         try:
             return self.client.predict_bytes(blobs, standardized=standardized)
         except ServingError as exc:
@@ -158,6 +184,8 @@ class EndpointBackend(Backend):
         return self._probabilities(self._frame(blobs, standardized=standardized), len(blobs))
 
     def _probabilities(self, frame: pd.DataFrame, n: int) -> np.ndarray:
+        import pandas as pd
+
         missing = [c for c in self.classes if c not in frame.columns]
         if missing or len(frame) != n:
             raise BackendError(
@@ -203,7 +231,7 @@ def resolve_alias(params: Params) -> tuple[str, str]:
     try:
         mv = tracking_client(params).get_model_version_by_alias(name, alias)
     except MlflowException as exc:
-        raise BackendError(
+        raise BackendNotFound(
             f"no model {name}@{alias} in the registry at {params.mlflow.resolved_tracking_uri()} "
             f"(run `dvc repro` or `emassist promote --version N`): {exc.message.splitlines()[0]}"
         ) from exc
@@ -215,10 +243,15 @@ def _load_classifier(uri: str, params: Params) -> Any:
     BackendError when it cannot be loaded or is another kind of model."""
     from mlflow.exceptions import MlflowException
 
+    from emassist.serve.predict import load_predictor  # lazy: MLflow, and TensorFlow when the model loads
+
+    if not URI_SCHEME.match(uri) and not Path(uri).exists():
+        raise BackendNotFound(f"cannot load {uri}: no such file or folder")
     try:
         model = load_predictor(uri, params)
     except MlflowException as exc:
-        raise BackendError(f"cannot load {uri}: {exc.message.splitlines()[0]}") from exc
+        kind = BackendNotFound if exc.error_code == "RESOURCE_DOES_NOT_EXIST" else BackendError
+        raise kind(f"cannot load {uri}: {exc.message.splitlines()[0]}") from exc
     if not hasattr(model, "probabilities"):
         raise BackendError(f"{uri} is not the SEM classifier pyfunc (emassist/serve/pyfunc.py)")
     return model
@@ -234,6 +267,8 @@ def load_registry(params: Params) -> LocalBackend:
 
 def load_model_uri(uri: str, params: Params) -> LocalBackend:
     """A model named by hand: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, a model folder or a ``.keras`` file."""
+    from emassist.serve.predlog_hooks import ModelIdentity  # lazy: the prediction log's SQLAlchemy
+
     client = tracking_client(params)  # models:/ URIs resolve against the configured tracking URI
     model = _load_classifier(uri, params)
     who = ModelIdentity.from_uri(uri, client)
@@ -267,11 +302,13 @@ def served_config(params: Params, version: str) -> dict[str, Any]:
 def load_endpoint(params: Params, url: str | None = None) -> EndpointBackend:
     """A running ``mlflow models serve``; its classes and preprocessing are those registered with the version the
     alias points at (the registry must be reachable)."""
+    from emassist.serve.client import SemClient  # lazy: pandas and requests
+
     url = (url or params.webapp.endpoint_url).rstrip("/")
     with SemClient(url, timeout=5) as probe:
         ok = probe.ping()
     if not ok:
-        raise BackendError(f"no model server answers at {url}/ping (start `mlflow models serve ...` first)")
+        raise BackendNotFound(f"no model server answers at {url}/ping (start `mlflow models serve ...` first)")
     version, run_id = resolve_alias(params)
     config = served_config(params, version)
     info = ModelInfo(params.mlflow.registered_model, version, params.webapp.alias, "endpoint", url, run_id)
@@ -285,3 +322,50 @@ def load_backend(params: Params, *, model_uri: str | None = None, endpoint_url: 
     if endpoint_url or params.webapp.source == "endpoint":
         return load_endpoint(params, endpoint_url)
     return load_registry(params)
+
+
+class BackendLoader:
+    """:func:`load_backend` on a thread of its own, so that ``emassist web`` answers (health, the page) while the model
+    loads: ``start(on_ready, on_error)`` calls ``on_ready(backend)`` or ``on_error(exc)`` from that thread (``exc`` a
+    :class:`BackendError`, or whatever else the load raised). ``seconds``: how long the load took."""
+
+    def __init__(self, params: Params, *, model_uri: str | None = None, endpoint_url: str | None = None) -> None:
+        self.params = params
+        self.model_uri = model_uri
+        self.endpoint_url = endpoint_url
+        self.seconds: float | None = None
+        self.thread: threading.Thread | None = None
+
+    def load(self) -> Backend:
+        """The load itself, on the calling thread (after the test hook's hold, when one is set)."""
+        _test_hold()
+        return load_backend(self.params, model_uri=self.model_uri, endpoint_url=self.endpoint_url)
+
+    def start(self, on_ready: Callable[[Backend], None], on_error: Callable[[BaseException], None]) -> threading.Thread:
+        def run() -> None:
+            started = time.perf_counter()
+            try:
+                backend = self.load()
+            except Exception as exc:  # every failure is reported (the page says why); none kills the server
+                self.seconds = time.perf_counter() - started
+                if not isinstance(exc, BackendError):
+                    log.exception("the model could not be loaded")
+                on_error(exc)
+                return
+            self.seconds = time.perf_counter() - started
+            on_ready(backend)
+
+        # a daemon: a server stopped while the model still loads does not wait for the load to finish
+        self.thread = threading.Thread(target=run, name="model-load", daemon=True)
+        self.thread.start()
+        return self.thread
+
+
+def _test_hold() -> None:
+    """TEST HOOK (:data:`ENV_TEST_HOLD_LOAD`): wait until the named file exists. Nothing happens when it is unset."""
+    gate = os.environ.get(ENV_TEST_HOLD_LOAD, "").strip()
+    if not gate:
+        return
+    log.warning("%s is set (a test hook): the model loads once %s exists", ENV_TEST_HOLD_LOAD, gate)
+    while not Path(gate).exists():
+        time.sleep(0.05)

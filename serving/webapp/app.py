@@ -3,6 +3,9 @@ overview image for one class. FastAPI, one static page (``static/``), no build s
 
 HTTP API (every error is JSON ``{"error": "<one line>"}`` with a 4xx/5xx status; the server keeps answering):
 
+* ``GET  /api/health`` — ``{"status": "ok"}`` (200) once the model is loaded; while it loads ``{"status": "loading",
+  "seconds": S}`` and, when it could not be loaded, ``{"status": "error", "error": "<why>"}``, both with 503 (a
+  readiness probe, and the tests' start-up wait, wait for the 200).
 * ``GET  /api/info`` — model name, version, alias and source; classes; limits; tile defaults.
 * ``POST /api/classify?filename=NAME`` — body: the image file. → label, top-3, all probabilities, the
   low-confidence flag, a PNG preview of what the model saw (data bar cropped).
@@ -31,6 +34,13 @@ background :class:`emassist.data.predlog.LogWriter` opened at start-up and close
 waits for the database, and a store that is down costs one warning, not an answer. The original bytes of the last
 :data:`KEEP_UPLOADS` uploads (at most :data:`KEEP_UPLOAD_BYTES` in all) are kept for corrections; an older result
 can no longer be corrected (410, saying so).
+
+Start-up (docs/startup.md): the page and the health check answer at once; the model loads on a thread of its own
+(:class:`emassist.serve.backend.BackendLoader`) while the page says "loading the model...". Until it is ready, every
+request that needs the model (info, classify, Grad-CAM, scan, CSV, corrections, the model card, the Live tab) gets
+503 with ``{"error": "the model is still loading ...", "status": "loading"}`` and ``Retry-After``; a model that
+cannot be loaded leaves the page up saying why (503, ``"status": "error"``). Nothing heavy (TensorFlow, MLflow,
+pandas) is imported before the server answers: those imports happen on the loading thread.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import FastAPI, Header, Request
@@ -61,16 +71,20 @@ from fastapi.staticfiles import StaticFiles
 
 from emassist.config.settings import Params
 from emassist.data.decode import DecodedImage, ImageRejected, check_pixels, probe_image
-from emassist.data.feedback import FeedbackError, correct, sha256_of
+from emassist.data.hashing import sha256_of
 from emassist.data.predlog import LogWriter, PredictionLog, PredictionLogError, PredictionRow, image_stats
 from emassist.model.provenance import describe_training_data
 from emassist.model.selective import ReviewPolicy
-from emassist.pipeline.watch import Watcher, WatchOptions
-from emassist.pipeline.watch_scorer import Scorer
 from emassist.serve import tilescan
-from emassist.serve.backend import Backend, BackendError, load_backend
+from emassist.serve.backend import Backend, BackendError, BackendLoader, BackendNotFound
 from emassist.serve.drawing import overlay, png_bytes
 from emassist.serve.gradcam import GradCam, GradCamError
+
+if TYPE_CHECKING:
+    from emassist.pipeline.watch import Watcher, WatchOptions
+
+# Lazy: the watcher (emassist.pipeline.watch, its scorer imports the pyfunc and so MLflow) and the corrections
+# (emassist.data.feedback, pandas) are imported where they are used: the page answers before they are needed.
 
 log = logging.getLogger("emassist.webapp")
 
@@ -84,13 +98,17 @@ TOP_K = 3
 LIVE_KEEP = 200  # arrivals the Live tab keeps (a browser that connects gets these first)
 LIVE_THUMB = 96  # thumbnail side, pixels
 LIVE_POLL_S = 0.25  # how often an open event stream looks for new arrivals
+RETRY_AFTER_S = 2  # Retry-After of a request answered 503 while the model loads
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:  # fmt: skip
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
+        self.extra = extra or {}  # more keys of the JSON error body (e.g. "status": "loading")
 
 
 @dataclass
@@ -371,6 +389,8 @@ class WebApp:
 
     def correct(self, body: Any) -> dict[str, Any]:
         """``{"id", "label", "who"}`` → the upload stored under its right class and the correction logged."""
+        from emassist.data.feedback import FeedbackError, correct  # lazy: pandas (see the module's imports)
+
         if not isinstance(body, dict):
             raise HttpError(400, 'send JSON {"id": "<result id>", "label": "<class>", "who": "<your name>"}')
         result_id, label, who = body.get("id"), body.get("label"), body.get("who") or ""
@@ -555,6 +575,88 @@ class WebApp:
         }
 
 
+# ------------------------------------------------------------------------------------------------ start-up
+
+
+class ModelSlot:
+    """The page's model as it starts: "loading" (the backend loads on its own thread), then "ok" with the
+    :class:`WebApp` around it, or "error" with the reason. Requests that need the model ask :meth:`webapp`.
+
+    ``on_ready``: called (on the loading thread) with the WebApp once it is ready, e.g. to start the watcher; what it
+    returns is kept for ``on_close``, called at shutdown."""
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+        self.status = "loading"
+        self.error = ""
+        self.not_found: BackendNotFound | None = None
+        self.app: WebApp | None = None
+        self.started = time.monotonic()
+        self.seconds: float | None = None  # the load's, once done
+        self.closed = False
+        self.on_start: Any = None  # called as the server starts (serve: the background load)
+        self.on_ready: Any = None
+        self.on_close: Any = None
+        self._extra: Any = None
+        self._lock = threading.Lock()
+
+    def ready(self, backend: Backend) -> None:
+        """The backend is loaded: the page's state around it, its prediction log, then ``on_ready``."""
+        try:
+            app = WebApp(self.params, backend)
+        except Exception as exc:  # e.g. a serving config the page cannot read: say so, keep the page up
+            log.exception("the model loaded but the page cannot use it")
+            self.failed(exc)
+            return
+        with self._lock:
+            if self.closed:  # the server stopped while the model loaded
+                return
+            app.open_log()
+            self._extra = self.on_ready(app) if self.on_ready is not None else None
+            self.app, self.status = app, "ok"
+            self.seconds = time.monotonic() - self.started
+        log.warning("model: %s, ready after %.1f s", backend.info.label, self.seconds)
+
+    def failed(self, exc: BaseException) -> None:
+        """The load failed: the page stays up and says why (health, info and every model request)."""
+        message = str(exc) if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self.status, self.error = "error", message or type(exc).__name__
+            self.seconds = time.monotonic() - self.started
+            if isinstance(exc, BackendNotFound):
+                self.not_found = exc
+        log.warning("the model could not be loaded: %s", self.error)
+
+    def close(self) -> None:
+        """At shutdown: the watcher (``on_close``) and the prediction log of a ready page."""
+        with self._lock:
+            self.closed = True
+            app, extra = self.app, self._extra
+        if app is None:
+            return
+        if self.on_close is not None and extra is not None:
+            self.on_close(extra)
+        app.close_log()
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        if self.status == "ok":
+            return 200, {"status": "ok"}
+        if self.status == "loading":
+            return 503, {"status": "loading", "seconds": round(time.monotonic() - self.started, 1)}
+        return 503, {"status": "error", "error": self.error}
+
+    def webapp(self) -> WebApp:
+        """The ready page's state; 503 with a message (and Retry-After while loading) before that."""
+        app = self.app
+        if app is not None:
+            return app
+        if self.status == "error":
+            raise HttpError(503, f"the model could not be loaded: {self.error}", extra={"status": "error"})
+        waited = time.monotonic() - self.started
+        raise HttpError(503, f"the model is still loading ({waited:.0f} s so far); try again in a few seconds",
+                        headers={"Retry-After": str(RETRY_AFTER_S)}, extra={"status": "loading"})  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ FastAPI
 
 
@@ -578,34 +680,42 @@ def _filename(value: str | None) -> str:
     return "".join(ch for ch in name if ch.isprintable() and ch not in '"\\')[:200]
 
 
-def create_app(params: Params, backend: Backend, *, watch: WatchOptions | None = None,
+def create_app(params: Params, backend: Backend | ModelSlot, *, watch: WatchOptions | None = None,
                should_exit: Any = None) -> FastAPI:  # fmt: skip
-    """The FastAPI app around ``backend`` (:func:`serve` runs it inside :func:`private_tempdir`).
+    """The FastAPI app around ``backend``: a loaded :class:`Backend` (ready at once), or a :class:`ModelSlot` that
+    a :class:`~emassist.serve.backend.BackendLoader` fills while the page already answers (:func:`serve`).
 
     ``watch``: also run the folder watcher (``emassist web --watch DIR``) with the same model, its arrivals on the
-    Live tab. ``should_exit``: a callable saying that the server is stopping (open event streams end then)."""
-    state = WebApp(params, backend)
+    Live tab (it starts when the model is ready). ``should_exit``: a callable saying that the server is stopping
+    (open event streams end then)."""
     hub = LiveHub()
+    slot = backend if isinstance(backend, ModelSlot) else ModelSlot(params)
+    if watch is not None:
+        slot.on_ready = lambda app: _start_watch(params, app.backend, watch, hub)
+        slot.on_close = lambda live: _stop_watch(*live)
+    if isinstance(backend, Backend):
+        slot.ready(backend)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
-        state.open_log()
-        live = _start_watch(params, backend, watch, hub) if watch is not None else None
+        if slot.on_start is not None:
+            slot.on_start()
         try:
             yield
         finally:
             hub.closed = True
-            if live is not None:
-                _stop_watch(*live)
-            state.close_log()
+            slot.close()
 
     app = FastAPI(title="Electron Microscope Assistant", docs_url="/api/docs", redoc_url=None, lifespan=lifespan)
-    app.state.webapp = state
+    app.state.slot = slot
     app.state.live = hub
+
+    def state() -> WebApp:
+        return slot.webapp()
 
     @app.exception_handler(HttpError)
     async def http_error(request: Request, exc: HttpError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return JSONResponse({"error": exc.message, **exc.extra}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -617,31 +727,35 @@ def create_app(params: Params, backend: Backend, *, watch: WatchOptions | None =
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     @app.get("/api/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    def health() -> JSONResponse:
+        status, body = slot.health()
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if body["status"] == "loading" else None
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.get("/card", include_in_schema=False)
     def card() -> Response:
-        return Response(state.card(), media_type="text/plain; charset=utf-8")
+        return Response(state().card(), media_type="text/plain; charset=utf-8")
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
-        return state.info()
+        return state().info()
 
     @app.post("/api/classify")
     async def classify(request: Request, filename: str | None = None) -> JSONResponse:
+        web = state()  # before reading the body: a page still loading answers at once
         name = _filename(filename)
         data = await read_body(request, params.webapp.max_upload_bytes, name)
         from starlette.concurrency import run_in_threadpool
 
-        return JSONResponse(await run_in_threadpool(state.classify, data, name))
+        return JSONResponse(await run_in_threadpool(web.classify, data, name))
 
     @app.get("/api/gradcam/{result_id}")
     def gradcam(result_id: str, request: Request) -> dict[str, Any]:
-        return state.gradcam(result_id, request.query_params.get("class") or None)
+        return state().gradcam(result_id, request.query_params.get("class") or None)
 
     @app.post("/api/correct")
     async def correct_result(request: Request) -> JSONResponse:
+        web = state()
         raw = await read_body(request, 64 * 1024, "correction")
         try:
             body = json.loads(raw or b"null")
@@ -649,17 +763,18 @@ def create_app(params: Params, backend: Backend, *, watch: WatchOptions | None =
             raise HttpError(400, f"the body is not JSON: {exc}") from exc
         from starlette.concurrency import run_in_threadpool
 
-        return JSONResponse(await run_in_threadpool(state.correct, body))
+        return JSONResponse(await run_in_threadpool(web.correct, body))
 
     @app.get("/api/results.csv")
     def results_csv(ids: str | None = None) -> Response:
         chosen = [i for i in (ids or "").split(",") if i]
-        text = state.results_csv(chosen or None)
+        text = state().results_csv(chosen or None)
         headers = {"Content-Disposition": 'attachment; filename="sem-predictions.csv"'}
         return Response(text, media_type="text/csv", headers=headers)
 
     @app.post("/api/scan")
     async def scan(request: Request, filename: str | None = None) -> JSONResponse:
+        web = state()
         name = _filename(filename)
         q = request.query_params
         class_name = q.get("class") or ""
@@ -668,27 +783,30 @@ def create_app(params: Params, backend: Backend, *, watch: WatchOptions | None =
         data = await read_body(request, params.webapp.max_upload_bytes, name)
         from starlette.concurrency import run_in_threadpool
 
-        return JSONResponse(await run_in_threadpool(state.scan, data, name, class_name, tile, stride))
+        return JSONResponse(await run_in_threadpool(web.scan, data, name, class_name, tile, stride))
 
     @app.get("/api/scan/{scan_id}/heatmap")
     def scan_heatmap(scan_id: str, request: Request) -> dict[str, Any]:
-        return state.scan_json(state._scan(scan_id), request.query_params.get("class") or "")
+        web = state()
+        return web.scan_json(web._scan(scan_id), request.query_params.get("class") or "")
 
     @app.get("/api/scan/{scan_id}/tiles.csv")
     def scan_csv(scan_id: str) -> Response:
-        record = state._scan(scan_id)
+        record = state()._scan(scan_id)
         stem = Path(record.filename).stem or "scan"
         headers = {"Content-Disposition": f'attachment; filename="{stem}-tiles.csv"'}
         return Response(record.result.csv_text(), media_type="text/csv", headers=headers)
 
     @app.get("/api/live")
     def live() -> dict[str, Any]:
+        state()  # the watcher starts with the model
         return hub.summary()
 
     @app.get("/api/live/events", response_class=EventSourceResponse)
     async def live_events(last_event_id: str | None = Header(None)) -> AsyncIterator[ServerSentEvent]:
         import asyncio
 
+        state()
         seq = int(last_event_id) if (last_event_id or "").isdigit() else 0
         while not hub.closed and not (should_exit is not None and should_exit()):
             for event in hub.since(seq):
@@ -703,6 +821,8 @@ def create_app(params: Params, backend: Backend, *, watch: WatchOptions | None =
 def _start_watch(params: Params, backend: Backend, options: WatchOptions, hub: LiveHub) -> tuple[Any, Any, Any]:
     """The watcher in this process (its own threads), publishing to the Live tab; its answers are logged as source
     ``watch`` by a writer of its own."""
+    from emassist.pipeline.watch import Watcher  # lazy: see the module's imports
+    from emassist.pipeline.watch_scorer import Scorer
     from emassist.serve.predlog_hooks import open_writer
 
     writer = None
@@ -769,19 +889,34 @@ def serve(
     endpoint_url: str | None = None,
     watch: WatchOptions | None = None,
 ) -> None:
-    """Load the model (``webapp.source``, or ``model_uri`` / ``endpoint_url``) and serve the page until stopped;
-    ``watch``: with the folder watcher inside (the Live tab)."""
+    """Serve the page until stopped, loading the model (``webapp.source``, or ``model_uri`` / ``endpoint_url``) on a
+    thread of its own once the server runs; ``watch``: with the folder watcher inside (the Live tab).
+
+    Raises :class:`BackendNotFound` when there is nothing to load (no such model in the registry, no such file, no
+    model server at the endpoint): the server stops then. A model that is there but cannot be loaded leaves the page
+    up, saying why."""
     import uvicorn
 
     # uvicorn re-raises SIGTERM after its graceful shutdown; as SystemExit it lets the temporary folder go too.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with private_tempdir(params.webapp.temp_dir):
-        backend = load_backend(params, model_uri=model_uri, endpoint_url=endpoint_url)
-        log.warning("model: %s; page at http://%s:%d/", backend.info.label, host, port)
+        slot = ModelSlot(params)
+        loader = BackendLoader(params, model_uri=model_uri, endpoint_url=endpoint_url)
         server: Any = None
-        app = create_app(params, backend, watch=watch, should_exit=lambda: bool(server and server.should_exit))
+
+        def not_found_stops(exc: BaseException) -> None:
+            slot.failed(exc)
+            if isinstance(exc, BackendNotFound) and server is not None:
+                server.should_exit = True  # nothing to serve: stop, and the command says why (exit 1)
+
+        app = create_app(params, slot, watch=watch, should_exit=lambda: bool(server and server.should_exit))
+
+        slot.on_start = lambda: loader.start(slot.ready, not_found_stops)  # as the server starts: beside it
+        log.warning("page at http://%s:%d/ (the model loads in the background)", host, port)
         # uvicorn.Server rather than uvicorn.run: the Live tab's open event streams end when it starts stopping
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False))
         server.run()
+        if slot.not_found is not None:
+            raise slot.not_found
         if not server.started:  # as uvicorn.run: a port in use, a failed start-up
             raise SystemExit(3)

@@ -380,8 +380,55 @@ function setupTabs() {
   }
 }
 
+// ------------------------------------------------------------------------------------------------ start-up
+
+// The server answers before its model is loaded: /api/health says "loading" (503) until it is "ok" (200), or
+// "error" with the reason. Until then the page says so; the model's info and the Live tab follow when it is ready.
+const HEALTH_POLL_MS = 500;
+
+async function waitForModel() {
+  const status = $("model-status");
+  for (;;) {
+    let body = null;
+    try {
+      const resp = await fetch("/api/health", { cache: "no-store" });
+      body = await resp.json();
+    } catch (err) {
+      body = { status: "unreachable", error: "the server cannot be reached (" + err.message + ")" };
+    }
+    if (body.status === "ok") {
+      status.hidden = true;
+      status.dataset.state = "ok";
+      return true;
+    }
+    if (body.status === "error") {
+      const text = "The model could not be loaded: " + body.error;
+      status.textContent = text;
+      status.dataset.state = "error";
+      status.classList.replace("loading", "load-error");
+      status.setAttribute("role", "alert");
+      $("model-info").textContent = "model unavailable";
+      $("live-status").textContent = "live view unavailable: the model could not be loaded";
+      return false;
+    }
+    const waited = body.seconds === undefined ? "" : ` (${Math.round(body.seconds)} s)`;
+    status.textContent = body.status === "loading"
+      ? `loading the model…${waited} The page is ready to use as soon as it is loaded.`
+      : `waiting for the server… ${body.error || ""}`;
+    status.dataset.state = body.status;
+    $("model-info").textContent = "loading the model…";
+    await new Promise((resolve) => setTimeout(resolve, HEALTH_POLL_MS));
+  }
+}
+
+async function start() {
+  if (await waitForModel()) {
+    await loadInfo();
+    setupLive();
+  }
+}
+
 setupTabs();
 setupClassify();
 setupScan();
-setupLive();
-loadInfo();
+start();
