@@ -241,12 +241,12 @@ def resolve_alias(params: Params) -> tuple[str, str]:
 def _load_classifier(uri: str, params: Params) -> Any:
     """The SEM classifier pyfunc at ``uri`` (``params`` give a ``.keras`` file its classes and preprocessing);
     BackendError when it cannot be loaded or is another kind of model."""
+    if not URI_SCHEME.match(uri) and not Path(uri).exists():
+        raise BackendNotFound(f"cannot load {uri}: no such file or folder")
     from mlflow.exceptions import MlflowException
 
     from emassist.serve.predict import load_predictor  # lazy: MLflow, and TensorFlow when the model loads
 
-    if not URI_SCHEME.match(uri) and not Path(uri).exists():
-        raise BackendNotFound(f"cannot load {uri}: no such file or folder")
     try:
         model = load_predictor(uri, params)
     except MlflowException as exc:
