@@ -125,6 +125,17 @@ def _open_source(source: ImageSource) -> tuple[Any, int]:
     return fh, os.fstat(fh.fileno()).st_size
 
 
+def read_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The whole file, for callers that hash and decode the same bytes; ``ImageRejected`` with ingest's reasons
+    (``unreadable: permission denied``, ``not a regular file``, ...) instead of an ``OSError``."""
+    fh, _ = _open_source(os.fspath(path))
+    with fh:
+        try:
+            return fh.read()
+        except OSError as exc:
+            raise ImageRejected(f"unreadable: {exc.strerror or exc}") from exc
+
+
 def _stretch_uint16(a: np.ndarray) -> np.ndarray:
     """The percentile stretch for 16-bit data, exactly, through a histogram and a lookup table."""
     hist = np.bincount(a.ravel(), minlength=65536)

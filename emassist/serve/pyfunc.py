@@ -66,7 +66,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property, partial
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -76,7 +75,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from emassist.config.settings import MonitoringParams
-from emassist.data.decode import ImageRejected
+from emassist.data.decode import ImageRejected, read_bytes
 from emassist.data.predlog import LogWriter, PredictionRow, utcnow
 from emassist.data.preprocess import STANDARDIZED_PARAM, Preprocessor
 from emassist.model.calibration import apply_temperature, as_temperature
@@ -326,7 +325,7 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         try:
             data = value if file else decode_base64(value)
             if file and details:  # read the file once: the decode and the hash take the same bytes
-                data = Path(data).read_bytes()
+                data = read_bytes(data)
             pre = self.preprocessor
             decoded = pre.decode(data)
             gray = pre.resize(decoded.gray) if standardized else pre.standardize(decoded.gray)[0]

@@ -286,3 +286,32 @@ def test_generic_pyfunc_fallback_agrees_and_names_each_bad_file(classifier: Any,
     for path in native.index.difference(good):  # the whole batch refused → asked one by one: each its own reason
         assert generic.loc[path, "error"] and generic.loc[path, "label"] == ""
     assert "content is text" in generic.loc[str(images / "notes.txt"), "error"]
+
+
+def test_reading_a_file_for_the_log_gives_ingest_s_reasons_not_a_crash(tmp_path: Path, monkeypatch: Any) -> None:
+    """prepare(file=True, details=True) reads the bytes itself (hash and decode share them): a file it may not read
+    gets 'unreadable: permission denied' (as ingest says; simulated: tests run as root), a FIFO 'not a regular
+    file', a missing file 'unreadable: file not found' — never a generic error."""
+    import builtins
+    import os
+
+    import emassist.data.decode as decode_mod
+    from emassist.serve.pyfunc import SemClassifier
+
+    model = SemClassifier()
+    model.configure({"classes": ["A", "B"], "cache_size": 32, "crop_databar": True, "max_pixels": 10**6,
+                     "min_side": 8, "image_size": 32})  # fmt: skip
+    locked = tmp_path / "locked.png"
+    locked.write_bytes(b"\x89PNG")
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+
+    def refusing_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if os.fspath(path) == os.fspath(locked):
+            raise PermissionError(13, "Permission denied")
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(decode_mod, "open", refusing_open, raising=False)
+    errors = [p.error for p in model.prepare_many([str(locked), str(fifo), str(tmp_path / "gone.png")], files=True,
+                                                   details=True)]  # fmt: skip
+    assert errors == ["unreadable: permission denied", "not a regular file", "unreadable: file not found"]
