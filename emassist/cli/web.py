@@ -186,7 +186,10 @@ def add_commands(sub: Any) -> None:
         description=(
             "Serve the microscopist's page. The model comes from webapp.source in params.yaml: 'registry' loads "
             "models:/<mlflow.registered_model>@<webapp.alias> (MLFLOW_TRACKING_URI wins over mlflow.tracking_uri), "
-            "'endpoint' calls a running `mlflow models serve` at webapp.endpoint_url."
+            "'endpoint' calls a running `mlflow models serve` at webapp.endpoint_url. The page answers at once and "
+            "says 'loading the model…' while the model loads in the background (/api/health: 503 'loading', then 200 "
+            "'ok'); a model that cannot be loaded leaves the page up saying why; one that is not there at all (no "
+            "such model in the registry, no such file, no model server) ends the command with status 1."
         ),
         epilog="Example: emassist web --port 8000, then open http://127.0.0.1:8000/",
     )
