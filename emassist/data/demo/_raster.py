@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage
 
 Array = np.ndarray
 Point = tuple[float, float]
@@ -136,6 +135,8 @@ def roof_into(
     tilt: Point = (0.0, 0.0),
 ) -> None:
     """Composite a faceted solid over a polygon: the distance transform gives planar facets (a hip roof)."""
+    from scipy import ndimage  # lazy: SciPy costs ~0.3 s at every `emassist` start
+
     h, w = height.shape
     got = polygon_mask(pts, h, w)
     if got is None:

@@ -12,19 +12,22 @@ import math
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from scipy import ndimage
 
 from emassist.data.demo._raster import Array, log_uniform
 from emassist.data.scalebar import REFERENCE_DISPLAY_NM
 
 
 def _box_blur(arr: Array, size: float) -> Array:
+    from scipy import ndimage  # lazy: SciPy costs ~0.3 s at every `emassist` start
+
     k = max(3, int(size) | 1)
     return ndimage.uniform_filter(ndimage.uniform_filter(arr, k, mode="nearest"), k, mode="nearest")
 
 
 def se_signal(height: Array, albedo: Array, rng: np.random.Generator) -> Array:
     """Secondary-electron signal (arbitrary units) of a scene."""
+    from scipy import ndimage  # lazy: SciPy costs ~0.3 s at every `emassist` start
+
     h, w = height.shape
     res = min(h, w) / 256.0
     hs = ndimage.gaussian_filter(height.astype(np.float32), 0.7 * res, mode="nearest")
@@ -104,6 +107,8 @@ def _scan_lines(img: Array, rng: np.random.Generator) -> Array:
 
 def sem_image(height: Array, albedo: Array, rng: np.random.Generator) -> Array:
     """Final grayscale image in [0, 1] (float32) of a scene, with every SEM artefact applied."""
+    from scipy import ndimage  # lazy: SciPy costs ~0.3 s at every `emassist` start
+
     img = _auto_contrast(se_signal(height, albedo, rng), rng)
     res = min(img.shape) / 256.0
     if rng.random() < 0.25:
