@@ -12,7 +12,9 @@ tracking store is not touched), starts `mlflow models serve -m models:/bench@cha
 
 each repeated ``--runs`` times, served and in-process calls taking turns (load from elsewhere hits both alike);
 the table shows medians over the runs. Served latency includes the client's JSON encoding and the HTTP round
-trip, as a real client sees it. Goal: served p50 <= 1.5 x in-process p50.
+trip, as a real client sees it. The floor (issue 18): base64 decode, decode + standardize by the pyfunc's own
+preprocessor, then the compiled forward pass (the pyfunc's tf.function), in the same process; goals: served p50
+<= 1.5 x floor, batch-32 throughput >= 0.8 x floor.
 """
 
 from __future__ import annotations
@@ -49,14 +51,14 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------------------------- model + images
 
 
-def stand_in_model(path: Path, image_size: int, n_classes: int) -> Path:
-    """A small CNN of about the project's simple_cnn's size (used when models/model.keras does not exist)."""
+def stand_in_model(path: Path, image_size: int, n_classes: int, architecture: str = "simple_cnn") -> Path:
+    """An untrained model of ``architecture`` (used when models/model.keras does not exist or does not fit)."""
     import keras
 
     try:
         from emassist.model.builders import build_model  # type: ignore[import-not-found]
 
-        model = build_model("simple_cnn", num_classes=n_classes, image_size=image_size, weights=None, dropout=0.3)
+        model = build_model(architecture, num_classes=n_classes, image_size=image_size, weights=None, dropout=0.3)
     except Exception:
         layers = keras.layers
         inp = keras.Input((image_size, image_size, 3))
@@ -152,12 +154,16 @@ def measure_pair(
     latency_calls: int,
     batches: Sequence[int],
     images_per: int,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """One run for both paths, call by call in turns (so that load from elsewhere hits both alike).
+    floor: Callable[[list[str]], Any] | None = None,
+) -> tuple[dict[str, float], ...]:
+    """One run for every path, call by call in turns (so that load from elsewhere hits them alike).
 
-    Returns (served, in-process): single-image latency percentiles (ms) and throughput per batch size (img/s).
+    Returns (served, in-process[, floor]): single-image latency percentiles (ms) and throughput per batch size
+    (img/s).
     """
     fns = {"served": served, "local": local}
+    if floor is not None:
+        fns["floor"] = floor
     lat: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(latency_calls):
         for name, fn in fns.items():
@@ -176,30 +182,69 @@ def measure_pair(
                 spent[name] += time.perf_counter() - t0
         for name in fns:
             out[name][f"tput_{b}"] = calls * b / spent[name]
-    return out["served"], out["local"]
+    return tuple(out[name] for name in fns)
 
 
 def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-def table(served: dict[str, float], local: dict[str, float], batches: Sequence[int], info: str) -> str:
+def table(
+    served: dict[str, float], local: dict[str, float], floor: dict[str, float], batches: Sequence[int], info: str
+) -> str:
+    """Served, in-process pyfunc and the floor (base64 + decode + standardize, then the compiled forward pass)."""
     lines = [
         f"Serving benchmark ({info})",
         "",
-        "| metric | `mlflow models serve` | in-process pyfunc (floor) | served / in-process |",
-        "|---|---:|---:|---:|",
-        f"| single image p50 (ms) | {served['p50_ms']:.1f} | {local['p50_ms']:.1f} | "
-        f"{served['p50_ms'] / local['p50_ms']:.2f}x |",
-        f"| single image p95 (ms) | {served['p95_ms']:.1f} | {local['p95_ms']:.1f} | "
-        f"{served['p95_ms'] / local['p95_ms']:.2f}x |",
+        "| metric | `mlflow models serve` | in-process pyfunc | floor: decode + compiled forward | served / floor |",
+        "|---|---:|---:|---:|---:|",
     ]
+    for key, name in (("p50_ms", "single image p50 (ms)"), ("p95_ms", "single image p95 (ms)")):
+        lines.append(f"| {name} | {served[key]:.2f} | {local[key]:.2f} | {floor[key]:.2f} | "
+                     f"{served[key] / floor[key]:.2f}x |")  # fmt: skip
     for b in batches:
-        s, floor = served[f"tput_{b}"], local[f"tput_{b}"]
-        lines.append(f"| throughput, batch {b} (img/s) | {s:.1f} | {floor:.1f} | {s / floor:.2f}x |")
-    ratio = served["p50_ms"] / local["p50_ms"]
-    lines += ["", f"Goal served p50 <= 1.5 x in-process: {'met' if ratio <= 1.5 else 'NOT met'} ({ratio:.2f}x)."]
+        s, lo, fl = served[f"tput_{b}"], local[f"tput_{b}"], floor[f"tput_{b}"]
+        lines.append(f"| throughput, batch {b} (img/s) | {s:.1f} | {lo:.1f} | {fl:.1f} | {s / fl:.2f}x |")
+    lines.append(f"| floor parts, single image p50 (ms): decode + standardize / forward | | | "
+                 f"{floor['decode_p50_ms']:.2f} / {floor['forward_p50_ms']:.2f} | |")  # fmt: skip
+    ratio = served["p50_ms"] / floor["p50_ms"]
+    tput = served[f"tput_{max(batches)}"] / floor[f"tput_{max(batches)}"]
+    lines += [
+        "",
+        f"Goal served p50 <= 1.5 x floor: {'met' if ratio <= 1.5 else 'NOT met'} ({ratio:.2f}x); "
+        f"batch-{max(batches)} throughput >= 0.8 x floor: {'met' if tput >= 0.8 else 'NOT met'} ({tput:.2f}x). "
+        f"In-process pyfunc / floor p50: {local['p50_ms'] / floor['p50_ms']:.2f}x.",
+    ]
     return "\n".join(lines)
+
+
+def floor_fn(python_model: Any) -> tuple[Callable[[list[str]], Any], Callable[[], dict[str, float]]]:
+    """The floor of one request: base64 decode, decode + standardize each image (the pyfunc's own preprocessor),
+    then the compiled forward pass (the tf.function the pyfunc calls) on the stacked batch; and a function giving
+    the p50 of its two parts over the single-image calls so far."""
+    from emassist.serve.pyfunc import decode_base64
+
+    pre = python_model.preprocessor
+    parts: dict[str, list[float]] = {"decode": [], "forward": []}
+
+    def run(batch: list[str]) -> Any:
+        t0 = time.perf_counter()
+        gray = np.stack([pre.standardize(pre.decode(decode_base64(b)).gray)[0] for b in batch])[..., None]
+        t1 = time.perf_counter()
+        out = python_model._forward(gray)
+        np.asarray(out[0])  # the answer on the host, as the pyfunc needs it
+        if len(batch) == 1:
+            parts["decode"].append(t1 - t0)
+            parts["forward"].append(time.perf_counter() - t1)
+        return out
+
+    def p50s() -> dict[str, float]:
+        got = {f"{k}_p50_ms": 1000 * statistics.median(v) for k, v in parts.items() if v}
+        for v in parts.values():
+            v.clear()
+        return got
+
+    return run, p50s
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -245,11 +290,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "mlflow": {"experiment": NAME, "registered_model": NAME},
         }
         params = params_from_dict(raw)
+        fits = False
         if args.model.is_file():
+            import keras
+
+            fits = keras.models.load_model(args.model, compile=False).input_shape[1] == base.train.image_size
+            if not fits:
+                log(f"{args.model} does not take train.image_size {base.train.image_size} px: using a stand-in")
+        if fits:
             model_file, what = args.model, f"{args.model.name}"
         else:
-            model_file = stand_in_model(tmp / "model.keras", base.train.image_size, len(base.data.classes))
-            what = "stand-in CNN (no models/model.keras)"
+            model_file = stand_in_model(tmp / "model.keras", base.train.image_size, len(base.data.classes),
+                                        base.train.model)  # fmt: skip
+            what = f"untrained {base.train.model} (no usable models/model.keras)"
         log(f"registering {model_file} in a temporary store ...")
         from emassist.model.tracking import setup_mlflow
 
@@ -265,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         def local_predict(batch: list[str]) -> Any:
             return local_model.predict(pd.DataFrame({"image": batch}))
 
+        floor_predict, floor_parts = floor_fn(local_model.unwrap_python_model())
+
         log("starting mlflow models serve ...")
         with model_server(uri, tracking_uri, tmp / "serve.log", args.workers) as url, requests.Session() as session:
 
@@ -274,30 +329,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                 r.raise_for_status()
                 return r.json()
 
-            for fn in (served_predict, local_predict):  # warm-up: first requests, every batch shape
+            for fn in (served_predict, local_predict, floor_predict):  # warm-up: first requests, every batch shape
                 for b in (1, *batches):
                     fn(images[:b])
-            served_runs, local_runs = [], []
+            floor_parts()
+            served_runs, local_runs, floor_runs = [], [], []
             for i in range(args.runs):
                 log(f"run {i + 1}/{args.runs}")
-                one_served, one_local = measure_pair(
+                one_served, one_local, one_floor = measure_pair(
                     served_predict,
                     local_predict,
                     images,
                     latency_calls=args.latency_calls,
                     batches=batches,
                     images_per=args.images_per_batch_size,
+                    floor=floor_predict,
                 )
+                one_floor.update(floor_parts())
                 served_runs.append(one_served)
                 local_runs.append(one_local)
-        served, local = median_of(served_runs), median_of(local_runs)
+                floor_runs.append(one_floor)
+        served, local, floor = median_of(served_runs), median_of(local_runs), median_of(floor_runs)
         info = (
             f"{what}, input {base.train.image_size}px, {len(base.data.classes)} classes; {args.side}x{args.side} PNGs; "
             f"{os.cpu_count()} CPUs; median of {args.runs} runs"
         )
-        print(table(served, local, batches, info))
+        print(table(served, local, floor, batches, info))
         if args.json:
-            args.json.write_text(json.dumps({"served": served, "in_process": local, "info": info}, indent=2))
+            out = {"served": served, "in_process": local, "floor": floor, "info": info}
+            args.json.write_text(json.dumps(out, indent=2))
     return 0
 
 
