@@ -87,8 +87,8 @@ def _cmd_watch(args: argparse.Namespace) -> int:
               + (f", POST to {args.alert_url}" if args.alert_url else ""), file=sys.stderr)  # fmt: skip
 
     def on_signal(signum: int, frame: Any) -> None:
-        if watcher.stopping:  # a second Ctrl-C: leave now (the answers written so far are kept)
-            raise KeyboardInterrupt
+        if watcher.stopping:  # a second Ctrl-C: leave now without waiting for the batch (written answers are kept;
+            raise KeyboardInterrupt  # a row cut short is dropped and its file answered at the next start)
         print("\nstopping: finishing the batch in hand (Ctrl-C again to leave at once)", file=sys.stderr)
         watcher.stop()
 
@@ -99,8 +99,11 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         text = f"seen {stats.seen} · classified {stats.classified} · rejected {stats.rejected} · queued {queued}"
         bar.set_postfix_str(f"{text} · {stats.rate:.1f} img/s", refresh=True)
 
+    at_once = False
     try:
         stats = watcher.run(tick=tick)
+    except KeyboardInterrupt:  # the second Ctrl-C / SIGTERM, raised by on_signal while the batch is finished
+        at_once, stats = True, watcher.stats
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -108,12 +111,14 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         close_prediction_log(writer)
     left = stats.queued + stats.waiting
     print(
-        f"stopped: {stats.classified} classified, {stats.rejected} rejected, {stats.incomplete} incomplete, "
+        ("left at once" if at_once else "stopped")
+        + f": {stats.classified} classified, {stats.rejected} rejected, {stats.incomplete} incomplete, "
         f"{stats.gone} gone before they were read, {stats.skipped} answered before, {stats.alerts} alerts"
-        + (f"; {left} not finished (answered at the next start)" if left else ""),
+        + ("; the batch in hand and what was queued are answered at the next start" if at_once
+           else f"; {left} not finished (answered at the next start)" if left else ""),
         file=sys.stderr,
-    )
-    return 0
+    )  # fmt: skip
+    return 130 if at_once else 0
 
 
 def add_commands(sub: Any) -> None:
@@ -136,7 +141,7 @@ def add_commands(sub: Any) -> None:
         epilog=(
             "Examples: emassist watch /data/sem/session-42 --alert Nanowires,Tips --min-confidence 0.9 · "
             "emassist watch /mnt/share/sem --poll --sort --out /data/sorted. Exit codes: 0 stopped cleanly; "
-            "1 the model cannot be loaded; 2 bad options."
+            "1 the model cannot be loaded; 2 bad options; 130 left at once (a second Ctrl-C)."
         ),
     )
     p.add_argument("folder", type=Path, metavar="DIR", help="the folder the microscope saves into (recursively)")

@@ -15,8 +15,15 @@ Threads, each with one job:
   and walks the folder again (catch-up) at start, after that, after an inotify queue overflow, and every
   ``watch.rescan_s``.
 
+A file is answered once: from the moment the settler hands it on (queued, or reported as a lapse) until the sink
+has recorded its outcome in the state file it is *held* by the tracker, so the rescans and late events of a burst do
+not queue it again (an event for a held file re-tracks it after the record: the state then skips it unless it
+changed). Rows written to the results but not committed to the state (the state file failed) stay held and are
+committed with the next batch, or at the close, or recovered from the results at the next start.
+
 A stop (:meth:`Watcher.stop`: Ctrl-C / SIGTERM in the command) lets the sink finish the batch it holds; files
-still queued are not recorded, so the next start answers them (nothing lost, nothing twice).
+still queued are not recorded, so the next start answers them (nothing lost, nothing twice). Neither the settler
+nor the sink dies of an error: it costs a line (once per kind for the settler) and the files are tried again.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ log = logging.getLogger("emassist.watch")
 
 RETRY_S = 2.0  # an endpoint that cannot answer: the batch is tried again after this
 RATE_WINDOW_S = 10.0  # the progress line's rate: answers over the last this many seconds
+SETTLE_RETRY_S = 1.0  # the settler failed (e.g. the state file): its files are tried again after this
 
 Listener = Callable[[dict[str, Any], "np.ndarray | None"], None]
 
@@ -145,6 +153,8 @@ class Watcher:
         self._busy = 0  # items taken by the sink and not yet written
         self._busy_lock = threading.Lock()
         self._settling = False  # the settler holds files taken from the tracker and not yet queued
+        self._uncommitted: list[tuple[Item, Done]] = []  # written to the results, not yet to the state (sink only)
+        self._complained: set[tuple[str, str]] = set()  # (where, exception type) already said
         self._observer: Any = None
         self._threads: list[threading.Thread] = []
         self.started = False
@@ -219,6 +229,13 @@ class Watcher:
         for thread in self._threads:
             thread.join()
         self._threads.clear()
+        if self._uncommitted:  # the last commit failed: once more, else the next start recovers them
+            try:
+                self.state.record([d for _, d in self._uncommitted], self.results.offsets())
+                self._uncommitted.clear()
+            except Exception as exc:
+                self.say(f"warning: the state file could not record the last {len(self._uncommitted)} answers "
+                         f"({type(exc).__name__}: {exc}); the next start recovers them from the results")  # fmt: skip
         self.alerter.close()
         self.results.close()
         self.state.close()
@@ -289,17 +306,38 @@ class Watcher:
         tick = min(0.25, max(0.02, self.cfg.settle_s / 4))
         limit = max(1, self.cfg.batch_size)
         while not self._stop.is_set():
+            ripe: list[Ripe] = []
+            failed = False
             self._settling = True
             try:
                 ripe, lapses = self.tracker.scan(limit)
-                for lapse in lapses:
-                    self._lapse(lapse)
+                for k, lapse in enumerate(lapses):
+                    try:
+                        self._lapse(lapse)
+                    except Exception:  # this one and the rest: tracked again (the scan took them out)
+                        self.tracker.release([x.path for x in lapses[k:] if x.status != "gone"], retrack=True)
+                        raise
                 if ripe:
-                    self._prepare(ripe)
+                    self._prepare(ripe)  # files it did not hand on stay tracked: the next round tries them again
+            except Exception as exc:  # a bug or a state-file error must cost a line, never the settler
+                failed = True
+                self._complain("settler", exc, f"files waiting are tried again every {SETTLE_RETRY_S:g} s")
             finally:
                 self._settling = False
-            if len(ripe) < limit:
+            if failed:
+                self._stop.wait(SETTLE_RETRY_S)
+            elif len(ripe) < limit:
                 self._stop.wait(tick)
+
+    def _complain(self, where: str, exc: BaseException, then: str) -> None:
+        """Say an error once per (where, kind); later ones of the same kind only go to the debug log."""
+        kind = (where, type(exc).__name__)
+        if kind in self._complained:
+            log.debug("watch: %s failed again", where, exc_info=True)
+            return
+        self._complained.add(kind)
+        log.error("watch: %s failed", where, exc_info=True)
+        self.say(f"error: the {where} failed ({type(exc).__name__}: {exc}); {then}")
 
     def _relpath(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -311,7 +349,7 @@ class Watcher:
             self._notify({"time": _now(), "path": str(lapse.path), "relpath": self._relpath_safe(lapse.path),
                           "status": "gone", "error": lapse.reason}, None)  # fmt: skip
             return
-        rel = self._relpath(lapse.path)
+        rel = self._relpath(lapse.path)  # held by the tracker from here until the sink records it
         sig = lapse.sig
         try:
             st = os.lstat(lapse.path) if lapse.status == "unreadable" else os.stat(lapse.path)
@@ -319,6 +357,7 @@ class Watcher:
             st = None
         if st is not None:
             if self.state.seen_unchanged(rel, st):  # reported before, unchanged: not said twice across restarts
+                self.tracker.release([lapse.path])
                 return
             sig = stat_sig(st, with_ctime=lapse.status == "unreadable")
         self._put(Item(rel, lapse.path, lapse.status, sig, time.monotonic(), reason=lapse.reason))
@@ -360,16 +399,19 @@ class Watcher:
                 unreadable = p.error.startswith("unreadable")
                 sig = stat_sig(r.st, with_ctime=True) if unreadable else r.sig
                 sha = "" if unreadable else _sha256(r.path)
-                self.tracker.done(r.path)
-                self._put(Item(rel, r.path, "unreadable" if unreadable else "rejected", sig, now, sha, p.error))
+                item = Item(rel, r.path, "unreadable" if unreadable else "rejected", sig, now, sha, p.error)
+                self.tracker.done(r.path, hold=True)  # held until recorded: a rescan meanwhile does not queue it again
+                self._put(item)
                 continue
             sha = p.facts.sha256 if p.facts is not None else ""
-            self.tracker.done(r.path)
             if sha and self.state.has(rel, sha):  # the same bytes again (touched, copied anew)
                 self.state.touch(rel, sha, r.sig)
+                self.tracker.done(r.path)
                 self.stats.skipped += 1
                 continue
-            self._put(Item(rel, r.path, "ready", r.sig, now, sha, image=p.image, facts=p.facts))
+            item = Item(rel, r.path, "ready", r.sig, now, sha, image=p.image, facts=p.facts)
+            self.tracker.done(r.path, hold=True)
+            self._put(item)
 
     def _put(self, item: Item) -> None:
         """Queue an item; blocks while the queue is full (the burst waits as paths in the tracker)."""
@@ -411,7 +453,9 @@ class Watcher:
             except Exception as exc:  # a bug must cost a line, never the watcher (the files stay unrecorded)
                 log.exception("watch: a batch failed")
                 self.say(f"error: a batch of {len(batch)} files failed ({type(exc).__name__}: {exc}); "
-                         "they are answered at the next start")  # fmt: skip
+                         "they are tried again at the next rescan or start")  # fmt: skip
+                written = {id(it) for it, _ in self._uncommitted}
+                self.tracker.release([it.path for it in batch if id(it) not in written])
             finally:
                 with self._busy_lock:
                     self._busy = 0
@@ -432,11 +476,30 @@ class Watcher:
         for it in batch:
             record = self._record(it, answers.get(id(it)))
             records.append(record)
-        offsets = self.results.append(records)
-        self.state.record([done_of(r) for r in records], offsets)
+        offsets = self.results.append(records)  # an error up to here: nothing recorded, the files tried again
+        self._commit(batch, [done_of(r) for r in records], offsets)
         now = time.monotonic()
         for it, record in zip(batch, records, strict=True):
-            self._after(it, record, now)
+            try:
+                self._after(it, record, now)
+            except Exception as exc:  # written and recorded: a failing line or alert must not repeat the answer
+                self._complain("report of an answer", exc, "the answer itself is in the results")
+
+    def _commit(self, batch: list[Item], done: list[Done], offsets: dict[str, int]) -> None:
+        """Record a written batch (and any earlier one the state file refused) in the state; then release the files.
+
+        If the state refuses, the rows stay held (never queued again) and go with the next commit, whose offsets
+        cover them; a hard stop before that leaves them after the recorded offset, where the next start recovers
+        them from the results."""
+        self._uncommitted.extend(zip(batch, done, strict=True))
+        try:
+            self.state.record([d for _, d in self._uncommitted], offsets)
+        except Exception as exc:
+            self._complain("state file", exc, "the answers are in the results; they are recorded with the next batch")
+            return
+        items = [it for it, _ in self._uncommitted]
+        self._uncommitted.clear()
+        self.tracker.release([it.path for it in items])
 
     def _record(self, it: Item, row: dict[str, Any] | None) -> dict[str, Any]:
         info = self.scorer.backend.info

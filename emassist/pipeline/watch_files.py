@@ -8,7 +8,10 @@ file. A file that is still growing, empty, or truncated when ``watch.incomplete_
 first seen is reported incomplete (and left alone); if it changes later it is tracked again.
 
 :class:`Tracker` only decides *when*; reading, decoding and classifying are the watcher's
-(:mod:`emassist.pipeline.watch`).
+(:mod:`emassist.pipeline.watch`). A file handed on (ripe and queued, or lapsed and reported) stays *held* until the
+watcher has recorded its outcome (:meth:`Tracker.release`): a rescan or another event in between must not track it
+again, or it would be answered twice; an event that arrives for a held file is remembered and the file is tracked
+again once it is released (the state file then skips it unread unless it changed).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +114,8 @@ class Tracker:
     wall: Callable[[], float] = time.time
     entries: dict[str, Entry] = field(default_factory=dict)
     seen_total: int = 0
+    #: files handed on and not yet recorded → whether an event arrived for them meanwhile
+    held: dict[str, bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -119,10 +124,12 @@ class Tracker:
         return len(self.entries)
 
     def touch(self, path: Path) -> None:
-        """A file was created, written, closed or moved in: track it (again)."""
+        """A file was created, written, closed or moved in: track it (again); a held one once it is released."""
         key = os.fspath(path)
         with self._lock:
-            if key not in self.entries:
+            if key in self.held:
+                self.held[key] = True
+            elif key not in self.entries:
                 self.entries[key] = Entry(path, self.clock())
                 self.seen_total += 1
 
@@ -138,12 +145,31 @@ class Tracker:
             if entry is not None:
                 entry.tried, entry.reason = sig, reason
 
-    def done(self, path: Path) -> None:
+    def done(self, path: Path, *, hold: bool = False) -> None:
+        """Stop tracking ``path``; ``hold``: it is handed on (queued), so events leave it alone until released."""
+        key = os.fspath(path)
         with self._lock:
-            self.entries.pop(os.fspath(path), None)
+            self.entries.pop(key, None)
+            if hold:
+                self.held.setdefault(key, False)
+
+    def release(self, paths: Iterable[Path], *, retrack: bool = False) -> None:
+        """Their outcome is recorded (or given up on): those touched while held (all, with ``retrack``) are tracked
+        again."""
+        now = self.clock()
+        with self._lock:
+            for path in paths:
+                key = os.fspath(path)
+                if (self.held.pop(key, False) or retrack) and key not in self.entries:
+                    self.entries[key] = Entry(path, now)
+
+    def holding(self) -> int:
+        with self._lock:
+            return len(self.held)
 
     def scan(self, limit: int) -> tuple[list[Ripe], list[Lapse]]:
-        """Stat every tracked file once: up to ``limit`` ripe ones, and every lapse (removed from tracking)."""
+        """Stat every tracked file once: up to ``limit`` ripe ones, and every lapse (removed from tracking; held,
+        but for ``gone``, until the watcher releases it)."""
         now = self.clock()
         wall = self.wall()
         ripe: list[Ripe] = []
@@ -179,5 +205,8 @@ class Tracker:
                                     f"incomplete after {self.incomplete_timeout_s:g} s: {why}", sig))  # fmt: skip
         with self._lock:
             for lapse in lapses:
-                self.entries.pop(os.fspath(lapse.path), None)
+                key = os.fspath(lapse.path)
+                self.entries.pop(key, None)
+                if lapse.status != "gone":
+                    self.held.setdefault(key, False)
         return ripe, lapses

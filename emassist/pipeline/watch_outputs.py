@@ -55,7 +55,8 @@ class Results:
         """Make the results files and the state agree after a hard stop; returns the rows recovered into the state.
 
         Rows after the state's recorded JSONL offset were written but not committed: they are recorded now. A cut
-        last line is dropped; the CSV is cut back to its recorded offset and those rows are written to it again."""
+        last line is dropped; the CSV is cut back to its recorded offset (to its header when nothing was committed
+        yet) and those rows are written to it again."""
         jsonl_done = state.offset("jsonl_offset") or 0
         csv_done = state.offset("csv_offset")
         recovered: list[dict[str, Any]] = []
@@ -89,9 +90,12 @@ class Results:
             if first != header:  # another model's classes: keep the old file, start a new one
                 self.csv_path.rename(self.csv_path.with_name(f"results-{time.strftime('%Y%m%d-%H%M%S')}.csv"))
                 done = None
-            elif done is not None:
+            else:  # cut back to the last commit (none yet: to the header); the recovered rows are written again
                 with open(self.csv_path, "rb+") as fh:
-                    fh.truncate(max(done, 0) or fh.seek(0, os.SEEK_END))
+                    end = fh.seek(0, os.SEEK_END)
+                    fh.seek(0)
+                    header_end = len(fh.readline())
+                    fh.truncate(min(max(done, header_end), end) if done is not None else header_end)
         fresh = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
         self._csv = open(self.csv_path, "a", encoding="utf-8", newline="")  # noqa: SIM115 - kept open while watching
         if fresh:

@@ -19,8 +19,9 @@ HTTP API (every error is JSON ``{"error": "<one line>"}`` with a 4xx/5xx status;
   another class; ``GET /api/scan/{id}/tiles.csv`` gives every tile's scores.
 * ``GET  /api/live`` — the watched folder (``emassist web --watch DIR``; null when none) and its recent arrivals;
   ``GET /api/live/events`` streams each arrival as it is answered (Server-Sent Events, ``event: arrival``, the
-  id a sequence number: a reconnecting browser sends ``Last-Event-ID`` and gets only what it missed): file, status,
-  label, confidence, needs-review, alert, a thumbnail of what the model saw.
+  id ``<server epoch>-<seq>``: a reconnecting browser sends ``Last-Event-ID`` and gets only what it missed, or,
+  after a server restart, everything the new server has): file, status, label, confidence, needs-review, alert, a
+  thumbnail of what the model saw.
 
 Uploads are held in memory, bounded by the page's own limits (``webapp.max_upload_bytes``, and
 ``webapp.max_pixels`` on the declared size, checked from the header before decoding); types are decided by content,
@@ -96,6 +97,7 @@ KEEP_UPLOAD_BYTES = 512 * 2**20  # ... and at most this many bytes of them in al
 PREVIEW_SIDE = 384
 TOP_K = 3
 LIVE_KEEP = 200  # arrivals the Live tab keeps (a browser that connects gets these first)
+WATCH_STOP_S = 30.0  # at shutdown, how long the page waits for the watcher to finish the batch in hand
 LIVE_THUMB = 96  # thumbnail side, pixels
 LIVE_POLL_S = 0.25  # how often an open event stream looks for new arrivals
 RETRY_AFTER_S = 2  # Retry-After of a request answered 503 while the model loads
@@ -163,11 +165,16 @@ def _preview(gray: np.ndarray, aspect: float) -> np.ndarray:
 
 
 class LiveHub:
-    """The Live tab's arrivals: the watcher (its sink thread) publishes, each event stream reads what is new."""
+    """The Live tab's arrivals: the watcher (its sink thread) publishes, each event stream reads what is new.
+
+    An event's stream id is ``<epoch>-<seq>``: ``epoch`` is new in every server process, so a browser that
+    reconnects after a restart (its EventSource sends the old server's ``Last-Event-ID``) is recognised and gets
+    the new server's arrivals from the start instead of waiting for ``seq`` to pass its old number."""
 
     def __init__(self, keep: int = LIVE_KEEP) -> None:
         self.events: deque[dict[str, Any]] = deque(maxlen=keep)
         self.seq = 0
+        self.epoch = uuid.uuid4().hex[:8]
         self.folder: str | None = None
         self.out: str | None = None
         self.closed = False
@@ -193,6 +200,19 @@ class LiveHub:
     def since(self, seq: int) -> list[dict[str, Any]]:
         with self._lock:
             return [e for e in self.events if e["id"] > seq]
+
+    def event_id(self, seq: int) -> str:
+        """The SSE id of arrival ``seq`` (what the browser sends back as ``Last-Event-ID``)."""
+        return f"{self.epoch}-{seq}"
+
+    def resume_after(self, last_event_id: str | None) -> int:
+        """The ``seq`` a (re)connecting stream continues after: its ``Last-Event-ID`` when this hub issued it; 0
+        (everything kept) for none, a malformed one, or one of another server process (another epoch)."""
+        epoch, _, seq = (last_event_id or "").strip().partition("-")
+        if epoch != self.epoch or not seq.isdigit():
+            return 0
+        with self._lock:
+            return int(seq) if int(seq) <= self.seq else 0
 
     def summary(self) -> dict[str, Any]:
         with self._lock:
@@ -807,11 +827,11 @@ def create_app(params: Params, backend: Backend | ModelSlot, *, watch: WatchOpti
         import asyncio
 
         state()
-        seq = int(last_event_id) if (last_event_id or "").isdigit() else 0
+        seq = hub.resume_after(last_event_id)  # another server's id (a restart): from the start
         while not hub.closed and not (should_exit is not None and should_exit()):
             for event in hub.since(seq):
                 seq = event["id"]
-                yield ServerSentEvent(data=event, event="arrival", id=str(seq))
+                yield ServerSentEvent(data=event, event="arrival", id=hub.event_id(seq))
             await asyncio.sleep(LIVE_POLL_S)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -843,12 +863,21 @@ def _start_watch(params: Params, backend: Backend, options: WatchOptions, hub: L
     return watcher, thread, writer
 
 
-def _stop_watch(watcher: Watcher, thread: threading.Thread, writer: LogWriter | None) -> None:
-    """Finish the batch in hand, close the watcher's files and its log writer."""
+def _stop_watch(watcher: Watcher, thread: threading.Thread, writer: LogWriter | None,
+                timeout_s: float = WATCH_STOP_S) -> bool:  # fmt: skip
+    """Finish the batch in hand, close the watcher's files, then its log writer; True when it stopped in time.
+
+    The writer is closed only once the watcher's thread has ended (its sink may still log the batch in hand): a
+    watcher still busy after ``timeout_s`` keeps it open, and the server exits without waiting for it (results and
+    state are written batch by batch; the next start recovers what the batch in hand had written)."""
     watcher.stop()
-    thread.join(30)
+    thread.join(timeout_s)
+    if thread.is_alive():
+        log.warning("watch: still finishing a batch after %g s; leaving without waiting for it", timeout_s)
+        return False
     if writer is not None:
         writer.close()
+    return True
 
 
 def _int_param(value: str | None, default: int, name: str) -> int:
