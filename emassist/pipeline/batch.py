@@ -5,10 +5,16 @@ The job, in order (see docs/batch.md):
 1. **Model first, before Spark** (:func:`resolve_model`): the model URI (default ``models:/<name>@champion``) is
    downloaded once on the driver and its serving config read. A URI that does not exist fails here, in a second,
    with one clear line: no JVM was started for it.
-2. **Listing** with Spark's ``binaryFile`` source (``recursiveFileLookup``, ``pathGlobFilter`` = ``batch.glob``).
-   Files over ``batch.max_file_bytes`` get an error row from their listed length; Spark never reads them (the
-   ``length`` filter is pushed into the scan). Zero-byte files, which Spark's scan drops silently, are found as the
-   listed files the scan did not return, and get an error row too.
+2. **Listing** (:func:`list_source`) with Spark's ``binaryFile`` source (``recursiveFileLookup``,
+   ``pathGlobFilter`` = ``batch.glob``). A local SRC is walked on the driver first without following folder
+   symlinks (Hadoop's local listing follows them: a ``loop -> .`` link would list every file again at each level);
+   Spark gets the symlink-free subtrees as folders and the other files one by one, so each file is listed once. A
+   listing that matches nothing fails here, before anything is written (a re-run with a wrong ``--glob`` keeps the
+   previous results). Files over ``batch.max_file_bytes`` get an error row from their listed length; Spark never
+   reads them (the ``length`` filter is pushed into the scan). Files the scan does not return get an error row after
+   the answers are written (:func:`missing_rows`): zero-byte files (Spark drops them silently), and files removed or
+   unreadable between the listing and the read (``ignoreMissingFiles`` / ``ignoreCorruptFiles`` on this read only:
+   such a file costs its row an error, never the job).
 3. **Pre-check** (a pandas UDF, no TensorFlow): each file goes through the model's own
    :class:`~emassist.data.preprocess.Preprocessor` (from the model's serving config) exactly as the pyfunc's
    ``prepare`` does; a file it refuses gets that reason. The pyfunc answers a batch of only bad images with an
@@ -24,7 +30,8 @@ The job, in order (see docs/batch.md):
    so the job packs small files into large tasks (``batch.files_per_task``).
 5. **Output** under OUT: ``predictions/`` (Parquet; one row per file), ``summary.csv`` (per class) and
    ``batch.json`` (the run: model, training data notice, counts). A re-run replaces them (written beside, then
-   swapped in), so rows are never duplicated.
+   swapped in), so rows are never duplicated. The prediction log gets each answer once per (image sha256, model
+   version): a re-run logs only images not logged for that model version before (:func:`log_rows`).
 
 ``s3://`` sources are mirrored to a local folder first (:mod:`emassist.pipeline.batch_s3`): the pyspark wheel
 ships no ``hadoop-aws`` jars; ``s3a://`` goes straight to Spark where those jars are supplied.
@@ -47,17 +54,22 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import pandas as pd
+import sqlalchemy as sa
 
 from emassist.config.settings import Params
 from emassist.core.atomic import atomic_open
 from emassist.data.hashing import sha256_of
+from emassist.data.predlog import PREDICTIONS, LogWriter, PredictionLog
 from emassist.model.provenance import describe_training_data
 from emassist.pipeline.batch_udf import precheck_udf, sentinel_png
 from emassist.serve.predict import MODEL_CONFIG_PATH, training_data_lines
+from emassist.serve.predlog_hooks import ImageFacts, ModelIdentity, open_writer, prediction_row
 from emassist.serve.pyfunc import ERROR_COLUMN, TRUST_COLUMNS
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
+
+    from emassist.pipeline.batch_s3 import Mirror
 
 CHAMPION_URI = "models:/{name}@champion"
 PREDICTIONS_DIR = "predictions"
@@ -67,6 +79,14 @@ REJECTED_REVIEW_REASON = "image rejected"  # what the pyfunc's result_frame says
 ERROR_LABEL = "(error)"  # the summary's row for files that got no answer
 APP_NAME = "emassist-batch"
 EMPTY_SHA256 = sha256_of(b"")
+LOG_SOURCE = "batch"  # the prediction log's source for these rows
+MISSING_REASON = "missing or unreadable when read"  # listed, then not returned by the read (removed, no permission)
+LOG_CHUNK = 1000  # rows looked up in the prediction log and written per round (at most monitoring.max_pending)
+LIST_ATTEMPTS = 3  # a path removed between the driver's walk and Spark's listing: walk again
+_GLOB_CHARS = re.compile(r"([\\{}\[\]*?])")  # what Hadoop's glob would read in a path Spark is given
+#: Only the binaryFile read skips files that vanish or cannot be read (each then gets an error row); the job's own
+#: Parquet reads keep Spark's defaults, so a damaged result file fails loudly instead of losing rows.
+READ_OPTIONS = {"recursiveFileLookup": "true", "ignoreMissingFiles": "true", "ignoreCorruptFiles": "true"}
 # Files per input task when they are small (``batch.files_per_task``): Spark counts each file as
 # ``spark.sql.files.openCostInBytes`` (4 MiB by default) when it packs files into tasks, so thousands of small images
 # would make tasks of ~32 files; in local mode MLflow's spark_udf loads the model once per TASK (no SparkModelCache
@@ -240,19 +260,126 @@ def listed_path(uri: str) -> str:
     return re.sub(r"^file:(//)?(?=/)", "", text)
 
 
-def scored_frame(spark: SparkSession, src: str, model: ResolvedModel, params: Params, *,
-                 glob: str | None = None) -> DataFrame:  # fmt: skip
-    """The job's DataFrame: one row per listed file, every column of :func:`output_columns` (lazy)."""
+def hadoop_escaped(path: str) -> str:
+    """``path`` with Hadoop's glob characters escaped: Spark expands ``[``, ``{``, ``*``, ``?`` in the paths it is
+    given, and archive names contain them (``scan [2].tif``)."""
+    return _GLOB_CHARS.sub(r"\\\1", path)
+
+
+def spark_hidden(name: str) -> bool:
+    """A name Spark's file sources skip while listing (``.x``, ``_x`` but not ``_k=v``, ``x._COPYING_``)."""
+    return name.startswith(".") or (name.startswith("_") and "=" not in name) or name.endswith("._COPYING_")
+
+
+@dataclass
+class LocalRoots:
+    """What Spark is given for a local SRC: folders without folder symlinks below them (listed recursively by
+    Spark) and the files of the folders that have one; the folder links that were not followed."""
+
+    roots: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+
+
+def local_roots(src: str | os.PathLike[str]) -> LocalRoots:
+    """Walk ``src`` on the driver without following folder symlinks (``os.scandir``, no stat for plain entries).
+
+    A subtree with no folder link is one root (Spark lists it, fast and in parallel); a folder holding one gives its
+    files one by one and its subfolders' roots. So no file is listed twice and a link loop costs nothing. A file
+    symlink is a file of its own (its row carries its own path and the target's bytes); a broken link is skipped, as
+    Hadoop skips it; hidden names (:func:`spark_hidden`) are skipped as Spark skips them."""
+    top = Path(src)
+    if not top.is_dir():
+        return LocalRoots([str(top)])
+    found = LocalRoots()
+    # iterative post-order walk: (folder, its plain files, its subfolders, subfolder results so far)
+    stack: list[tuple[str, list[str], list[str], list[tuple[bool, list[str]]]]] = []
+
+    def enter(folder: str) -> None:
+        files, subdirs, clean = [], [], True
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            entries = []  # unreadable folder: Spark could not list it either
+        for entry in entries:
+            if spark_hidden(entry.name):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(entry.path)
+                elif entry.is_symlink():
+                    if entry.is_dir():  # follows the link
+                        found.links.append(entry.path)
+                        clean = False
+                    elif os.path.exists(entry.path):
+                        files.append(entry.path)
+                else:
+                    files.append(entry.path)
+            except OSError:
+                continue
+        stack.append((folder, files, sorted(subdirs, reverse=True), [(clean, [])]))
+
+    enter(str(top))
+    result: tuple[bool, list[str]] = (True, [])
+    while stack:
+        folder, files, subdirs, done = stack[-1]
+        if subdirs:
+            enter(subdirs.pop())
+            continue
+        stack.pop()
+        own_clean = done[0][0]
+        children = done[1:]
+        if own_clean and all(clean for clean, _ in children):
+            result = (True, [folder])
+        else:
+            result = (False, sorted(files) + [r for _, roots in children for r in roots])
+        if stack:
+            stack[-1][3].append(result)
+    found.roots = result[1]
+    return found
+
+
+@dataclass
+class Listing:
+    """The files of one run: the ``binaryFile`` reader over them and every listed path (as the rows name them)."""
+
+    files: DataFrame
+    paths: list[str]
+    uris: dict[str, str]  # listed path -> the URI Spark listed (for asking Hadoop about it later)
+    links: list[str] = field(default_factory=list)  # folder symlinks not followed
+
+
+def list_source(spark: SparkSession, src: str, params: Params, *, glob: str | None = None) -> Listing:
+    """List the files under ``src`` matching ``glob`` (default ``batch.glob``) once each (see :func:`local_roots`);
+    :class:`BatchError` when nothing matches, before anything is written."""
+    pattern = glob or params.batch.glob
+    local = not ("://" in src or src.startswith("file:"))
+    for attempt in range(LIST_ATTEMPTS):
+        walked = local_roots(spark_path(src)) if local else LocalRoots([src])
+        if not walked.roots:
+            break
+        reader = spark.read.format("binaryFile").options(**READ_OPTIONS).option("pathGlobFilter", pattern)
+        try:
+            files = reader.load([hadoop_escaped(r) for r in walked.roots] if local else walked.roots)
+            uris = files.inputFiles()
+        except Exception as exc:
+            if local and "PATH_NOT_FOUND" in str(exc) and attempt + 1 < LIST_ATTEMPTS:
+                continue  # removed since the walk: walk again
+            raise
+        listed = {listed_path(u): u for u in uris}
+        if listed:
+            return Listing(files, list(listed), listed, walked.links)
+        break
+    raise BatchError(f"no files under {src} match {pattern!r} (batch.glob, --glob); nothing was written")
+
+
+def scored_frame(spark: SparkSession, listing: Listing, model: ResolvedModel, params: Params) -> DataFrame:
+    """The answered rows of ``listing`` and the error rows of files too large to read, every column of
+    :func:`output_columns` (lazy). Files the read does not return get theirs from :func:`missing_rows`."""
     import mlflow
     from pyspark.sql import functions as F
 
     b = params.batch
-    files = (
-        spark.read.format("binaryFile")
-        .option("recursiveFileLookup", "true")
-        .option("pathGlobFilter", glob or b.glob)
-        .load(spark_path(src))
-    )
+    files = listing.files
     limit = b.max_file_bytes
     listed = files.select("path", "length")
     too_large = listed.where(F.col("length") > limit).select(
@@ -261,17 +388,6 @@ def scored_frame(spark: SparkSession, src: str, model: ResolvedModel, params: Pa
         F.col("length").alias("size_bytes"),
         F.format_string(f"file too large: %d bytes exceeds batch.max_file_bytes={limit}", "length").alias("pre_error"),
     )
-    # Spark's file scan drops zero-byte files (fifos among them) without a trace: they are the listed files
-    # (inputFiles, the file index the scan reads) that the scan does not return.
-    every = spark.createDataFrame([(listed_path(p),) for p in files.inputFiles()], "path string")
-    scanned = listed.select(plain_path(F.col("path")).alias("path"))
-    empty = every.join(scanned, "path", "left_anti").select(
-        "path",
-        F.lit(EMPTY_SHA256).alias("sha256"),
-        F.lit(0).cast("long").alias("size_bytes"),
-        F.lit("zero-byte file").alias("pre_error"),
-    )
-    skipped = too_large.unionByName(empty)
     readable = files.where(F.col("length") <= limit)
     if b.partitions > 0:
         readable = readable.repartition(b.partitions)
@@ -293,7 +409,7 @@ def scored_frame(spark: SparkSession, src: str, model: ResolvedModel, params: Pa
     image = F.when(F.col("pre_error") == "", F.base64(F.col("content"))).otherwise(F.lit(sentinel))
     scored = checked.select("path", "sha256", "size_bytes", "pre_error", predict(image.alias("image")).alias("m"))
     answered = _answer_columns(scored, model.classes)
-    refused = _error_columns(skipped, model.classes)
+    refused = _error_columns(too_large, model.classes)
     named = [F.lit(model.name).alias("model_name"), F.lit(model.version).alias("model_version")]
     frame = answered.unionByName(refused).select("*", *named)
     return frame.select(plain_path(F.col("path")).alias("path"), *output_columns(model.classes)[1:])
@@ -333,20 +449,76 @@ def is_local(out: str) -> bool:
     return "://" not in out and not out.startswith("file:")
 
 
-def write_predictions(frame: DataFrame, out: str) -> str:
+def missing_rows(spark: SparkSession, written: DataFrame, listing: Listing, model: ResolvedModel,
+                 rename: Callable[[str], str] = str) -> DataFrame | None:  # fmt: skip
+    """Error rows for the listed files that have no row in ``written`` (the Parquet just written): zero-byte files
+    (Spark's scan drops them), and files removed or unreadable between the listing and the read. Comparing with
+    what was written, not with a second scan, is what makes "one row per listed file" hold whatever changed on disk
+    meanwhile. ``rename``: listed path -> the path the rows carry (the s3:// mirror's URIs). Hadoop is asked about
+    each such file (they are few)."""
+    names = {rename(p): p for p in listing.paths}
+    every = spark.createDataFrame([(n,) for n in names], "path string")
+    absent = sorted(r[0] for r in every.join(written.select("path"), "path", "left_anti").collect())
+    if not absent:
+        return None
+    rows = []
+    for name in absent:
+        size, reason = why_missing(spark, listing.uris[names[name]])
+        row: dict[str, Any] = {
+            "path": name, "sha256": EMPTY_SHA256 if reason == "zero-byte file" else "", "size_bytes": size,
+            "label": "", "confidence": 0.0, ERROR_COLUMN: reason, "needs_review": True,
+            "review_reason": REJECTED_REVIEW_REASON, "unfamiliar": False, "unfamiliar_score": 0.0,
+            "model_name": model.name, "model_version": model.version,
+        }  # fmt: skip
+        row.update(dict.fromkeys(model.classes, 0.0))
+        rows.append(row)
+    schema = written.schema
+    return spark.createDataFrame([tuple(r[f.name] for f in schema.fields) for r in rows], schema)
+
+
+def why_missing(spark: SparkSession, uri: str) -> tuple[int, str]:
+    """(size, reason) of a listed file the read did not return, from Hadoop's view of it now."""
+    jvm = spark.sparkContext._jvm
+    try:
+        path = jvm.org.apache.hadoop.fs.Path(jvm.java.net.URI(uri))
+        status = path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).getFileStatus(path)
+    except Exception as exc:  # py4j's error around Hadoop's FileNotFoundException (or a store that fails)
+        gone = "FileNotFoundException" in str(exc)
+        return 0, f"{MISSING_REASON} ({'removed after listing' if gone else type(exc).__name__})"
+    size = int(status.getLen())
+    if size == 0:
+        return 0, "zero-byte file"
+    return size, f"{MISSING_REASON} (cannot be read)"
+
+
+def write_predictions(frame: DataFrame, out: str,
+                      complete: Callable[[DataFrame], DataFrame | None] | None = None) -> str:  # fmt: skip
     """Write the Parquet rows to ``OUT/predictions``; a previous run's are replaced only once the new ones are
-    complete (a local OUT: written beside, then swapped in; elsewhere Spark's overwrite). Returns the folder."""
+    complete (a local OUT: written beside, then swapped in; elsewhere Spark's overwrite). ``complete`` gets the
+    written rows and returns rows to append before the swap (:func:`missing_rows`). Returns the folder."""
+    spark = frame.sparkSession
     target = f"{out.rstrip('/')}/{PREDICTIONS_DIR}"
     # One shuffle of the small result rows (no image bytes): rows of a label together, adaptive execution merges
     # the partitions into few files.
     rows = frame.repartition("label").sortWithinPartitions("label", "path")
+
+    def write(where: str) -> None:
+        rows.write.mode("overwrite").parquet(where)
+        extra = complete(spark.read.parquet(where)) if complete is not None else None
+        if extra is not None:
+            extra.coalesce(1).write.mode("append").parquet(where)
+
     if not is_local(out):
-        rows.write.mode("overwrite").parquet(target)
+        write(target)
         return target
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     fresh = root / f".{PREDICTIONS_DIR}-{uuid.uuid4().hex[:8]}"
-    rows.write.mode("overwrite").parquet(str(fresh.resolve()))
+    try:
+        write(str(fresh.resolve()))
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)  # a failed run leaves the previous result and nothing else
+        raise
     final = root / PREDICTIONS_DIR
     old = root / f".{PREDICTIONS_DIR}-old-{uuid.uuid4().hex[:8]}"
     if final.exists():
@@ -435,53 +607,75 @@ def run_batch(
     ``announce``: called with each line saying what the model was trained on (the demo notice among them) before
     any file is scored.
     """
-    from emassist.pipeline.batch_s3 import is_s3, mirror_prefix, s3_paths
+    from emassist.data.s3 import S3Error
+    from emassist.pipeline.batch_s3 import is_s3, mirror_prefix, s3_paths, s3_uri
 
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     uri = model or default_model_uri(params)
-    resolved = resolve_model(uri, params, Path(out) / ".model" if is_local(out) else None)
-    seconds["model"] = time.perf_counter() - started
-    for line in training_data_lines(resolved.config):
-        if announce is not None:
-            announce(line)
-    mirror = None
-    if is_s3(src):  # no hadoop-aws in the pyspark wheel: mirror with boto3, then read the mirror
-        t = time.perf_counter()
-        if not is_local(out):
-            raise BatchError(f"{src}: an s3:// source is mirrored beside OUT, which must be a local folder")
-        mirror = mirror_prefix(params, src, Path(out) / ".s3-mirror", progress=progress)
-        seconds["s3 mirror"] = time.perf_counter() - t
-    elif not ("://" in src or src.startswith("file:")):
-        spark_path(src)  # a missing local folder: before Spark starts
-    the_master = resolved_master(params, master)
-    t = time.perf_counter()
-    own = spark is None
-    session = spark or spark_session(the_master, params, conf)
-    seconds["spark start"] = time.perf_counter() - t
+    download = Path(out) / ".model" if is_local(out) else None
     try:
+        resolved = resolve_model(uri, params, download)
+        seconds["model"] = time.perf_counter() - started
+        for line in training_data_lines(resolved.config):
+            if announce is not None:
+                announce(line)
+        mirror: Mirror | None = None
+        if is_s3(src):  # no hadoop-aws in the pyspark wheel: mirror with boto3, then read the mirror
+            t = time.perf_counter()
+            if not is_local(out):
+                raise BatchError(f"{src}: an s3:// source is mirrored beside OUT, which must be a local folder")
+            try:
+                mirror = mirror_prefix(params, src, Path(out) / ".s3-mirror", progress=progress)
+            except S3Error as exc:
+                raise BatchError(str(exc)) from exc
+            seconds["s3 mirror"] = time.perf_counter() - t
+        elif not ("://" in src or src.startswith("file:")):
+            spark_path(src)  # a missing local folder: before Spark starts
+        the_master = resolved_master(params, master)
         t = time.perf_counter()
-        frame = scored_frame(session, str(mirror.local) if mirror else src, resolved, params, glob=glob)
-        if mirror is not None:
-            frame = s3_paths(frame, mirror, session, output_columns(resolved.classes))
-        predictions = write_predictions(frame, out)
-        seconds["score+write"] = time.perf_counter() - t
-        summary = summary_frame(session, predictions, resolved.classes)
-        logged = 0
-        wants_log = params.monitoring.log_predictions if log_predictions is None else log_predictions
-        if wants_log:
-            logged = log_rows(session, predictions, resolved, params)
-        used_master = session.sparkContext.master
-    except Exception as exc:
-        from pyspark.errors import PySparkException
+        own = spark is None
+        session = spark or spark_session(the_master, params, conf)
+        seconds["spark start"] = time.perf_counter() - t
+        try:
+            t = time.perf_counter()
+            listing = list_source(session, str(mirror.local) if mirror else src, params, glob=glob)
+            if listing.links:
+                shown = ", ".join(listing.links[:3]) + (" ..." if len(listing.links) > 3 else "")
+                print(f"warning: {len(listing.links)} folder symlink(s) not followed (give their targets as SRC to "
+                      f"score them): {shown}", file=sys.stderr)  # fmt: skip
+            seconds["list"] = time.perf_counter() - t
+            t = time.perf_counter()
+            frame = scored_frame(session, listing, resolved, params)
+            rename: Callable[[str], str] = str
+            if mirror is not None:
+                frame = s3_paths(frame, mirror, session, output_columns(resolved.classes))
+                rename = lambda path, m=mirror: s3_uri(m, path)  # noqa: E731
+            predictions = write_predictions(
+                frame, out, lambda written: missing_rows(session, written, listing, resolved, rename)
+            )
+            seconds["score+write"] = time.perf_counter() - t
+            summary = summary_frame(session, predictions, resolved.classes)
+            logged = 0
+            wants_log = params.monitoring.log_predictions if log_predictions is None else log_predictions
+            if wants_log:
+                t = time.perf_counter()
+                logged = log_rows(session, predictions, resolved, params)
+                seconds["log"] = time.perf_counter() - t
+            used_master = session.sparkContext.master
+        except Exception as exc:
+            from pyspark.errors import PySparkException
 
-        if not isinstance(exc, PySparkException):
-            raise
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise BatchError(f"the Spark job on {src} failed: {first[:500]}") from exc
+            if not isinstance(exc, PySparkException):
+                raise
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise BatchError(f"the Spark job on {src} failed: {first[:500]}") from exc
+        finally:
+            if own:
+                session.stop()
     finally:
-        if own:
-            session.stop()
+        if download is not None:
+            shutil.rmtree(download, ignore_errors=True)
     line, notice = describe_training_data(resolved.config)
     files = int(summary["files"].sum()) if len(summary) else 0
     report = BatchReport(
@@ -493,23 +687,40 @@ def run_batch(
     )  # fmt: skip
     if is_local(out):
         summary.to_csv(Path(out) / SUMMARY_FILE, index=False)
-        shutil.rmtree(Path(out) / ".model", ignore_errors=True)
     seconds["total"] = time.perf_counter() - started
     report.seconds = {k: round(v, 3) for k, v in seconds.items()}
     if is_local(out):
         manifest = {**asdict(report), "training_data_lines": training_data_lines(resolved.config)}
         with atomic_open(Path(out) / MANIFEST_FILE, "w", encoding="utf-8") as fh:
             fh.write(json.dumps(manifest, indent=2, default=str) + "\n")
-    if files == 0:
-        raise BatchError(f"no files under {src} match {glob or params.batch.glob!r} (batch.glob, --glob)")
     return report
 
 
-def log_rows(spark: SparkSession, predictions: str, model: ResolvedModel, params: Params) -> int:
-    """Append every answered row to the prediction log (source ``batch``, origin = the file's path); returns how many
-    were queued. A store that cannot be opened: a warning on stderr, nothing logged (the Parquet is the result)."""
-    from emassist.serve.predlog_hooks import ImageFacts, ModelIdentity, open_writer, prediction_row
+def already_logged(store: PredictionLog, sha256s: Sequence[str], model: ModelIdentity, *, source: str = LOG_SOURCE
+                   ) -> set[str]:  # fmt: skip
+    """Which of ``sha256s`` the prediction log already holds for ``source`` and ``model`` (a
+    :class:`~emassist.serve.predlog_hooks.ModelIdentity`: the same name and version). One indexed query per 500."""
+    store.ensure_tables()
+    t = PREDICTIONS
+    found: set[str] = set()
+    wanted = list(dict.fromkeys(sha256s))
+    with store.engine.connect() as conn:
+        for i in range(0, len(wanted), 500):
+            query = sa.select(t.c.sha256).where(
+                t.c.source == source, t.c.model_name == model.name, t.c.model_version == model.version,
+                t.c.sha256.in_(wanted[i : i + 500]),
+            )  # fmt: skip
+            found.update(r[0] for r in conn.execute(query))
+    return found
 
+
+def log_rows(spark: SparkSession, predictions: str, model: ResolvedModel, params: Params) -> int:
+    """Append the answered rows to the prediction log (source ``batch``, origin = the file's path), each image once
+    per model version: rows whose (sha256, model name, version) the log already holds for ``batch`` are skipped, so
+    a re-run logs only what is new. Rows go in rounds of :data:`LOG_CHUNK` (at most ``monitoring.max_pending``),
+    each written before the next is read: the writer never holds more than it may, so none is dropped for room,
+    however many files. Returns how many rows were written. A store that cannot be opened: a warning on stderr,
+    nothing logged (the Parquet is the result); one that stops answering: logging stops with a warning."""
     writer, why = open_writer(params.monitoring.resolved_db_uri(), params.monitoring, check_now=True)
     if writer is None:
         print(f"warning: {why}; predictions are not logged (--no-log skips the log)", file=sys.stderr)
@@ -517,23 +728,53 @@ def log_rows(spark: SparkSession, predictions: str, model: ResolvedModel, params
     alias = model.uri.split("@", 1)[1] if "@" in model.uri else ""
     identity = ModelIdentity(model.name or os.path.basename(model.uri.rstrip("/")), model.version, alias)
     checked = bool(model.config.get("familiarity"))
-    queued = 0
+    size = max(1, min(LOG_CHUNK, params.monitoring.max_pending))
     rows = spark.read.parquet(predictions).where(f"{ERROR_COLUMN} = ''")
+    skipped = 0
     try:
+        chunk: list[dict[str, Any]] = []
         for row in rows.toLocalIterator():
-            r = row.asDict()
-            writer.record(
-                prediction_row(
-                    "batch", ImageFacts(r["sha256"]), identity,
-                    label=r["label"], confidence=r["confidence"],
-                    probabilities={c: r[c] for c in model.classes}, needs_review=r["needs_review"],
-                    unfamiliar=r["unfamiliar"] if checked else None,
-                    unfamiliar_score=r["unfamiliar_score"] if checked else None, origin=r["path"],
-                )
-            )  # fmt: skip
-            queued += 1
+            chunk.append(row.asDict())
+            if len(chunk) >= size:
+                skipped += _log_chunk(writer, chunk, identity, model.classes, checked)
+                chunk = []
+        if chunk:
+            skipped += _log_chunk(writer, chunk, identity, model.classes, checked)
+    except _StoreDown as exc:
+        print(f"warning: the prediction log stopped answering ({exc}); logging stopped, the Parquet is complete",
+              file=sys.stderr)  # fmt: skip
     finally:
         writer.close()
     if writer.stats["dropped"]:
         print(f"warning: {writer.stats['dropped']} predictions could not be logged", file=sys.stderr)
-    return queued
+    return int(writer.stats["written"])
+
+
+class _StoreDown(RuntimeError):
+    """The prediction log did not take a round of rows after a few tries."""
+
+
+def _log_chunk(writer: LogWriter, chunk: list[dict[str, Any]], identity: ModelIdentity, classes: Sequence[str],
+               checked: bool) -> int:  # fmt: skip
+    """Queue the rows of ``chunk`` not logged yet and write them now; returns how many were skipped."""
+    done = already_logged(writer.store, [r["sha256"] for r in chunk], identity)
+    skipped = 0
+    for r in chunk:
+        if r["sha256"] in done:  # logged by an earlier run (or earlier in this one: the same bytes twice)
+            skipped += 1
+            continue
+        done.add(r["sha256"])
+        writer.record(
+            prediction_row(
+                LOG_SOURCE, ImageFacts(r["sha256"]), identity,
+                label=r["label"], confidence=r["confidence"],
+                probabilities={c: r[c] for c in classes}, needs_review=r["needs_review"],
+                unfamiliar=r["unfamiliar"] if checked else None,
+                unfamiliar_score=r["unfamiliar_score"] if checked else None, origin=r["path"],
+            )
+        )  # fmt: skip
+    for delay in (0.0, 0.5, 1.0, 2.0, 4.0):  # back-pressure: the next round waits for this one
+        time.sleep(delay)
+        if writer.flush():
+            return skipped
+    raise _StoreDown(f"{writer.pending} rows pending")

@@ -4,7 +4,9 @@ The pyspark wheel ships ``hadoop-client-api``/``-runtime`` 3.5.0 but neither ``h
 filesystem) nor the AWS SDK bundle it needs, and no package registry reachable here ships them (docs/batch.md). So an
 ``s3://`` source is copied with the project's boto3 code (:mod:`emassist.data.s3`: paginated listing, retries,
 size/MD5/SHA-256 checks, unchanged objects skipped on a re-run) to ``OUT/.s3-mirror/<bucket>/<prefix>/`` and
-Spark scores the mirror; the rows name the objects by their ``s3://`` URIs. Keys that cannot become a local file
+Spark scores the mirror; the rows name the objects by their ``s3://`` URIs. Files of the mirror that are no longer
+objects of the prefix (deleted from the bucket since the last run) are removed before scoring, so the rows are the
+bucket's as it is now. Keys that cannot become a local file
 safely (``..``, absolute, control characters, a key that is also a folder) are not downloaded: they get an error row
 each. ``s3a://`` sources go to Spark unchanged, for clusters that supply the jars.
 """
@@ -12,7 +14,9 @@ each. ``s3a://`` sources go to Spark unchanged, for clusters that supply the jar
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +63,7 @@ class Mirror:
     local: Path
     downloaded: int = 0
     unchanged: int = 0
+    removed: int = 0  # mirror files whose objects are gone from the bucket
     refused: list[tuple[str, str]] = field(default_factory=list)  # (s3 uri, reason)
 
 
@@ -84,6 +89,7 @@ def mirror_prefix(params: Params, src: str, root: Path, *, progress: bool | None
             mirror.refused.append((f"s3://{bucket}/{obj.key}", f"not mirrored: {reason}"))
         else:
             todo.append((obj, local.joinpath(*obj.rel.split("/"))))
+    mirror.removed = prune_mirror(local, {target for _, target in todo})
     counter, lock = [0], threading.Lock()
 
     def one(item: tuple[Any, Path]) -> bool:
@@ -114,6 +120,32 @@ def mirror_prefix(params: Params, src: str, root: Path, *, progress: bool | None
         raise S3Error(f"{len(failures)} of {len(todo)} objects could not be mirrored from {src}: "
                       f"{'; '.join(sorted(failures)[:5])}. Run again to fetch the rest.")  # fmt: skip
     return mirror
+
+
+def prune_mirror(local: Path, keep: set[Path]) -> int:
+    """Delete the files under ``local`` that are not in ``keep`` (objects deleted from the bucket, keys now refused,
+    a download's leftovers) and the folders that leaves empty; returns how many files. Links are removed, never
+    followed."""
+    wanted = {str(p) for p in keep}
+    removed = 0
+    if not local.is_dir():
+        return 0
+    for folder, dirs, files in os.walk(local, topdown=False, followlinks=False):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            path = os.path.join(folder, name)
+            if path not in wanted:
+                os.unlink(path)
+                removed += 1
+        if folder != str(local):
+            with contextlib.suppress(OSError):  # only an empty folder goes
+                os.rmdir(folder)
+    return removed
+
+
+def s3_uri(mirror: Mirror, path: str) -> str:
+    """The ``s3://`` URI of a file of the mirror (its local path)."""
+    local = str(mirror.local)
+    return mirror.uri + path[len(local) :] if path.startswith(local) else path
 
 
 def s3_paths(frame: DataFrame, mirror: Mirror, spark: SparkSession, columns: list[str]) -> DataFrame:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,58 @@ def test_help_names_the_essentials() -> None:
     text = " ".join(out.getvalue().split())
     for word in ("--master", "--model", "--glob", "SPARK_MASTER", "Parquet", "summary.csv", "Java 17", "[spark]"):
         assert word in text
+
+
+def test_local_roots_follow_no_folder_link(tmp_path: Path) -> None:
+    """A ``loop -> .`` link lists nothing twice (Hadoop's listing would follow it level after level); a file link is
+    a file of its own; broken links and hidden names are skipped as Spark skips them; a clean subtree stays one
+    root (Spark lists it)."""
+    clean = tmp_path / "site0" / "deep"
+    clean.mkdir(parents=True)
+    (clean / "a.png").write_bytes(b"a")
+    looped = tmp_path / "site1"
+    looped.mkdir()
+    (looped / "b.png").write_bytes(b"b")
+    (looped / "c [1].png").write_bytes(b"c")
+    os.symlink(".", looped / "loop")
+    os.symlink(looped / "b.png", looped / "link.png")
+    os.symlink(tmp_path / "gone.png", looped / "broken.png")
+    (looped / ".hidden").mkdir()
+    (looped / "_tmp.png").write_bytes(b"x")
+    found = batch.local_roots(tmp_path)
+    assert found.links == [str(looped / "loop")]
+    assert sorted(found.roots) == sorted([str(tmp_path / "site0"), str(looped / "b.png"), str(looped / "c [1].png"),
+                                          str(looped / "link.png")])  # fmt: skip
+    assert batch.local_roots(tmp_path / "site0").roots == [str(tmp_path / "site0")]
+    assert batch.local_roots(clean / "a.png").roots == [str(clean / "a.png")]
+    assert batch.hadoop_escaped("/x/c [1]/{a,b}*?.png") == r"/x/c \[1\]/\{a,b\}\*\?.png"
+
+
+def test_prune_mirror_removes_what_the_bucket_no_longer_has(tmp_path: Path) -> None:
+    from emassist.pipeline.batch_s3 import prune_mirror
+
+    keep = tmp_path / "a" / "kept.png"
+    gone = tmp_path / "b" / "deleted.png"
+    for p in (keep, gone):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    assert prune_mirror(tmp_path, {keep}) == 1
+    assert keep.exists() and not gone.exists() and not gone.parent.exists()  # the empty folder went too
+    assert prune_mirror(tmp_path / "nowhere", set()) == 0
+
+
+def test_already_logged_is_per_source_and_model_version(tmp_path: Path) -> None:
+    from emassist.data.predlog import PredictionLog, PredictionRow
+    from emassist.serve.predlog_hooks import ModelIdentity
+
+    store = PredictionLog(f"sqlite:///{tmp_path / 'log.db'}")
+
+    def row(sha: str, source: str, version: str) -> PredictionRow:
+        return PredictionRow(source=source, sha256=sha, label="A", confidence=0.9, probabilities={"A": 0.9},
+                             needs_review=False, model_name="m", model_version=version)  # fmt: skip
+
+    store.write([row("a" * 64, "batch", "1"), row("b" * 64, "batch", "2"), row("c" * 64, "cli", "1")])
+    shas = ["a" * 64, "b" * 64, "c" * 64, "d" * 64] + [f"{i:064x}" for i in range(1200)]  # more than one query
+    assert batch.already_logged(store, shas, ModelIdentity("m", "1")) == {"a" * 64}
+    assert batch.already_logged(store, shas, ModelIdentity("m", "2")) == {"b" * 64}
+    assert batch.already_logged(store, shas, ModelIdentity("other", "1")) == set()

@@ -192,17 +192,26 @@ def test_prediction_log_rows(first_run: tuple[Any, Path, list[str]], params: Any
     assert rows.loc[one["origin"], "sha256"] == one["sha256"] and rows.loc[one["origin"], "label"] == one["label"]
 
 
+def logged_batch_rows(params: Any) -> pd.DataFrame:
+    from emassist.data.predlog import PredictionLog
+
+    logged = PredictionLog(params.monitoring.resolved_db_uri()).predictions()
+    return logged[logged["source"] == "batch"]
+
+
 def test_rerun_replaces_and_never_duplicates(
     first_run: tuple[Any, Path, list[str]], params: Any, spark: Any, archive: tuple[Path, list[Path]]
 ) -> None:
+    """Neither the Parquet nor the prediction log: the re-run logs only the one new image."""
     from emassist.pipeline.batch import run_batch
 
     _, out, _ = first_run
     before = read_rows(out).sort_values("path", ignore_index=True)
+    log_before = logged_batch_rows(params)
     extra = archive[0] / "site0" / "late.png"
     extra.write_bytes(encode(Image.fromarray(demo_image("Particles", 900, 64, seed=11)), "PNG"))
     try:
-        run_batch(params, str(archive[0]), str(out), spark=spark, log_predictions=False)
+        again = run_batch(params, str(archive[0]), str(out), spark=spark, log_predictions=True)
     finally:
         extra.unlink()
     after = read_rows(out)
@@ -210,6 +219,54 @@ def test_rerun_replaces_and_never_duplicates(
     same = after[after["path"] != str(extra)].sort_values("path", ignore_index=True)
     pd.testing.assert_frame_equal(same[before.columns], before)
     assert sorted(p.name for p in out.iterdir()) == ["batch.json", "predictions", "summary.csv"]  # nothing left over
+    log_after = logged_batch_rows(params)
+    assert again.logged == 1 and len(log_after) == len(log_before) + 1
+    assert list(log_after["origin"])[-1] == str(extra)
+    assert not log_after.duplicated(["sha256", "model_name", "model_version"]).any()
+
+
+def test_links_vanished_files_and_an_empty_listing(
+    params: Any, spark: Any, archive: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One row per file with a ``loop -> .`` folder link and a file link; a file removed between the listing and
+    the read gets an error row (the job goes on); a re-run whose --glob matches nothing fails before writing and
+    leaves the previous results as they were."""
+    import shutil
+
+    from emassist.pipeline import batch
+
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    good = [p for p in archive[1] if "Fibres" in str(p)][:3]
+    for i, p in enumerate(good):
+        shutil.copyfile(p, src / "a" / f"g{i}.png")
+    doomed = src / "a" / "doomed.png"
+    shutil.copyfile(good[0], doomed)
+    os.symlink(".", src / "a" / "loop")
+    os.symlink(src / "a" / "g1.png", src / "a" / "link.png")
+    real_listing = batch.list_source
+
+    def list_then_delete(*args: Any, **kwargs: Any) -> Any:
+        listing = real_listing(*args, **kwargs)
+        doomed.unlink()  # after the listing, before the read
+        return listing
+
+    monkeypatch.setattr(batch, "list_source", list_then_delete)
+    out = tmp_path / "out"
+    report = batch.run_batch(params, str(src), str(out), spark=spark, log_predictions=False)
+    rows = read_rows(out).set_index("path")
+    names = ["g0.png", "g1.png", "g2.png", "link.png", "doomed.png"]
+    assert sorted(rows.index) == sorted(str(src / "a" / n) for n in names) and rows.index.is_unique
+    assert rows.loc[str(doomed), "error"] == f"{batch.MISSING_REASON} (removed after listing)"
+    assert rows.loc[str(src / "a" / "link.png"), "sha256"] == rows.loc[str(src / "a" / "g1.png"), "sha256"]
+    assert (rows.drop(index=str(doomed))["error"] == "").all() and report.errors == 1
+
+    monkeypatch.setattr(batch, "list_source", real_listing)
+    before = read_rows(out)
+    with pytest.raises(batch.BatchError, match=r"no files under .* match '\*\.nomatch'.*nothing was written"):
+        batch.run_batch(params, str(src), str(out), spark=spark, glob="*.nomatch", log_predictions=False)
+    pd.testing.assert_frame_equal(read_rows(out), before)
+    assert sorted(p.name for p in out.iterdir()) == ["batch.json", "predictions", "summary.csv"]
 
 
 def test_small_files_are_packed_into_few_tasks(spark: Any, archive: tuple[Path, list[Path]]) -> None:
@@ -251,7 +308,17 @@ def test_s3_source_is_mirrored_and_named_by_its_uris(
         client.put_object(Bucket="sem-archive", Key="2024/odd/../escape.png", Body=b"x")
         out = tmp_path / "s3-out"
         report = run_batch(s3_params, "s3://sem-archive/2024", str(out), spark=spark, log_predictions=False)
-    rows = read_rows(out).set_index("path")
+        first_rows = read_rows(out)
+        # an object deleted from the bucket leaves the mirror and the rows on the next run
+        client.delete_object(Bucket="sem-archive", Key=f"2024/{chosen[0].relative_to(root).as_posix()}")
+        again = run_batch(s3_params, "s3://sem-archive/2024", str(out), spark=spark, log_predictions=False)
+    deleted_uri = f"s3://sem-archive/2024/{chosen[0].relative_to(root).as_posix()}"
+    assert deleted_uri in set(first_rows["path"])
+    rows_again = read_rows(out)
+    assert deleted_uri not in set(rows_again["path"]) and len(rows_again) == len(first_rows) - 1
+    assert again.files == report.files - 1
+    assert not (out / ".s3-mirror" / "sem-archive" / "2024" / chosen[0].relative_to(root)).exists()
+    rows = first_rows.set_index("path")
     want = {f"s3://sem-archive/2024/{p.relative_to(root).as_posix()}" for p in chosen}
     assert set(rows.index) == want | {"s3://sem-archive/2024/odd/../escape.png"}
     assert "'..' segment" in rows.loc["s3://sem-archive/2024/odd/../escape.png", "error"]
