@@ -21,9 +21,12 @@ DESCRIPTION = (
     "mlflow.pyfunc.spark_udf: the same pyfunc `mlflow models serve` runs. Writes OUT/predictions/ (Parquet, one "
     "row per file: path, sha256, label, calibrated confidence, every class probability, error, needs_review, "
     "model name and version), OUT/summary.csv (per class) and OUT/batch.json. Files over batch.max_file_bytes, "
-    "over the model's max_pixels or unreadable get a row with the error set, never a failed job. A re-run "
-    "replaces the output (no duplicated rows). Before the results it says what the model was trained on, with a "
-    "notice when that was the synthetic demo data. Needs Java 17 and pip install '.[spark]'."
+    "over the model's max_pixels, unreadable, empty or removed while the job runs get a row with the error set, "
+    "never a failed job. Folder symlinks are not followed (each file gets one row; a file symlink is a file of its "
+    "own). A re-run replaces the output (no duplicated rows); one that matches no file fails before writing "
+    "anything, so the previous output stays. Answers go to the prediction log once per image and model version "
+    "(a re-run logs only new images). Before the results it says what the model was trained on, with a notice "
+    "when that was the synthetic demo data. Needs Java 17 and pip install '.[spark]'."
 )
 EPILOG = (
     "Exit codes: 0 all files classified; 3 some files failed (see the error column); 1 none classified or the job "
@@ -71,11 +74,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: models:/<mlflow.registered_model>@champion)")  # fmt: skip
     p.add_argument("--master", help="Spark master, e.g. local[2], spark://host:7077, yarn "
                    "(default: SPARK_MASTER, else batch.master)")  # fmt: skip
-    p.add_argument("--glob", help="file name filter, Spark's pathGlobFilter (default: batch.glob)")
+    p.add_argument("--glob", help="file name filter, Spark's pathGlobFilter (default: batch.glob); matching "
+                   "nothing is an error and writes nothing")  # fmt: skip
     p.add_argument("--conf", action="append", metavar="KEY=VALUE",
                    help="extra Spark setting, repeatable (e.g. spark.executor.memory=8g)")  # fmt: skip
     p.add_argument("--no-log", action="store_true",
-                   help="do not append the answers to the prediction log (monitoring.db_uri)")  # fmt: skip
+                   help="do not append the answers to the prediction log (monitoring.db_uri; otherwise each "
+                   "image once per model version)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the S3 mirror)")
 
 

@@ -432,7 +432,7 @@ def _answer_columns(scored: DataFrame, classes: Sequence[str]) -> DataFrame:
 
 
 def _error_columns(skipped: DataFrame, classes: Sequence[str]) -> DataFrame:
-    """Rows for files never read (too large, zero bytes): what the pyfunc answers for a bad row."""
+    """Rows for files never read (too large): what the pyfunc answers for a bad row."""
     from pyspark.sql import functions as F
 
     cols = [F.lit("").alias("label"), F.lit(0.0).alias("confidence"), *[F.lit(0.0).alias(c) for c in classes],

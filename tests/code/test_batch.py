@@ -104,7 +104,10 @@ def test_help_names_the_essentials() -> None:
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         main(["batch", "--help"])
     text = " ".join(out.getvalue().split())
-    for word in ("--master", "--model", "--glob", "SPARK_MASTER", "Parquet", "summary.csv", "Java 17", "[spark]"):
+    words = ["--master", "--model", "--glob", "SPARK_MASTER", "Parquet", "summary.csv", "Java 17", "[spark]",
+             "Folder symlinks are not followed", "matches no file fails before writing anything",
+             "once per image and model version"]  # fmt: skip
+    for word in words:
         assert word in text
 
 
