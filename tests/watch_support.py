@@ -22,9 +22,10 @@ from tests import webapp_support as ws
 from tests.helpers import REPO_ROOT, encode
 from tests.servers import server_env, start_process
 
-#: Fast knobs for tests: a file is complete after 0.6 s without change, a stuck one is reported after 4 s.
+#: Fast knobs for tests: a file is complete after 0.6 s without change, a stuck one is reported after 4 s; a full
+#: rescan every 3 s lands during the bursts (rescans once queued files in flight a second time).
 FAST_WATCH = {"settle_s": 0.6, "incomplete_timeout_s": 4.0, "batch_size": 32, "max_wait_s": 0.1, "queue_size": 64,
-              "poll_interval_s": 0.3, "min_confidence": 0.5}  # fmt: skip
+              "poll_interval_s": 0.3, "min_confidence": 0.5, "rescan_s": 3.0}  # fmt: skip
 SIDE = 64  # pixels of the test images (the small model's cache size)
 
 

@@ -222,6 +222,9 @@ def test_answers_are_in_the_prediction_log_as_watch(session: Session) -> None:
     watched = frame[frame["source"] == "watch"]
     classified = [r for r in wt.results(session.out) if r["status"] == "classified"]
     assert len(watched) >= 0.9 * len(classified)  # a kill -9 may lose the last second of queued log rows
+    assert len(watched) <= len(classified)
+    repeated = watched["origin"].value_counts()
+    assert list(repeated[repeated > 1].index) == []  # each file logged once: no file here was answered twice
     assert set(watched["origin"]) <= {r["path"] for r in classified} | {str(Path(r["path"])) for r in classified}
     assert (watched["model_name"] == ws.MODEL_NAME).all()
 
