@@ -106,7 +106,7 @@ class Stats:
     rejected: int = 0
     incomplete: int = 0
     gone: int = 0
-    skipped: int = 0  # already answered before (the state file)
+    skipped: int = 0  # files already answered before (the state file), each counted once however often rescanned
     alerts: int = 0
     queued: int = 0
     waiting: int = 0
@@ -155,6 +155,7 @@ class Watcher:
         self._settling = False  # the settler holds files taken from the tracker and not yet queued
         self._uncommitted: list[tuple[Item, Done]] = []  # written to the results, not yet to the state (sink only)
         self._complained: set[tuple[str, str]] = set()  # (where, exception type) already said
+        self._known: set[str] = set()  # relpaths answered by this run or counted as skipped: a rescan finds them
         self._observer: Any = None
         self._threads: list[threading.Thread] = []
         self.started = False
@@ -373,7 +374,7 @@ class Watcher:
         for r in ripe:
             if self.state.seen_unchanged(self._relpath(r.path), r.st):
                 self.tracker.done(r.path)
-                self.stats.skipped += 1
+                self._count_skipped(self._relpath(r.path))
             else:
                 todo.append(r)
         if not todo:
@@ -407,11 +408,16 @@ class Watcher:
             if sha and self.state.has(rel, sha):  # the same bytes again (touched, copied anew)
                 self.state.touch(rel, sha, r.sig)
                 self.tracker.done(r.path)
-                self.stats.skipped += 1
+                self._count_skipped(rel)
                 continue
             item = Item(rel, r.path, "ready", r.sig, now, sha, image=p.image, facts=p.facts)
             self.tracker.done(r.path, hold=True)
             self._put(item)
+
+    def _count_skipped(self, rel: str) -> None:
+        if rel not in self._known:  # answered by an earlier run (not found again by a rescan of this one)
+            self._known.add(rel)
+            self.stats.skipped += 1
 
     def _put(self, item: Item) -> None:
         """Queue an item; blocks while the queue is full (the burst waits as paths in the tracker)."""
@@ -499,6 +505,7 @@ class Watcher:
             return
         items = [it for it, _ in self._uncommitted]
         self._uncommitted.clear()
+        self._known.update(it.relpath for it in items)
         self.tracker.release([it.path for it in items])
 
     def _record(self, it: Item, row: dict[str, Any] | None) -> dict[str, Any]:

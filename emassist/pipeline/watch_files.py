@@ -116,6 +116,7 @@ class Tracker:
     seen_total: int = 0
     #: files handed on and not yet recorded → whether an event arrived for them meanwhile
     held: dict[str, bool] = field(default_factory=dict)
+    ever: set[str] = field(default_factory=set)  # every file seen (``seen_total`` counts a rescanned one once)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -131,7 +132,9 @@ class Tracker:
                 self.held[key] = True
             elif key not in self.entries:
                 self.entries[key] = Entry(path, self.clock())
-                self.seen_total += 1
+                if key not in self.ever:
+                    self.ever.add(key)
+                    self.seen_total += 1
 
     def forget(self, path: Path) -> bool:
         """A file was deleted or moved away; True when it was still waiting (deleted before it was read)."""

@@ -276,6 +276,8 @@ def test_rescans_during_a_burst_answer_each_file_once(tmp_path: Path) -> None:
     assert len(rows) == 60 and set(rows.values()) == {1}, [p for p, n in rows.items() if n > 1]
     assert Counter(notified) == rows  # the Live tab / alerts: once each too
     assert sum(line.endswith(": A 0.900") for line in lines) == 60
+    assert watcher.stats.classified == 60 and watcher.stats.seen == 60  # the rescans found them again
+    assert watcher.stats.skipped == 0  # "answered before": by an earlier run, not by this one
     state = WatchState(default_out(root) / WatchParams().state_file)
     assert state.count("classified") == 60
     state.close()
