@@ -450,13 +450,15 @@ def is_local(out: str) -> bool:
 
 
 def missing_rows(spark: SparkSession, written: DataFrame, listing: Listing, model: ResolvedModel,
-                 rename: Callable[[str], str] = str) -> DataFrame | None:  # fmt: skip
+                 rename: Callable[[str], str] = str, unlisted: int = 0) -> DataFrame | None:  # fmt: skip
     """Error rows for the listed files that have no row in ``written`` (the Parquet just written): zero-byte files
     (Spark's scan drops them), and files removed or unreadable between the listing and the read. Comparing with
     what was written, not with a second scan, is what makes "one row per listed file" hold whatever changed on disk
-    meanwhile. ``rename``: listed path -> the path the rows carry (the s3:// mirror's URIs). Hadoop is asked about
-    each such file (they are few)."""
+    meanwhile. ``rename``: listed path -> the path the rows carry (the s3:// mirror's URIs); ``unlisted``: how many
+    written rows are of no listed file (the mirror's refused keys). Hadoop is asked about each such file (few)."""
     names = {rename(p): p for p in listing.paths}
+    if written.count() == len(names) + unlisted:  # Parquet footers only: nothing missing (the usual case), no join
+        return None
     every = spark.createDataFrame([(n,) for n in names], "path string")
     absent = sorted(r[0] for r in every.join(written.select("path"), "path", "left_anti").collect())
     if not absent:
@@ -648,11 +650,12 @@ def run_batch(
             t = time.perf_counter()
             frame = scored_frame(session, listing, resolved, params)
             rename: Callable[[str], str] = str
+            unlisted = len(mirror.refused) if mirror is not None else 0
             if mirror is not None:
                 frame = s3_paths(frame, mirror, session, output_columns(resolved.classes))
                 rename = lambda path, m=mirror: s3_uri(m, path)  # noqa: E731
             predictions = write_predictions(
-                frame, out, lambda written: missing_rows(session, written, listing, resolved, rename)
+                frame, out, lambda written: missing_rows(session, written, listing, resolved, rename, unlisted)
             )
             seconds["score+write"] = time.perf_counter() - t
             summary = summary_frame(session, predictions, resolved.classes)
