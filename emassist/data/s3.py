@@ -313,7 +313,7 @@ def _verify(h: _Hashes, obj: S3Object, response: dict[str, Any]) -> bool:
     return verified
 
 
-def _local_matches(path: Path, obj: S3Object) -> bool:
+def local_matches(path: Path, obj: S3Object) -> bool:
     """An existing local file that equals the object (size, and MD5 where the ETag is one)."""
     try:
         if not path.is_file() or path.is_symlink() or path.stat().st_size != obj.size:
@@ -343,7 +343,7 @@ def backoff_delay(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:
     return random.uniform(0, min(cap, base * 2**attempt))  # jitter, not cryptography
 
 
-def _with_retries(what: str, retries: int, func: Callable[[], Any], counter: list[int], lock: threading.Lock) -> Any:
+def with_retries(what: str, retries: int, func: Callable[[], Any], counter: list[int], lock: threading.Lock) -> Any:
     for attempt in range(retries + 1):
         try:
             return func()
@@ -358,7 +358,7 @@ def _with_retries(what: str, retries: int, func: Callable[[], Any], counter: lis
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _download(client: S3Client, bucket: str, obj: S3Object, target: Path) -> tuple[int, bool]:
+def download_object(client: S3Client, bucket: str, obj: S3Object, target: Path) -> tuple[int, bool]:
     """One attempt: stream to a temporary file beside target, verify, rename. Returns (bytes, verified)."""
     response = client.get_object(Bucket=bucket, Key=obj.key, ChecksumMode="ENABLED")
     body = response["Body"]
@@ -415,11 +415,11 @@ def pull(
 
     def one(item: tuple[S3Object, Path]) -> tuple[str, int, bool]:
         obj, target = item
-        if skip_unchanged and _local_matches(target, obj):
+        if skip_unchanged and local_matches(target, obj):
             return "unchanged", 0, True
         target.parent.mkdir(parents=True, exist_ok=True)
-        n, verified = _with_retries(
-            f"s3://{bucket}/{obj.key}", s3.retries, lambda: _download(client, bucket, obj, target), retries, lock
+        n, verified = with_retries(
+            f"s3://{bucket}/{obj.key}", s3.retries, lambda: download_object(client, bucket, obj, target), retries, lock
         )
         return "downloaded", n, verified
 
@@ -544,7 +544,7 @@ def push(
                 ContentMD5=base64.b64encode(md5.digest()).decode("ascii"), ChecksumAlgorithm="SHA256",
             )  # fmt: skip
 
-        _with_retries(f"s3://{bucket}/{full}{rel}", s3.retries, put, retries, lock)
+        with_retries(f"s3://{bucket}/{full}{rel}", s3.retries, put, retries, lock)
         return len(data)
 
     with (

@@ -27,13 +27,13 @@ from tqdm import tqdm
 from emassist.config.settings import Params
 from emassist.data.s3 import (
     S3Error,
-    _download,
-    _local_matches,
-    _with_retries,
     describe_endpoint,
+    download_object,
     list_objects,
+    local_matches,
     make_client,
     refuse_reason,
+    with_retries,
 )
 
 if TYPE_CHECKING:
@@ -94,10 +94,10 @@ def mirror_prefix(params: Params, src: str, root: Path, *, progress: bool | None
 
     def one(item: tuple[Any, Path]) -> bool:
         obj, target = item
-        if _local_matches(target, obj):
+        if local_matches(target, obj):
             return False
         target.parent.mkdir(parents=True, exist_ok=True)
-        _with_retries(f"s3://{bucket}/{obj.key}", s3.retries, lambda: _download(client, bucket, obj, target),
+        with_retries(f"s3://{bucket}/{obj.key}", s3.retries, lambda: download_object(client, bucket, obj, target),
                       counter, lock)  # fmt: skip
         return True
 
