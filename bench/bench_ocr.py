@@ -4,7 +4,7 @@ Generates ``--n`` demo images that all carry a data bar (256×256 by default, th
 ``--repeats`` times (min / median / max):
 
 * per image, in this process: :func:`emassist.data.scalebar.read_databar` on the bar rows ingest cuts off (Tesseract
-  through pytesseract, the scale-bar measurement and the parsing);
+  through tesserocr, the scale-bar measurement and the parsing);
 * ``run_ingest`` with all cores, ``read_databar`` off and on (runs alternating), images/s and the ratio on / off.
 
     python bench/bench_ocr.py --n 200 --repeats 3
@@ -29,7 +29,7 @@ from emassist.config.settings import DemoParams  # noqa: E402
 from emassist.data.demo.generate import generate_demo  # noqa: E402
 from emassist.data.ingest import run_ingest  # noqa: E402
 from emassist.data.preprocess import Preprocessor  # noqa: E402
-from emassist.data.scalebar import read_databar  # noqa: E402
+from emassist.data.scalebar import engine_available, read_databar  # noqa: E402
 
 
 def spread(values: list[float], fmt: str = "{:.1f}") -> str:
@@ -54,8 +54,9 @@ def main() -> int:
     ap.add_argument("--side", type=int, default=256, help="image side in pixels (default: 256)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    if shutil.which("tesseract") is None:
-        print("error: tesseract is not on PATH (apt-get install tesseract-ocr)", file=sys.stderr)
+    why = engine_available()
+    if why:
+        print(f"error: {why}", file=sys.stderr)
         return 1
     with tempfile.TemporaryDirectory(prefix="bench-ocr-") as tmp_name:
         tmp = Path(tmp_name)

@@ -5,9 +5,11 @@
 in pixels, and the pixel size they imply (``databar_scalebar``: label over length; ``databar_mag``: field width over
 image width, else magnification against :data:`REFERENCE_DISPLAY_NM`), or the reason none could be had.
 
-The OCR engine is Debian's ``tesseract-ocr`` through ``pytesseract`` (one subprocess per bar, a single OpenMP thread:
-ingest already runs one worker per core). A missing engine raises :class:`OcrUnavailable`, a crash on one bar
-:class:`OcrFailed`; the caller decides what that costs (ingest: that image's pixel size is unknown).
+The OCR engine is Tesseract through ``tesserocr`` (its wheel bundles libtesseract; the English model is Debian's
+``tesseract-ocr-eng``, or ``$TESSDATA_PREFIX``), loaded once per worker thread: ~25 ms a bar, where a
+``tesseract`` process per bar (pytesseract) cost ~125 ms, most of it loading the model. A missing engine or model
+raises :class:`OcrUnavailable`, a failure on one bar :class:`OcrFailed`; the caller decides what that costs (ingest:
+that image's pixel size is unknown).
 
 The scale bar is found by geometry: the longest horizontal run of high-contrast pixels close to a length label
 ("200 nm", "5 µm"), not touching the bar's left/right edge (frame and table lines do), with collinear pieces joined
@@ -20,7 +22,10 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -41,10 +46,14 @@ _CONTRAST = 64
 #: OCR works best on text a few tens of pixels high: bars are upscaled to at least this many rows.
 _OCR_MIN_ROWS = 60
 _OCR_MAX_SCALE = 4
-_TESSERACT_CONFIG = "--psm 11 --oem 1 -c tessedit_do_invert=0"
-_OCR_TIMEOUT_S = 30
+# Tesseract: sparse text (page segmentation mode 11), the LSTM engine, no inversion of its own (done here).
+_TESSERACT_VARIABLES = {"tessedit_do_invert": "0"}
 # The second look, at a scale bar's label only: digits and length units, so '5' is no 'S' and '0' no 'o'.
-_LABEL_CONFIG = _TESSERACT_CONFIG + " -c tessedit_char_whitelist=0123456789.nmuµ"
+_LABEL_CHARS = "0123456789.nmuµ"
+#: Debian's tesseract-ocr-eng (5.x, then 4.x), then the upstream default.
+_TESSDATA_DIRS = ("/usr/share/tesseract-ocr/5/tessdata", "/usr/share/tesseract-ocr/4.00/tessdata",
+                  "/usr/share/tessdata", "/usr/local/share/tessdata")  # fmt: skip
+_LOCAL = threading.local()  # one engine per thread (a Tesseract API object is not thread-safe)
 
 _NUMBER = r"\d+(?:[.,]\d+)?"
 _LENGTH_UNITS: dict[str, float] = {"nm": 1.0, "µm": 1e3, "mm": 1e6}
@@ -129,49 +138,82 @@ def _ocr_image(bar: np.ndarray) -> tuple[Image.Image, float, bool]:
     return im, float(scale), inverted
 
 
-def ocr_words(bar: np.ndarray, config: str = _TESSERACT_CONFIG) -> list[Word]:
-    """Tesseract's words in a data-bar crop (uint8, H×W); raises OcrUnavailable / OcrFailed."""
-    import pytesseract  # lazy: only ingest workers that read bars need it
+def tessdata_dir() -> Path | None:
+    """Where Tesseract's English model (``eng.traineddata``) lies: ``$TESSDATA_PREFIX``, else Debian's
+    ``tesseract-ocr-eng`` folders; None when there is none."""
+    env = os.environ.get("TESSDATA_PREFIX")
+    for folder in [Path(env)] if env else [Path(d) for d in _TESSDATA_DIRS]:
+        if (folder / "eng.traineddata").is_file():
+            return folder
+    return None
 
-    os.environ.setdefault("OMP_THREAD_LIMIT", "1")  # one worker per core already; threads only contend
+
+def _engine(digits_only: bool) -> Any:
+    """This thread's Tesseract engine (loaded once: loading the model is most of what a tesseract process costs)."""
+    folder = tessdata_dir()
+    if folder is None:
+        raise OcrUnavailable("OCR language data not found (install tesseract-ocr-eng, or set TESSDATA_PREFIX)")
+    key = (str(folder), digits_only)
+    engines: dict[tuple[str, bool], Any] = _LOCAL.__dict__.setdefault("engines", {})
+    if key not in engines:
+        os.environ.setdefault("OMP_THREAD_LIMIT", "1")  # one ingest worker per core already; threads only contend
+        try:
+            import tesserocr  # lazy: only ingest workers that read bars need it
+        except ImportError as exc:
+            raise OcrUnavailable(f"OCR engine (tesserocr) not installed: {exc}") from exc
+        try:
+            api = tesserocr.PyTessBaseAPI(path=str(folder), lang="eng", psm=tesserocr.PSM.SPARSE_TEXT,
+                                          oem=tesserocr.OEM.LSTM_ONLY)  # fmt: skip
+        except RuntimeError as exc:
+            raise OcrUnavailable(f"OCR engine cannot start: {exc}") from exc
+        for name, value in _TESSERACT_VARIABLES.items():
+            api.SetVariable(name, value)
+        if digits_only:
+            api.SetVariable("tessedit_char_whitelist", _LABEL_CHARS)
+        engines[key] = api
+    return engines[key]
+
+
+def ocr_words(bar: np.ndarray, digits_only: bool = False) -> list[Word]:
+    """Tesseract's words in a data-bar crop (uint8, H×W), with their boxes and layout lines; ``digits_only``: a scale
+    bar's label (digits and length units). Raises OcrUnavailable / OcrFailed."""
+    import tesserocr
+
+    api = _engine(digits_only)
     im, scale, _ = _ocr_image(bar)
+    words: list[Word] = []
     try:
-        data = pytesseract.image_to_data(im, config=config, output_type=pytesseract.Output.DICT, timeout=_OCR_TIMEOUT_S)
-    except pytesseract.TesseractNotFoundError as exc:
-        raise OcrUnavailable("OCR engine (tesseract) not found") from exc
-    except FileNotFoundError as exc:
-        raise OcrUnavailable(f"OCR engine (tesseract) not found: {exc}") from exc
-    except RuntimeError as exc:  # pytesseract's timeout
-        raise OcrFailed(f"OCR engine failed: {exc}") from exc
-    except Exception as exc:  # TesseractError (a crash: non-zero exit) or anything its output parser raises
+        api.SetImage(im)
+        api.Recognize()
+        it = api.GetIterator()
+        block = para = line = 0
+        while it is not None:
+            if it.IsAtBeginningOf(tesserocr.RIL.BLOCK):
+                block, para = block + 1, 0
+            if it.IsAtBeginningOf(tesserocr.RIL.PARA):
+                para, line = para + 1, 0
+            if it.IsAtBeginningOf(tesserocr.RIL.TEXTLINE):
+                line += 1
+            text = (it.GetUTF8Text(tesserocr.RIL.WORD) or "").strip()
+            box = it.BoundingBox(tesserocr.RIL.WORD)
+            if text and box:
+                x1, y1, x2, y2 = box
+                words.append(Word(text, x1 / scale, y1 / scale, (x2 - x1) / scale, (y2 - y1) / scale,
+                                  (block, para, line)))  # fmt: skip
+            if not it.Next(tesserocr.RIL.WORD):
+                break
+    except Exception as exc:  # the engine failed on this image: this bar is unread, the others are not
         message = " ".join(str(exc).split())[:160]
         raise OcrFailed(f"OCR engine failed: {type(exc).__name__}: {message}") from exc
-    words: list[Word] = []
-    for k, text in enumerate(data.get("text", [])):
-        text = str(text).strip()
-        if not text:
-            continue
-        words.append(
-            Word(
-                text=text,
-                left=data["left"][k] / scale,
-                top=data["top"][k] / scale,
-                width=data["width"][k] / scale,
-                height=data["height"][k] / scale,
-                line=(int(data["block_num"][k]), int(data["par_num"][k]), int(data["line_num"][k])),
-            )
-        )
     return words
 
 
 def engine_available() -> str | None:
     """None when the OCR engine runs, else a short reason (checked once per ingest run, not per image)."""
     try:
-        import pytesseract
-
-        pytesseract.get_tesseract_version()
-    except Exception as exc:  # not installed, not on PATH, not executable, or the module missing
-        return f"OCR engine (tesseract) not available: {type(exc).__name__}"
+        _engine(False)
+    except OcrUnavailable as exc:
+        return str(exc)
     return None
 
 
@@ -325,7 +367,7 @@ def _second_look(bar: np.ndarray, image_width: int) -> tuple[BarReading | None, 
         return None, ""
     window, x_offset = _label_window(bar, candidates[0])
     words = [
-        Word(w.text, w.left + x_offset, w.top, w.width, w.height, w.line) for w in ocr_words(window, _LABEL_CONFIG)
+        Word(w.text, w.left + x_offset, w.top, w.width, w.height, w.line) for w in ocr_words(window, digits_only=True)
     ]
     reading = interpret(words, bar, image_width, mag_fallback=False)
     return (reading if reading.pixel_size_nm is not None else None), reading.text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -65,13 +67,13 @@ def test_a_one_pixel_bar_is_unknown() -> None:
 
 
 def test_tags_win_and_the_bar_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scalebar, "ocr_words", lambda bar, config="": _label("200 nm"))
+    monkeypatch.setattr(scalebar, "ocr_words", lambda bar, digits_only=False: _label("200 nm"))
     size = resolve_pixel_size(40.0, _bar(50), 256)
     assert (size.nm, size.source, size.databar_nm) == (40.0, "tags", pytest.approx(4.0))
 
 
 def test_engine_crash_or_absence_makes_the_image_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
-    def crash(bar: np.ndarray, config: str = "") -> list[Word]:
+    def crash(bar: np.ndarray, digits_only: bool = False) -> list[Word]:
         raise scalebar.OcrFailed("OCR engine failed: TesseractError: (-11, 'segfault')")
 
     monkeypatch.setattr(scalebar, "ocr_words", crash)
@@ -81,9 +83,8 @@ def test_engine_crash_or_absence_makes_the_image_unknown(monkeypatch: pytest.Mon
     assert size.nm is None and "not read" in size.reason
 
 
-def test_missing_tesseract_binary_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytesseract = pytest.importorskip("pytesseract")
-    monkeypatch.setattr(pytesseract.pytesseract, "tesseract_cmd", "/nonexistent/tesseract")
-    assert scalebar.engine_available() is not None
+def test_missing_ocr_model_is_unavailable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TESSDATA_PREFIX", str(tmp_path / "no-tessdata"))
+    assert "language data not found" in (scalebar.engine_available() or "")
     with pytest.raises(scalebar.OcrUnavailable):
         scalebar.ocr_words(_bar(50))

@@ -12,13 +12,14 @@ import pytest
 from emassist.config.classes import CLASSES
 from emassist.config.settings import DemoParams
 from emassist.data import ingest as ingest_mod
+from emassist.data import scalebar
 from emassist.data.databar import find_databar
 from emassist.data.decode import decode_image
 from emassist.data.demo.generate import generate_demo, plan
 from emassist.data.ingest import run_ingest
 from emassist.data.scalebar import read_databar
 
-needs_tesseract = pytest.mark.skipif(shutil.which("tesseract") is None, reason="tesseract (OCR engine) not installed")
+needs_tesseract = pytest.mark.skipif(scalebar.tessdata_dir() is None, reason="Tesseract's English model not installed")
 
 REAL_WITH_TAGS_AND_BAR = (
     "rsciio__FEI-Helios-Ebeam-8bits.tif",
@@ -61,8 +62,8 @@ def test_real_fei_xl_bar_reads_the_tags_magnification(real_sem_dir: Path) -> Non
 
 @pytest.fixture(scope="module")
 def demo_ingested(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
-    if shutil.which("tesseract") is None:
-        pytest.skip("tesseract (OCR engine) not installed")
+    if scalebar.tessdata_dir() is None:
+        pytest.skip("Tesseract's English model not installed (apt-get install tesseract-ocr)")
     root = tmp_path_factory.mktemp("pixelsize")
     generate_demo(root / "raw", DEMO, progress=False)
     return root, _ingest(root / "raw", root / "out")
@@ -107,13 +108,11 @@ def test_tags_and_bar_disagreeing_is_a_validation_warning(demo_ingested: tuple[P
 def test_ingest_without_the_engine_completes_with_one_notice(
     demo_ingested: tuple[Path, pd.DataFrame], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pytesseract
-
     root, _ = demo_ingested
     raw = tmp_path / "raw"
     for cls in CLASSES[:2]:
         shutil.copytree(root / "raw" / cls, raw / cls)
-    monkeypatch.setattr(pytesseract.pytesseract, "tesseract_cmd", str(tmp_path / "no-such-tesseract"))
+    monkeypatch.setenv("TESSDATA_PREFIX", str(tmp_path / "no-tessdata"))  # no model: no engine
     manifest = _ingest(raw, tmp_path / "out", workers=1)
     summary = manifest.attrs["summary"]
     assert summary.n_rejected == 0 and summary.n_accepted == len(manifest) > 0
