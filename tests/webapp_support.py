@@ -17,12 +17,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import yaml
 
 from tests.helpers import REPO_ROOT, SMALL_CLASSES, SMALL_SPEC, SmallModel, demo_image, encode
 from tests.servers import free_port, server_env, stop_process, tracking_uri_env, wait_http
 
 __all__ = ["demo_image"]  # ws.demo_image: the tests render their images through this module too
+
+SCREENSHOTS = REPO_ROOT / "test-artifacts" / "screenshots"  # the browser tests' screenshots
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's (scripts/test.sh installs it); Playwright cannot download its own here
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """Headless Debian Chromium through Playwright (the screenshots folder made); skips the test where it is absent."""
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is missing (scripts/test.sh installs Debian's chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
 
 LEFT, RIGHT = "Fibres", "Particles"
 CLASSES = list(SMALL_CLASSES)  # the small model's classes, in its output order (LEFT and RIGHT among them)

@@ -21,10 +21,9 @@ pytestmark = pytest.mark.slow
 
 from tests import watch_support as wt  # noqa: E402
 from tests import webapp_support as ws  # noqa: E402
-from tests.helpers import REPO_ROOT, SmallModel  # noqa: E402
+from tests.helpers import SmallModel  # noqa: E402
 
-SCREENSHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
-CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = ws.SCREENSHOTS
 
 
 @pytest.fixture(scope="module")
@@ -75,31 +74,23 @@ def _first_event(url: str, relpath: str, headers: dict[str, str] | None = None) 
 
 
 def test_live_tab_shows_a_dropped_file_within_seconds(live: tuple[str, Path, Path]) -> None:
-    if not CHROMIUM.exists():
-        pytest.skip("/usr/bin/chromium is missing (scripts/test.sh installs Debian's chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
     url, folder, out = live
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
-        try:
-            page: Any = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(url)
-            page.click("#tab-live")
-            page.wait_for_function("document.getElementById('live-status').dataset.connection === 'open'",
-                                   timeout=15_000)  # fmt: skip
-            assert "Watching" in page.inner_text("[data-testid=live-status]")
-            (folder / "needle.png").write_bytes(wt.png_bytes(ws.RIGHT, 801))  # the alert class
-            item = page.locator("[data-testid=live-item][data-relpath='needle.png']")
-            item.wait_for(timeout=10_000)  # within a few seconds of the file landing
-            answer = next(r for r in wt.results(out) if r["relpath"] == "needle.png")
-            assert item.locator("[data-testid=live-label]").inner_text() == answer["label"]
-            alert = answer["label"] == ws.RIGHT and float(answer["confidence"]) >= wt.FAST_WATCH["min_confidence"]
-            assert ("alert" in (item.get_attribute("class") or "")) == alert  # highlighted exactly when it alerts
-            assert item.locator("img.live-thumb").count() == 1
-            # newest first: the earlier arrival (the stream test's file) is below it
-            first = page.locator("[data-testid=live-item]").first
-            assert first.get_attribute("data-relpath") == "needle.png"
-            page.screenshot(path=str(SCREENSHOTS / "06-live.png"), full_page=True)
-        finally:
-            browser.close()
+    with ws.chromium() as browser:
+        page: Any = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        page.click("#tab-live")
+        page.wait_for_function("document.getElementById('live-status').dataset.connection === 'open'",
+                               timeout=15_000)  # fmt: skip
+        assert "Watching" in page.inner_text("[data-testid=live-status]")
+        (folder / "needle.png").write_bytes(wt.png_bytes(ws.RIGHT, 801))  # the alert class
+        item = page.locator("[data-testid=live-item][data-relpath='needle.png']")
+        item.wait_for(timeout=10_000)  # within a few seconds of the file landing
+        answer = next(r for r in wt.results(out) if r["relpath"] == "needle.png")
+        assert item.locator("[data-testid=live-label]").inner_text() == answer["label"]
+        alert = answer["label"] == ws.RIGHT and float(answer["confidence"]) >= wt.FAST_WATCH["min_confidence"]
+        assert ("alert" in (item.get_attribute("class") or "")) == alert  # highlighted exactly when it alerts
+        assert item.locator("img.live-thumb").count() == 1
+        # newest first: the earlier arrival (the stream test's file) is below it
+        first = page.locator("[data-testid=live-item]").first
+        assert first.get_attribute("data-relpath") == "needle.png"
+        page.screenshot(path=str(SCREENSHOTS / "06-live.png"), full_page=True)

@@ -28,11 +28,10 @@ pytest.importorskip("mlflow")
 pytestmark = pytest.mark.slow
 
 from tests import webapp_support as ws  # noqa: E402
-from tests.helpers import REPO_ROOT, SmallModel, b64, encode  # noqa: E402
+from tests.helpers import SmallModel, b64, encode  # noqa: E402
 from tests.servers import model_server, server_env  # noqa: E402
 
-SCREENSHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
-CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = ws.SCREENSHOTS
 
 
 @pytest.fixture(scope="module")
@@ -143,16 +142,8 @@ def test_batch_csv_and_gradcam_over_http(server: str, images: dict[str, Path]) -
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip("/usr/bin/chromium is missing (scripts/test.sh installs Debian's chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            b.close()
+    with ws.chromium() as b:
+        yield b
 
 
 @pytest.fixture

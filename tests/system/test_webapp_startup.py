@@ -30,8 +30,7 @@ from tests import webapp_support as ws  # noqa: E402
 from tests.helpers import REPO_ROOT, SmallModel  # noqa: E402
 from tests.servers import free_port, server_env, stop_process  # noqa: E402
 
-SCREENSHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
-CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = ws.SCREENSHOTS
 HOLD_ENV = "EMASSIST_TEST_HOLD_LOAD"  # emassist.serve.backend.ENV_TEST_HOLD_LOAD (the test hook)
 
 
@@ -92,16 +91,8 @@ def held(champion: ws.Champion) -> Iterator[tuple[str, Path]]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip("/usr/bin/chromium is missing (scripts/test.sh installs Debian's chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            b.close()
+    with ws.chromium() as b:
+        yield b
 
 
 def _png(champion: ws.Champion) -> bytes:
