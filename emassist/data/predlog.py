@@ -263,6 +263,22 @@ class PredictionLog:
             found = [r[0] for r in conn.execute(query)]
         return list(dict.fromkeys(found))
 
+    def logged_sha256s(self, sha256s: Sequence[str], *, source: str, model_name: str, model_version: str) -> set[str]:
+        """Which of ``sha256s`` the log already holds for ``source`` and that model name and version (one query per
+        500 hashes: a re-run of a batch logs only what is new)."""
+        self.ensure_tables()
+        t = PREDICTIONS
+        found: set[str] = set()
+        wanted = list(dict.fromkeys(sha256s))
+        with self.engine.connect() as conn:
+            for i in range(0, len(wanted), 500):
+                query = sa.select(t.c.sha256).where(
+                    t.c.source == source, t.c.model_name == model_name, t.c.model_version == model_version,
+                    t.c.sha256.in_(wanted[i : i + 500]),
+                )  # fmt: skip
+                found.update(r[0] for r in conn.execute(query))
+        return found
+
     def count(self) -> int:
         self.ensure_tables()
         with self.engine.connect() as conn:

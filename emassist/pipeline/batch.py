@@ -54,12 +54,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import pandas as pd
-import sqlalchemy as sa
 
 from emassist.config.settings import Params
 from emassist.core.atomic import atomic_open
 from emassist.data.hashing import sha256_of
-from emassist.data.predlog import PREDICTIONS, LogWriter, PredictionLog
+from emassist.data.predlog import LogWriter, PredictionLog
 from emassist.model.provenance import describe_training_data
 from emassist.pipeline.batch_udf import precheck_udf, sentinel_png
 from emassist.serve.predict import MODEL_CONFIG_PATH, training_data_lines
@@ -702,19 +701,8 @@ def run_batch(
 def already_logged(store: PredictionLog, sha256s: Sequence[str], model: ModelIdentity, *, source: str = LOG_SOURCE
                    ) -> set[str]:  # fmt: skip
     """Which of ``sha256s`` the prediction log already holds for ``source`` and ``model`` (a
-    :class:`~emassist.serve.predlog_hooks.ModelIdentity`: the same name and version). One indexed query per 500."""
-    store.ensure_tables()
-    t = PREDICTIONS
-    found: set[str] = set()
-    wanted = list(dict.fromkeys(sha256s))
-    with store.engine.connect() as conn:
-        for i in range(0, len(wanted), 500):
-            query = sa.select(t.c.sha256).where(
-                t.c.source == source, t.c.model_name == model.name, t.c.model_version == model.version,
-                t.c.sha256.in_(wanted[i : i + 500]),
-            )  # fmt: skip
-            found.update(r[0] for r in conn.execute(query))
-    return found
+    :class:`~emassist.serve.predlog_hooks.ModelIdentity`: the same name and version)."""
+    return store.logged_sha256s(sha256s, source=source, model_name=model.name, model_version=model.version)
 
 
 def log_rows(spark: SparkSession, predictions: str, model: ResolvedModel, params: Params) -> int:
