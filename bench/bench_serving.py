@@ -155,15 +155,18 @@ def measure_pair(
     batches: Sequence[int],
     images_per: int,
     floor: Callable[[list[str]], Any] | None = None,
+    null: Callable[[list[str]], Any] | None = None,
 ) -> tuple[dict[str, float], ...]:
     """One run for every path, call by call in turns (so that load from elsewhere hits them alike).
 
-    Returns (served, in-process[, floor]): single-image latency percentiles (ms) and throughput per batch size
-    (img/s).
+    Returns (served, in-process[, floor][, null server]): single-image latency percentiles (ms) and throughput per
+    batch size (img/s).
     """
     fns = {"served": served, "local": local}
     if floor is not None:
         fns["floor"] = floor
+    if null is not None:
+        fns["null"] = null
     lat: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(latency_calls):
         for name, fn in fns.items():
@@ -190,7 +193,12 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def table(
-    served: dict[str, float], local: dict[str, float], floor: dict[str, float], batches: Sequence[int], info: str
+    served: dict[str, float],
+    local: dict[str, float],
+    floor: dict[str, float],
+    batches: Sequence[int],
+    info: str,
+    null: dict[str, float] | None = None,
 ) -> str:
     """Served, in-process pyfunc and the floor (base64 + decode + standardize, then the compiled forward pass)."""
     lines = [
@@ -207,6 +215,9 @@ def table(
         lines.append(f"| throughput, batch {b} (img/s) | {s:.1f} | {lo:.1f} | {fl:.1f} | {s / fl:.2f}x |")
     lines.append(f"| floor parts, single image p50 (ms): decode + standardize / forward | | | "
                  f"{floor['decode_p50_ms']:.2f} / {floor['forward_p50_ms']:.2f} | |")  # fmt: skip
+    if null is not None:
+        lines.append(f"| MLflow's own cost: `mlflow models serve` of a do-nothing pyfunc, p50 (ms) "
+                     f"| {null['p50_ms']:.2f} | | | {null['p50_ms'] / floor['p50_ms']:.2f}x |")  # fmt: skip
     ratio = served["p50_ms"] / floor["p50_ms"]
     tput = served[f"tput_{max(batches)}"] / floor[f"tput_{max(batches)}"]
     lines += [
@@ -215,7 +226,34 @@ def table(
         f"batch-{max(batches)} throughput >= 0.8 x floor: {'met' if tput >= 0.8 else 'NOT met'} ({tput:.2f}x). "
         f"In-process pyfunc / floor p50: {local['p50_ms'] / floor['p50_ms']:.2f}x.",
     ]
+    if null is not None:
+        best = (floor["p50_ms"] + null["p50_ms"]) / floor["p50_ms"]
+        lines.append(
+            f"Lower bound of served / floor with `mlflow models serve` (floor + the do-nothing server's p50): "
+            f"{best:.2f}x; ours above that bound: {served['p50_ms'] - floor['p50_ms'] - null['p50_ms']:.2f} ms."
+        )
     return "\n".join(lines)
+
+
+def null_model_uri(tmp: Path) -> str:
+    """Log (in the active run) and register a pyfunc that answers ``{"label": "x"}`` per row without looking at the
+    image, with the same input signature as ours (``image``: string): ``mlflow models serve`` of it costs what MLflow's
+    scoring server costs (HTTP, JSON -> DataFrame, schema check, DataFrame -> JSON), with nothing of ours inside."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    class Null(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return pd.DataFrame({"label": ["x"] * len(model_input)})
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "image")]), outputs=Schema([ColSpec("string", "label")])
+    )
+    info = mlflow.pyfunc.log_model(
+        name="null", python_model=Null(), signature=signature, registered_model_name=f"{NAME}-null"
+    )
+    return f"models:/{NAME}-null/{info.registered_model_version}"
 
 
 def floor_fn(python_model: Any) -> tuple[Callable[[list[str]], Any], Callable[[], dict[str, float]]]:
@@ -268,6 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--side", type=int, default=256, help="side of the test PNGs in pixels (default: 256)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers of the server (default: 1)")
     parser.add_argument("--json", type=Path, help="also write the raw medians here")
+    parser.add_argument(
+        "--no-null-server", dest="null_server", action="store_false",
+        help="skip the row of MLflow's own fixed cost (`mlflow models serve` of a pyfunc that does nothing)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -309,6 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_mlflow(params)
         with mlflow.start_run() as run:
             mlflow.log_metric("test_macro_f1", 0.0)
+            null_uri = null_model_uri(tmp) if args.null_server else None
         mv = registry.log_and_register(params, run.info.run_id, model_file=model_file)
         registry.promote(NAME, mv.version, client=mlflow.MlflowClient())
         uri = f"models:/{NAME}@champion"
@@ -321,7 +364,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         floor_predict, floor_parts = floor_fn(local_model.unwrap_python_model())
 
         log("starting mlflow models serve ...")
-        with model_server(uri, tracking_uri, tmp / "serve.log", args.workers) as url, requests.Session() as session:
+        null_ctx = (
+            model_server(null_uri, tracking_uri, tmp / "null.log", args.workers)
+            if null_uri
+            else contextlib.nullcontext()
+        )
+        with (
+            model_server(uri, tracking_uri, tmp / "serve.log", args.workers) as url,
+            null_ctx as null_url,
+            requests.Session() as session,
+        ):
 
             def served_predict(batch: list[str]) -> Any:
                 body = {"dataframe_split": {"columns": ["image"], "data": [[b] for b in batch]}}
@@ -329,14 +381,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 r.raise_for_status()
                 return r.json()
 
-            for fn in (served_predict, local_predict, floor_predict):  # warm-up: first requests, every batch shape
+            def null_predict(batch: list[str]) -> Any:
+                body = {"dataframe_split": {"columns": ["image"], "data": [[b] for b in batch]}}
+                r = session.post(f"{null_url}/invocations", json=body, timeout=120)
+                r.raise_for_status()
+                return r.json()
+
+            for fn in (
+                served_predict,
+                local_predict,
+                floor_predict,
+                *((null_predict,) if null_url else ()),
+            ):  # warm-up: first requests, every batch shape
                 for b in (1, *batches):
                     fn(images[:b])
             floor_parts()
-            served_runs, local_runs, floor_runs = [], [], []
+            served_runs, local_runs, floor_runs, null_runs = [], [], [], []
             for i in range(args.runs):
                 log(f"run {i + 1}/{args.runs}")
-                one_served, one_local, one_floor = measure_pair(
+                got = measure_pair(
                     served_predict,
                     local_predict,
                     images,
@@ -344,7 +407,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     batches=batches,
                     images_per=args.images_per_batch_size,
                     floor=floor_predict,
+                    null=null_predict if null_url else None,
                 )
+                one_served, one_local, one_floor = got[:3]
+                if null_url:
+                    null_runs.append(got[3])
                 one_floor.update(floor_parts())
                 served_runs.append(one_served)
                 local_runs.append(one_local)
@@ -354,9 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{what}, input {base.train.image_size}px, {len(base.data.classes)} classes; {args.side}x{args.side} PNGs; "
             f"{os.cpu_count()} CPUs; median of {args.runs} runs"
         )
-        print(table(served, local, floor, batches, info))
+        null = median_of(null_runs) if null_runs else None
+        print(table(served, local, floor, batches, info, null))
         if args.json:
-            out = {"served": served, "in_process": local, "floor": floor, "info": info}
+            out = {"served": served, "in_process": local, "floor": floor, "null_server": null, "info": info}
             args.json.write_text(json.dumps(out, indent=2))
     return 0
 
