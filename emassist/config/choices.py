@@ -55,6 +55,10 @@ WEIGHTS_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5")  # local weights files (.h5
 XCEPTION_BLOCKS = 14  # blocks of keras.applications.Xception; train.finetune_blocks unfreezes the top 1..14
 OPTIMIZERS: tuple[str, ...] = ("rmsprop", "adam", "sgd")
 LR_SCHEDULES: tuple[str, ...] = ("plateau", "cosine")
+#: The pixel sizes (nm) a scale-aware model takes (a request's ``pixel_size_nm``; outside: HTTP 400): an SEM pixel
+#: is neither 1 pm nor 1 mm (the same range ingest's data-bar reading calls plausible).
+MIN_PIXEL_SIZE_NM = 0.01
+MAX_PIXEL_SIZE_NM = 1e6
 
 # --------------------------------------------------------------------------------------------------- split
 

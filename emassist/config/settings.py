@@ -248,6 +248,8 @@ class TrainParams:
     shuffle_buffer: int = 2048
     seed: int = 42
     work_pool: str | None = None  # Prefect work pool for the train step (e.g. gpu); null: run in-process
+    scale_input: bool = False  # a second input: log10 of the model input's pixel size and a known/unknown flag
+    scale_dropout: float = 0.2  # share of known pixel sizes masked as unknown in training (scale_input only)
 
     def check(self) -> None:
         _one_of("train.model", self.model, MODEL_NAMES)
@@ -272,6 +274,7 @@ class TrainParams:
         _at_least("train.reduce_lr_patience", self.reduce_lr_patience, 0)
         _fraction("train.reduce_lr_factor", self.reduce_lr_factor)
         _at_least("train.shuffle_buffer", self.shuffle_buffer, 1)
+        _fraction("train.scale_dropout", self.scale_dropout)
         if self.model not in PRETRAINED_MODELS and self.weights is not None:
             raise ParamsError(f"train.weights: {self.model} trains from scratch; set train.weights to null")
         check_weights_file("train.weights", self.weights, "the Xception base")

@@ -5,6 +5,10 @@ copy in :mod:`emassist.model.saving`.
 
 Every model takes ``"image"``: float32 ``[B, S, S, 3]`` in 0..255, exactly what
 :func:`emassist.data.preprocess.to_model_input` returns, and answers ``"probabilities"``: float32 softmax ``[B, C]``.
+With ``scale_input`` (``train.scale_input``) it also takes ``"scale"``: float32 ``[B, 2]`` (log10 of the model
+input's pixel size in nm, known flag; :mod:`emassist.model.scale`), passed through a small ReLU Dense
+(``scale_dense``, :data:`~emassist.model.scale.SCALE_UNITS` units: size-class relations need not be monotonic) and
+joined to the pooled features (``scale_join``) right before the classifier.
 Scaling to the backbone's range is the model's first layer (a ``Rescaling``), so it ships inside the saved file
 and training, evaluation and serving can never disagree about it.
 
@@ -18,6 +22,8 @@ import os
 from pathlib import Path
 
 import keras
+
+from emassist.model.scale import SCALE_DIM, SCALE_INPUT, SCALE_UNITS
 
 XCEPTION_BASE = "xception_base"  # the name of the Xception sub-model (emassist.model.phases unfreezes its blocks)
 COMPACT_CNN_FILTERS = (32, 64, 128, 256)
@@ -33,6 +39,7 @@ def build_model(
     weights: str | os.PathLike[str] | None = None,
     dropout: float = 0.3,
     seed: int = 42,
+    scale_input: bool = False,
 ) -> keras.Model:
     """A fresh, uncompiled classifier: ``"image"`` float32 [B, S, S, 3] in 0..255 → ``"probabilities"`` [B, C].
 
@@ -42,13 +49,27 @@ def build_model(
     (``include_top=False``), e.g. the ImageNet file copied to a machine without internet. ``dropout`` is the rate
     before the classifier of compact_cnn and xception (simple_cnn keeps the baseline's fixed 0.25 and 0.5). ``seed``
     fixes the initializers and dropouts of the layers built here; a random (``weights=None``) Xception base follows
-    Keras' global seed (``keras.utils.set_random_seed``).
+    Keras' global seed (``keras.utils.set_random_seed``). ``scale_input``: the second input ``"scale"`` (above).
     """
     if name == "simple_cnn":
-        return _simple_cnn(num_classes, image_size, seed)
+        return _simple_cnn(num_classes, image_size, seed, scale_input)
     if name == "compact_cnn":
-        return _compact_cnn(num_classes, image_size, dropout, seed)
-    return _xception(num_classes, image_size, _resolve_weights(weights), dropout, seed)
+        return _compact_cnn(num_classes, image_size, dropout, seed, scale_input)
+    return _xception(num_classes, image_size, _resolve_weights(weights), dropout, seed, scale_input)
+
+
+def _scale_join(features: keras.KerasTensor, seed: int, scale_input: bool) -> tuple[keras.KerasTensor, list]:
+    """``(features, extra inputs)``: the pooled ``features`` alone, or joined to the scale branch."""
+    if not scale_input:
+        return features, []
+    scale = keras.Input((SCALE_DIM,), dtype="float32", name=SCALE_INPUT)
+    s = keras.layers.Dense(SCALE_UNITS, activation="relu", kernel_initializer=_init(seed), name="scale_dense")(scale)
+    joined = keras.layers.Concatenate(name="scale_join")([features, s])
+    return joined, [scale]
+
+
+def _model(inputs: keras.KerasTensor, extra: list, outputs: keras.KerasTensor, name: str) -> keras.Model:
+    return keras.Model([inputs, *extra] if extra else inputs, outputs, name=name)
 
 
 def _resolve_weights(weights: str | os.PathLike[str] | None) -> str | None:
@@ -78,7 +99,7 @@ def _output_layer(num_classes: int, seed: int) -> keras.layers.Dense:
     )
 
 
-def _simple_cnn(num_classes: int, image_size: int, seed: int) -> keras.Model:
+def _simple_cnn(num_classes: int, image_size: int, seed: int, scale_input: bool = False) -> keras.Model:
     """The NFFA study's baseline (the classic Keras MNIST CNN), kept faithful: one pooling, then Flatten.
 
     At 96 px that is ~8.7 M parameters, at 128 px ~15.8 M (almost all in the first Dense); still trainable.
@@ -92,11 +113,14 @@ def _simple_cnn(num_classes: int, image_size: int, seed: int) -> keras.Model:
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dense(128, activation="relu", kernel_initializer=_init(seed + 3), name="dense")(x)
     x = keras.layers.Dropout(0.5, seed=seed + 4, name="dropout2")(x)
+    x, extra = _scale_join(x, seed + 6, scale_input)
     outputs = _output_layer(num_classes, seed + 5)(x)
-    return keras.Model(inputs, outputs, name="simple_cnn")
+    return _model(inputs, extra, outputs, "simple_cnn")
 
 
-def _compact_cnn(num_classes: int, image_size: int, dropout: float, seed: int) -> keras.Model:
+def _compact_cnn(
+    num_classes: int, image_size: int, dropout: float, seed: int, scale_input: bool = False
+) -> keras.Model:
     """A small, fast CNN trained from scratch: a stride-2 stem, four Conv-BN-ReLU-MaxPool stages, global pooling.
 
     Filters 32 / 32-64-128-256, ~0.4 M parameters. The stride-2 stem and plain 3×3 convolutions (which oneDNN runs
@@ -118,11 +142,14 @@ def _compact_cnn(num_classes: int, image_size: int, dropout: float, seed: int) -
         x = keras.layers.MaxPooling2D(2, name=f"stage{i}_pool")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     x = keras.layers.Dropout(dropout, seed=seed + 10, name="dropout")(x)
+    x, extra = _scale_join(x, seed + 12, scale_input)
     outputs = _output_layer(num_classes, seed + 11)(x)
-    return keras.Model(inputs, outputs, name="compact_cnn")
+    return _model(inputs, extra, outputs, "compact_cnn")
 
 
-def _xception(num_classes: int, image_size: int, weights: str | None, dropout: float, seed: int) -> keras.Model:
+def _xception(
+    num_classes: int, image_size: int, weights: str | None, dropout: float, seed: int, scale_input: bool = False
+) -> keras.Model:
     inputs = keras.Input((image_size, image_size, 3), dtype="float32", name=INPUT_NAME)
     x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(inputs)  # Xception expects -1..1
     base = keras.applications.Xception(
@@ -134,5 +161,6 @@ def _xception(num_classes: int, image_size: int, weights: str | None, dropout: f
     )
     x = base(x)
     x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
+    x, extra = _scale_join(x, seed + 2, scale_input)
     outputs = _output_layer(num_classes, seed + 1)(x)
-    return keras.Model(inputs, outputs, name="xception")
+    return _model(inputs, extra, outputs, "xception")

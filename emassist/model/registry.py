@@ -46,6 +46,7 @@ from emassist.model.calibration import as_temperature
 from emassist.model.files import CALIBRATION_FILE, FAMILIARITY_FILE, MODEL_FILE, RUN_FILE
 from emassist.model.metrics import compute_metrics
 from emassist.model.provenance import training_data
+from emassist.model.scale import keras_file_has_scale_input, split_scale
 from emassist.model.selective import ReviewPolicy
 from emassist.model.tracking import data_version, setup_mlflow
 
@@ -105,17 +106,22 @@ def pyfunc_code_path() -> Path:
 SERVED_CALIBRATION_KEYS = ("temperature", "review_threshold", "target_accuracy", "target_reached")
 
 
-def serving_config(params: Params, calibration_file: Path | None = None) -> dict[str, Any]:
+def serving_config(
+    params: Params, calibration_file: Path | None = None, *, model_file: Path | None = None
+) -> dict[str, Any]:
     """What the pyfunc needs beside the Keras model: the classes, its preprocessor's exact settings
     (:meth:`Preprocessor.config`, read back with :meth:`Preprocessor.from_config`), where its training data came
-    from, and, when ``calibration_file`` exists, what the evaluate stage fitted on val: ``temperature``,
+    from, whether the model takes the pixel size (``scale_input``, read from ``model_file``'s own config; false
+    without one), and, when ``calibration_file`` exists, what the evaluate stage fitted on val: ``temperature``,
     ``review_threshold`` (null: every answer needs review), ``target_accuracy``, ``target_reached``. Without it the
     model is served uncalibrated (T = 1) with the legacy fixed review threshold, labelled so."""
+    scale_input = model_file is not None and Path(model_file).is_file() and keras_file_has_scale_input(model_file)
     config: dict[str, Any] = {
         "classes": list(params.data.classes),
         **Preprocessor.from_params(params).config(),
         "chunk_size": 32,
         "training_data": training_data(params),
+        "scale_input": bool(scale_input),
     }
     config.update(read_calibration(calibration_file))
     return config
@@ -143,19 +149,27 @@ def read_calibration(calibration_file: Path | None) -> dict[str, Any]:
     return served
 
 
-def model_signature(classes: Sequence[str]) -> Any:
+def model_signature(classes: Sequence[str], *, scale_input: bool = False) -> Any:
+    """The served contract. ``scale_input``: the optional request column ``pixel_size_nm`` and the answer's pixel
+    size columns (:data:`emassist.serve.pyfunc.SCALE_COLUMNS`)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     # "image" is optional in the signature only so that a request without it reaches the model, which answers
     # with a short message; MLflow's own schema error would echo the whole request.
-    inputs = Schema([ColSpec("string", "image", required=False)])
+    columns = [ColSpec("string", "image", required=False)]
+    if scale_input:
+        columns.append(ColSpec("double", "pixel_size_nm", required=False))
+    inputs = Schema(columns)
+    scale_columns = [ColSpec("double", "pixel_size_nm"), ColSpec("double", "model_pixel_size_nm")]
+    scale_columns.append(ColSpec("string", "pixel_size_source"))
     outputs = Schema(
         [ColSpec("string", "label"), ColSpec("double", "confidence")]
         + [ColSpec("double", c) for c in classes]
         + [ColSpec("string", "error")]
         + [ColSpec("boolean", "needs_review"), ColSpec("string", "review_reason")]
         + [ColSpec("boolean", "unfamiliar"), ColSpec("double", "unfamiliar_score")]
+        + (scale_columns if scale_input else [])
     )
     # Inference parameter: images already standardized by the caller (tiles): no data-bar search, only the resize.
     params = ParamSchema([ParamSpec(STANDARDIZED_PARAM, "boolean", False)])
@@ -269,7 +283,7 @@ def log_and_register(
         config_file = Path(tmp) / "serving_config.json"
         # the temperature the evaluate stage fitted for this model (calibration.json beside it), when there is one
         calibration = Path(model_file).parent / CALIBRATION_FILE.name
-        config = serving_config(params, calibration)
+        config = serving_config(params, calibration, model_file=Path(model_file))
         artifacts = _artifacts(Path(model_file), config_file)
         if "familiarity" in artifacts:
             config["familiarity"] = FAMILIARITY_FILE.name  # tells an endpoint's clients the model ships the check
@@ -283,7 +297,7 @@ def log_and_register(
                 python_model=str(pyfunc_code_path()),
                 artifacts=artifacts,
                 code_paths=[str(_package_copy(Path(tmp)))],
-                signature=model_signature(params.data.classes),
+                signature=model_signature(params.data.classes, scale_input=config["scale_input"]),
                 input_example=example,
                 pip_requirements=pip_requirements(),
                 registered_model_name=name,
@@ -390,9 +404,16 @@ def list_versions(name: str, *, client: MlflowClient | None = None) -> pd.DataFr
 
 
 def evaluate_version(
-    name: str, version: str, test_csv: Path, classes: Sequence[str], *, client: MlflowClient | None = None
+    name: str,
+    version: str,
+    test_csv: Path,
+    classes: Sequence[str],
+    *,
+    client: MlflowClient | None = None,
+    manifest: Path | None = None,
 ) -> float:
-    """Macro-F1 of one registered version on a split file of cached PNGs, through that version's serving path."""
+    """Macro-F1 of one registered version on a split file of cached PNGs, through that version's serving path. A
+    scale-aware version gets each image's pixel size from ``manifest`` (ingest's; None: every size unknown)."""
     import mlflow
 
     split = read_split(Path(test_csv), classes)
@@ -403,7 +424,11 @@ def evaluate_version(
     pre: Preprocessor = model.preprocessor
     # Cached images are already standardized (data bar cropped): only the version's own cache size may differ.
     images = [pre.resize(pre.decode(path).gray) for path in split.paths]
-    proba = model.probabilities(np.stack(images))
+    if getattr(model, "scale_aware", False):  # the pixel sizes ingest read for these images (its manifest)
+        sized = read_split(Path(test_csv), classes, manifest=manifest) if manifest is not None else split
+        proba = model.probabilities(np.stack(images), split_scale(sized, int(pre.image_size or 0)))
+    else:
+        proba = model.probabilities(np.stack(images))
     return float(compute_metrics(split.labels, proba, classes)["macro_f1"])
 
 
@@ -417,12 +442,14 @@ def gate(
     classes: Sequence[str] | None = None,
     current_data_version: str | None = None,
     apply: bool = True,
+    manifest: Path | None = None,
 ) -> Decision:
     """Promote ``version`` to champion only if its test macro-F1 beats the champion's by more than ``margin``.
 
     No champion yet → promote. Equal figures (margin 0) keep the champion. The decision and both figures are
     tags on ``version`` (``gate_decision``, ``gate_challenger_macro_f1``, ``gate_champion_macro_f1``,
-    ``gate_basis``, ``gate_reason``). ``apply=False`` decides and tags without moving the alias.
+    ``gate_basis``, ``gate_reason``). ``apply=False`` decides and tags without moving the alias. ``manifest``:
+    ingest's, the pixel sizes a scale-aware version is re-evaluated with.
     """
     version = str(version)
     challenger = client.get_model_version(name, version)
@@ -435,7 +462,7 @@ def gate(
 
     def evaluate(v: str) -> float:
         assert test_csv is not None and classes is not None
-        return evaluate_version(name, v, Path(test_csv), classes, client=client)
+        return evaluate_version(name, v, Path(test_csv), classes, client=client, manifest=manifest)
 
     if current is None:
         if ch_f1 is None and can_evaluate:
@@ -500,5 +527,6 @@ def register_and_gate(params: Params, run_id: str | None = None) -> tuple[ModelV
         test_csv=splits / "test.csv",
         classes=params.data.classes,
         current_data_version=data_version(splits).get("data_version"),
+        manifest=Path(params.data.interim_dir) / "manifest.parquet",
     )
     return client.get_model_version(mv.name, mv.version), decision

@@ -45,6 +45,7 @@ from emassist.model.metrics import HEADLINE_KEYS, compute_metrics, format_report
 from emassist.model.reliability import write_reliability
 from emassist.model.reports import write_reports
 from emassist.model.riskcoverage import write_risk_coverage
+from emassist.model.scale import has_scale_input, split_scale
 from emassist.model.selective import ReviewPolicy, ThresholdChoice, choose_threshold, selective_report
 from emassist.model.tracking import setup_mlflow
 
@@ -54,16 +55,24 @@ PLOTS_DIR = REPORT_DIR / "plots"
 METRICS_FILE = REPORT_DIR / "metrics.json"
 TEST_PREDICTIONS_FILE = REPORT_DIR / "test_predictions.parquet"  # the drift report's reference
 CALIBRATION_KEYS = ("ece_before", "ece_after", "nll_before", "nll_after")
+WITHHELD_KEYS = ("accuracy", "macro_f1")  # a scale-aware model's figures with every pixel size withheld
 SELECTIVE_KEYS = ("coverage", "selective_accuracy", "target_accuracy", "unfamiliar_share", "unfamiliar_threshold")
 
 
-def predict_split(scorer: Any, params: Params, csv_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict_split(
+    scorer: Any, params: Params, csv_path: Path, *, withhold_scale: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(true class indices, probabilities, penultimate features) for one split file; ``scorer`` is
-    :func:`~emassist.model.features.with_features` of the model."""
-    split = read_split(csv_path, params.data.classes)
+    :func:`~emassist.model.features.with_features` of the model. A scale-aware model gets each image's pixel size
+    (ingest's manifest), or none at all with ``withhold_scale``."""
+    scale_aware = has_scale_input(scorer)
+    manifest = Path(params.data.interim_dir) / "manifest.parquet" if scale_aware else None
+    split = read_split(csv_path, params.data.classes, manifest=manifest)
+    size = params.train.image_size
     ds = make_dataset(
-        split, image_size=params.train.image_size, batch_size=params.train.batch_size, training=False, cache=False
-    )
+        split, image_size=size, batch_size=params.train.batch_size, training=False, cache=False,
+        scale=split_scale(split, size, withhold=withhold_scale) if scale_aware else None,
+    )  # fmt: skip
     proba, features = scorer.predict(ds, verbose=0)
     return split.labels, np.asarray(proba, dtype=np.float64), np.asarray(features, dtype=np.float64)
 
@@ -175,6 +184,11 @@ def evaluate(params: Params) -> dict[str, Any]:
     y_val, proba_val, feats_val = predict_split(scorer, params, val_csv)
     y_train, _, feats_train = predict_split(scorer, params, train_csv)
     classes = list(params.data.classes)
+    scale_aware = has_scale_input(scorer)
+    withheld: dict[str, Any] | None = None
+    if scale_aware:  # the same model on the same test images, every pixel size withheld (no tags, no bar)
+        _, proba_withheld, _ = predict_split(scorer, params, test_csv, withhold_scale=True)
+        withheld = compute_metrics(y_true, proba_withheld, classes)
     calibration = calibration_report((y_val, proba_val), (y_true, proba))
     missing = [classes[k] for k in calibration.pop("val_classes_missing")]
     if missing:
@@ -224,8 +238,15 @@ def evaluate(params: Params) -> dict[str, Any]:
     headline["temperature"] = calibration["temperature"]
     headline["review_threshold"] = choice.threshold  # null when the target is not reached (everything flagged)
     headline.update({k: calibration[k] for k in SELECTIVE_KEYS})
+    if withheld is not None:
+        headline.update({f"{k}_scale_withheld": withheld[k] for k in WITHHELD_KEYS})
     METRICS_FILE.write_text(json.dumps(_json_safe(headline), indent=2))
     print(format_report(metrics, classes))
+    if withheld is not None:
+        print(
+            f"scale input: test macro-F1 {metrics['macro_f1']:.4f} with the pixel sizes, "
+            f"{withheld['macro_f1']:.4f} with every size withheld"
+        )
     print(
         f"calibration: temperature {calibration['temperature']:.3f} (fitted on {calibration['n_val']} val images); "
         f"test ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}, "

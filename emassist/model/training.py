@@ -55,9 +55,19 @@ def train_split_csv(params: Params) -> Path:
     return augmented
 
 
+def manifest_path(params: Params) -> Path:
+    """Ingest's manifest (the pixel size and width of every image, for a scale-aware model)."""
+    return Path(params.data.interim_dir) / "manifest.parquet"
+
+
 def load_splits(params: Params) -> tuple[SplitData, SplitData]:
+    """The train and val lists; with ``train.scale_input``, with every image's pixel size and width."""
     classes = params.data.classes
-    return read_split(train_split_csv(params), classes), read_split(Path(params.data.splits_dir) / "val.csv", classes)
+    manifest = manifest_path(params) if params.train.scale_input else None
+    return (
+        read_split(train_split_csv(params), classes, manifest=manifest),
+        read_split(Path(params.data.splits_dir) / "val.csv", classes, manifest=manifest),
+    )
 
 
 def _epoch_logger(offset: list[int]) -> Any:
@@ -116,6 +126,7 @@ def train(params: Params) -> TrainResult:
     from emassist.model.online_augment import build_augmentation
     from emassist.model.phases import compile_model, count_params, set_phase
     from emassist.model.saving import save_serving_copy
+    from emassist.model.scale import split_scale
 
     t = params.train
     keras.utils.set_random_seed(t.seed)
@@ -123,10 +134,20 @@ def train(params: Params) -> TrainResult:
         keras.mixed_precision.set_global_policy("mixed_float16")
     augmentation = build_augmentation(params.augment.online_policy, seed=t.seed) if params.augment.online else None
     common = {"image_size": t.image_size, "batch_size": t.batch_size, "cache": t.cache, "seed": t.seed}
+    train_scale = val_scale = None
+    if t.scale_input:
+        train_scale, val_scale = split_scale(train_split, t.image_size), split_scale(val_split, t.image_size)
+        for split in (train_split, val_split):
+            known = split.n_known_pixel_sizes
+            (log.info if known else log.warning)(
+                "scale input: %d of %d %s images have a known pixel size%s", known, len(split), split.name,
+                "" if known else " (no TIFF tags and ingest.read_databar false?): the scale input learns nothing",
+            )  # fmt: skip
     train_ds = make_dataset(
-        train_split, training=True, shuffle_buffer=t.shuffle_buffer, augmentation=augmentation, **common
-    )
-    val_ds = make_dataset(val_split, training=False, **common)
+        train_split, training=True, shuffle_buffer=t.shuffle_buffer, augmentation=augmentation,
+        scale=train_scale, scale_dropout=t.scale_dropout, **common,
+    )  # fmt: skip
+    val_ds = make_dataset(val_split, training=False, scale=val_scale, **common)
     weights = class_weights(train_split.labels, len(params.data.classes)) if t.class_weights else None
 
     setup_mlflow(params)
@@ -142,6 +163,9 @@ def train(params: Params) -> TrainResult:
         mlflow.log_params(flat_params(params))
         mlflow.set_tags(run_tags(params))
         mlflow.log_params({"n_train": len(train_split), "n_val": len(val_split)})
+        if t.scale_input:
+            mlflow.log_params({"n_train_pixel_size_known": train_split.n_known_pixel_sizes,
+                               "n_val_pixel_size_known": val_split.n_known_pixel_sizes})  # fmt: skip
         with _strategy().scope():
             model = build_model(
                 t.model,
@@ -150,6 +174,7 @@ def train(params: Params) -> TrainResult:
                 weights=t.weights,
                 dropout=t.dropout,
                 seed=t.seed,
+                scale_input=t.scale_input,
             )
         phases = [("head", t.epochs, t.learning_rate)]
         if t.model == "xception" and t.finetune_epochs > 0:
