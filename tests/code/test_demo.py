@@ -1,4 +1,5 @@
-"""Synthetic SEM demo data: determinism, layout, formats, data bar share, argument checks, atomicity."""
+"""Synthetic SEM demo data: determinism, layout, formats, data bar share, physical scale, argument checks,
+atomicity."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from emassist.config.classes import CLASSES, NFFA_COUNTS
 from emassist.config.settings import DemoParams, ParamsError, params_from_dict
 from emassist.data.demo import class_counts, generate_demo
 from emassist.data.demo import scenes as demo_scenes
 from emassist.data.demo.__main__ import main as demo_main
-from emassist.data.demo.generate import Job, plan, render_image
+from emassist.data.demo._raster import curve_joints, curve_line
+from emassist.data.demo.generate import Job, image_rng, plan, render_image, true_pixel_size_nm
 from tests.conftest import REPO_ROOT
 
 NAME = re.compile(r"^L2_[0-9a-f]{32}\.(jpg|png|tif)$")
@@ -136,6 +138,73 @@ def test_every_renderer_works_at_odd_sizes() -> None:
             assert img.shape == (h, w) and img.dtype == np.float32
             assert np.isfinite(img).all() and img.min() >= 0.0 and img.max() <= 1.0
             assert img.std() > 0.02, CLASSES[ci]
+
+
+def test_fast_tube_strokes_draw_pillows_pixels() -> None:
+    """curve_line (joints computed once per tube) paints exactly what ImageDraw.line(joint="curve") paints."""
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        n = int(rng.integers(2, 30))
+        steps = rng.normal(0, 1, (n, 2)) * rng.uniform(1, 8) + rng.uniform(-3, 3, 2)
+        pts = [(float(x), float(y)) for x, y in (rng.uniform(0, 80, 2) + np.cumsum(steps, axis=0))]
+        if trial % 5 == 0:  # straight runs (no joints) and repeated points
+            pts = [pts[0], pts[0], (pts[0][0] + 10, pts[0][1]), (pts[0][0] + 20, pts[0][1])]
+        for width in (1, 3, 5, 8, 9, 14, 23):
+            ref = Image.new("F", (96, 96), 0.0)
+            ImageDraw.Draw(ref).line(pts, fill=2.5, width=width, joint="curve")
+            got = Image.new("F", (96, 96), 0.0)
+            curve_line(ImageDraw.Draw(got), pts, 2.5, width, curve_joints(pts))
+            assert np.array_equal(np.asarray(ref), np.asarray(got)), (trial, width)
+
+
+def _histogram_accuracy(x: np.ndarray, y: np.ndarray, train: np.ndarray, bins: int = 40) -> float:
+    """Test accuracy of the best classifier on one feature: the most frequent training class per histogram bin."""
+    edges = np.linspace(x.min(), x.max() + 1e-9, bins + 1)
+    b = np.clip(np.digitize(x, edges) - 1, 0, bins - 1)
+    labels = np.unique(y)
+    hist = np.stack([np.bincount(b[train & (y == c)], minlength=bins) for c in labels]) + 0.5
+    pred = labels[hist[:, b].argmax(axis=0)]
+    return float((pred[~train] == y[~train]).mean())
+
+
+def test_pixel_size_carries_each_class_physical_scale() -> None:
+    """The pixel size is the class's nm per world unit over the scene's pixels per unit: within the class's range,
+    the look-alike pairs apart, yet the pixel size alone far from classifying the ten classes."""
+    counts = class_counts(4000, 330)
+    jobs = plan(Path("unused"), counts, width=256, height=256, seed=42, tif_fraction=0.1, databar_fraction=0.8)
+    y = np.array([j.class_index for j in jobs])
+    size = np.array([j.pixel_size_nm for j in jobs])
+    lo_zoom, hi_zoom = demo_scenes.MAG_RANGE
+    for ci, cls in enumerate(CLASSES):
+        lo, hi = demo_scenes.NM_PER_UNIT[cls]
+        assert (size[y == ci] >= lo / hi_zoom).all() and (size[y == ci] <= hi / lo_zoom).all(), cls
+    index = {c: CLASSES.index(c) for c in ("Nanowires", "Fibres", "Particles", "Powder")}
+    assert size[y == index["Nanowires"]].max() < size[y == index["Fibres"]].min()
+    assert size[y == index["Particles"]].max() < size[y == index["Powder"]].min()
+    train = np.random.default_rng(0).random(len(y)) < 0.7
+    accuracy = _histogram_accuracy(np.log10(size), y, train)
+    assert 0.2 < accuracy < 0.6, accuracy  # informative, far from perfect (0.41 with the default demo)
+    # twice the resolution, the same field of view: half the pixel size
+    assert true_pixel_size_nm(42, 3, 5, 512, 512) == pytest.approx(true_pixel_size_nm(42, 3, 5, 256, 256) / 2)
+
+
+def test_pixel_size_is_the_rendered_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """true_pixel_size_nm replays the rendering's own draw of pixels per unit (no rendering needed to know it)."""
+    seen: list[float] = []
+    for cls in ("Fibres", "Tips"):
+        original = demo_scenes.RENDERERS[cls]
+
+        def spy(rng: np.random.Generator, h: int, w: int, u: float, _orig: Any = original) -> Any:
+            seen.append(u)
+            return _orig(rng, h, w, u)
+
+        monkeypatch.setitem(demo_scenes.RENDERERS, cls, spy)
+    for cls, k, (w, h) in (("Fibres", 3, (256, 256)), ("Tips", 8, (300, 200))):
+        ci = CLASSES.index(cls)
+        render_image(Job("unused", ci, k, "x.png", False, w, h, 9))
+        assert seen[-1] == demo_scenes.pixels_per_unit(image_rng(9, ci, k), h, w)  # the draw the truth replays
+        lo, hi = demo_scenes.NM_PER_UNIT[cls]
+        assert lo <= true_pixel_size_nm(9, ci, k, h, w) * seen[-1] <= hi
 
 
 # ---------------------------------------------------------------------------------------------- layout & formats

@@ -156,6 +156,53 @@ def roof_into(
     albedo[y0 : y0 + mh, x0 : x0 + mw][upd] = alb
 
 
+# x, y, pie-slice start and end (degrees), cosine and sine of the two gap lines' directions
+Joint = tuple[float, float, float, float, float, float, float, float]
+
+
+def curve_joints(flat: Sequence[Point]) -> list[Joint]:
+    """The round joints Pillow's ``ImageDraw.line(..., joint="curve")`` draws at the bends of a polyline.
+
+    They depend on the points only, not on the width: computed once for all the strokes of a tube (Pillow computes
+    them again in Python for every stroke, most of the demo's fibre-rendering time). The arithmetic is Pillow's
+    (13.x), step for step, so :func:`curve_line` draws the same pixels (``tests/code/test_demo.py`` checks it).
+    """
+    joints: list[Joint] = []
+    for i in range(1, len(flat) - 1):
+        (xa, ya), (x, y), (xb, yb) = flat[i - 1], flat[i], flat[i + 1]
+        a0 = math.degrees(math.atan2(x - xa, ya - y)) % 360
+        a1 = math.degrees(math.atan2(xb - x, y - yb)) % 360
+        if a0 == a1:  # straight on: no joint
+            continue
+        if (a1 > a0 and a1 - 180 > a0) or (a1 < a0 and a1 + 180 > a0):  # flipped
+            start, end, g0, g1 = a1 + 90, a0 + 90, a0 + 90, a1 + 90
+        else:
+            start, end, g0, g1 = a0 - 90, a1 - 90, a0 - 90, a1 - 90
+        r0, r1 = math.radians(g0 - 90), math.radians(g1 - 90)
+        joints.append((x, y, start - 90, end - 90, math.cos(r0), math.sin(r0), math.cos(r1), math.sin(r1)))
+    return joints
+
+
+def _gap_end(x: float, y: float, cos: float, sin: float, distance: float) -> tuple[float, float]:
+    dx, dy = distance * cos, distance * sin
+    return x + (math.floor(dx) if dx > 0 else math.ceil(dx)), y + (math.floor(dy) if dy > 0 else math.ceil(dy))
+
+
+def curve_line(draw: ImageDraw.ImageDraw, flat: list[Point], fill: float, width: int, joints: list[Joint]) -> None:
+    """``draw.line(flat, fill, width, joint="curve")`` with the joints of :func:`curve_joints`: the same pixels."""
+    core = draw.draw
+    ink = core.draw_ink(fill)
+    core.draw_lines(flat, ink, width)
+    if width <= 4:
+        return
+    half = width / 2
+    distance = half - 1
+    for x, y, start, end, c0, s0, c1, s1 in joints:
+        core.draw_pieslice([(x - half + 1, y - half + 1), (x + half - 1, y + half - 1)], start, end, ink, 1)
+        if width > 8:  # cover potential gaps between the line and the joint
+            core.draw_lines([_gap_end(x, y, c0, s0, distance), (x, y), _gap_end(x, y, c1, s1, distance)], ink, 3)
+
+
 class Canvas:
     """PIL float images for painter's-order drawing of a height map and an albedo map."""
 
@@ -175,6 +222,7 @@ class Canvas:
         n_pass = int(min(8, max(3, r)))
         fracs = np.linspace(1.0, 0.2, n_pass)
         flat = [(float(x), float(y)) for x, y in pts]
+        joints = curve_joints(flat) if round(2 * r) > 4 else []
         last = -1
         for k, f in enumerate(fracs):
             width = max(1, round(2 * r * f))
@@ -182,9 +230,9 @@ class Canvas:
                 continue
             last = width
             val = z + r * (0.15 + 0.85 * math.sqrt(max(0.0, 1.0 - f * f)))
-            self.dh.line(flat, fill=val, width=width, joint="curve")
+            curve_line(self.dh, flat, val, width, joints)
             if k == 0:
-                self.da.line(flat, fill=alb, width=width, joint="curve")
+                curve_line(self.da, flat, alb, width, joints)
             if caps and width >= 3:
                 rr = width / 2
                 for x, y in (flat[0], flat[-1]):

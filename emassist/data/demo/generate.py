@@ -20,6 +20,7 @@ from emassist.config.classes import CLASSES, NFFA_COUNTS
 from emassist.config.settings import DemoParams
 from emassist.core.atomic import atomic_path
 from emassist.data.demo import scenes
+from emassist.data.demo._raster import log_uniform
 from emassist.data.demo.sem_look import draw_databar, sem_image
 from emassist.data.sem_metadata import TAG_IMAGE_DESCRIPTION
 
@@ -29,18 +30,25 @@ JPG_SHARE = 0.75  # of the non-TIFF images; the rest are PNG
 # Seed-sequence tags keep the different random streams of one seed apart.
 _TAG_IMAGE = 1
 _TAG_PLAN = 2
-_TAG_SCALE = 3  # the pixel size: its own stream, so the rendering's stream (and the images) stay as they were
-
-#: Range of the demo's true pixel sizes (nm per pixel), drawn log-uniformly per image.
-PIXEL_SIZE_RANGE_NM: tuple[float, float] = (1.0, 500.0)
+_TAG_SCALE = 3  # the physical scale: its own stream, so the rendering's stream (and the images) stay as they were
 
 
-def true_pixel_size_nm(seed: int, class_index: int, index: int) -> float:
-    """The true pixel size of demo image (seed, class, index): what its data bar and TIFF tags say, for tests to
-    check the reading against (a pure function: nothing is written for ingest to read)."""
+def image_rng(seed: int, class_index: int, index: int) -> np.random.Generator:
+    """The random stream that renders demo image (seed, class, index)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, _TAG_IMAGE, class_index, index]))
+
+
+def true_pixel_size_nm(seed: int, class_index: int, index: int, height: int, width: int) -> float:
+    """The true pixel size of demo image (seed, class, index) at ``height`` × ``width``: what its data bar and TIFF
+    tags say, for tests to check the reading against (a pure function: nothing is written for ingest to read).
+
+    The class's nm per world unit (:data:`~emassist.data.demo.scenes.NM_PER_UNIT`, its own random stream) over the
+    scene's pixels per world unit (the first draw of the image's stream, as in :func:`render_image`): the pixels are
+    drawn as they always were, the pixel size carries the physical scale.
+    """
     rng = np.random.default_rng(np.random.SeedSequence([seed, _TAG_SCALE, class_index, index]))
-    lo, hi = PIXEL_SIZE_RANGE_NM
-    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    nm_per_unit = log_uniform(rng, *scenes.NM_PER_UNIT[CLASSES[class_index]])
+    return nm_per_unit / scenes.pixels_per_unit(image_rng(seed, class_index, index), height, width)
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,7 @@ class Job:
 
     @property
     def pixel_size_nm(self) -> float:
-        return true_pixel_size_nm(self.seed, self.class_index, self.index)
+        return true_pixel_size_nm(self.seed, self.class_index, self.index, self.height, self.width)
 
 
 def class_counts(n_images: int, min_per_class: int) -> dict[str, int]:
@@ -134,8 +142,9 @@ def plan(
 
 def render_image(job: Job) -> tuple[np.ndarray, np.random.Generator]:
     """The image of ``job`` as floats in [0, 1], and its random generator (for the encoder's choices)."""
-    rng = np.random.default_rng(np.random.SeedSequence([job.seed, _TAG_IMAGE, job.class_index, job.index]))
-    height_map, albedo = scenes.render_scene(job.class_name, rng, job.height, job.width)
+    rng = image_rng(job.seed, job.class_index, job.index)
+    u = scenes.pixels_per_unit(rng, job.height, job.width)  # first: true_pixel_size_nm replays this draw
+    height_map, albedo = scenes.render_scene(job.class_name, rng, job.height, job.width, u)
     img = sem_image(height_map, albedo, rng)
     if job.databar:
         img = draw_databar(img, rng, job.pixel_size_nm)
