@@ -48,7 +48,7 @@ _OCR_MIN_ROWS = 60
 _OCR_MAX_SCALE = 4
 # Tesseract: sparse text (page segmentation mode 11), the LSTM engine, no inversion of its own (done here).
 _TESSERACT_VARIABLES = {"tessedit_do_invert": "0"}
-# The second look, at a scale bar's label only: digits and length units, so '5' is no 'S' and '0' no 'o'.
+# The first look, at a scale bar's label only: digits and length units, so '5' is no 'S' and '0' no 'o'.
 _LABEL_CHARS = "0123456789.nmuµ"
 #: Debian's tesseract-ocr-eng (5.x, then 4.x), then the upstream default.
 _TESSDATA_DIRS = ("/usr/share/tesseract-ocr/5/tessdata", "/usr/share/tesseract-ocr/4.00/tessdata",
@@ -60,7 +60,9 @@ _LENGTH_UNITS: dict[str, float] = {"nm": 1.0, "µm": 1e3, "mm": 1e6}
 # How the micro sign comes out of OCR, in the unit of a length (never "pm": no SEM scale bar is in picometres),
 # or not at all ("5 m": no SEM scale bar is metres long either).
 _MICRO = "[µμuUpyjJ]"
-_LENGTH_RE = re.compile(rf"(?<![\d.,])({_NUMBER})\s*(nm|mm|{_MICRO}?m)\b")
+# (a stray '.' between number and unit is OCR's: "50. um")
+_LENGTH_RE = re.compile(rf"(?<![\d.,])({_NUMBER})[.,]?\s*(nm|mm|{_MICRO}?m)\b")
+_SPELLED_RE = re.compile(r"\d[.,]?\s*(?:nm|mm|[uµμ]m)\b")  # a label whose unit OCR read in full
 _MAG_RE = re.compile(rf"(?<![\d.,])({_NUMBER})\s*([kK])?\s*[xX×](?![a-wyzA-WYZ])")
 _MAG_KEY_RE = re.compile(r"\b(?:mag|magn|magnification)\b", re.IGNORECASE)
 _HFW_KEY_RE = re.compile(r"\b(?:HFW|FOV|field\s*width|width)\b", re.IGNORECASE)
@@ -338,7 +340,7 @@ def find_scale_bar(bar: np.ndarray, label: tuple[float, float, float, float]) ->
 
 def bar_candidates(bar: np.ndarray) -> list[ScaleBar]:
     """Horizontal runs that may be a scale bar, longest first: at least MIN_BAR_PX long, not on the first or last
-    row, not touching the left/right edge, under 90 % of the width (the label-free search of a second look)."""
+    row, not touching the left/right edge, under 90 % of the width (the label-free search of the first look)."""
     g = np.asarray(bar)
     h, w = g.shape
     bg = int(np.bincount(g.ravel(), minlength=256).argmax())
@@ -360,17 +362,43 @@ def _label_window(bar: np.ndarray, candidate: ScaleBar) -> tuple[np.ndarray, int
     return bar[:, x0:x1], x0
 
 
-def _second_look(bar: np.ndarray, image_width: int) -> tuple[BarReading | None, str]:
-    """Read the label beside the longest bar-like run with a digits-and-units OCR pass: (reading, its text)."""
+def _label_look(bar: np.ndarray, image_width: int) -> tuple[BarReading | None, str]:
+    """Read the label beside the longest bar-like run with a digits-and-units OCR pass: (reading, its text).
+
+    The reading counts only for a round label (1, 2, 2.5, 3, 4 or 5 times a power of ten) with its unit spelled out
+    (nm, um/µm, mm), centred over that same run and measured against it: a length elsewhere in the bar (a working
+    distance, a field width) or a run that is one piece of a bar split by its label (FEI) is left to the whole-bar
+    reading.
+    """
     candidates = bar_candidates(bar)
     if not candidates:
         return None, ""
-    window, x_offset = _label_window(bar, candidates[0])
+    run = candidates[0]
+    window, x_offset = _label_window(bar, run)
     words = [
         Word(w.text, w.left + x_offset, w.top, w.width, w.height, w.line) for w in ocr_words(window, digits_only=True)
     ]
     reading = interpret(words, bar, image_width, mag_fallback=False)
-    return (reading if reading.pixel_size_nm is not None else None), reading.text
+    found, nm = reading.bar, reading.label_nm
+    if reading.pixel_size_nm is None or found is None or nm is None or (found.x0, found.x1) != (run.x0, run.x1):
+        return None, reading.text
+    label = next((w for w in words if reading.label_text.startswith(w.text)), None)
+    spelled = _SPELLED_RE.search(reading.label_text) is not None
+    centred = (
+        label is not None
+        and run.x0 - label.height <= (label.left + _label_right(words, label)) / 2 <= run.x1 + label.height
+    )
+    if not (_round(nm) and spelled and centred):
+        return None, reading.text
+    return reading, reading.text
+
+
+def _label_right(words: list[Word], first: Word) -> float:
+    """The right edge of a label that starts with word ``first`` (its number and, on the same line, its unit)."""
+    i = words.index(first)
+    if i + 1 < len(words) and words[i + 1].line == first.line and not any(c.isdigit() for c in words[i + 1].text):
+        return words[i + 1].right
+    return first.right
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -441,22 +469,31 @@ def _plausible(nm_per_px: float) -> bool:
     return math.isfinite(nm_per_px) and PLAUSIBLE_NM[0] <= nm_per_px <= PLAUSIBLE_NM[1]
 
 
-def read_databar(bar: np.ndarray, image_width: int) -> BarReading:
+def read_databar(bar: np.ndarray, image_width: int, *, label_first: bool = True) -> BarReading:
     """OCR and measure one data-bar crop (uint8 rows cut off an image ``image_width`` pixels wide).
 
+    ``label_first``: first the label of the longest bar-like run alone (a small crop, digits and units: ~4 ms);
+    when that gives no round length centred over and measured against that run, the whole bar (~25 ms: labels
+    anywhere, field width, magnification). ``text`` is what was read: that label only, or the whole bar's text.
+    ``label_first=False``: the whole bar first (its magnification and field width are read too), the label alone
+    as a second look when the whole bar gives neither a scale bar nor a field width.
     Raises OcrUnavailable (no engine) and OcrFailed (the engine failed on this bar); never for odd content.
     """
     g = np.ascontiguousarray(bar, dtype=np.uint8)
     if g.ndim != 2 or g.size == 0:
         return BarReading(reason="no data bar")
+    label_text = ""
+    if label_first:
+        quick, label_text = _label_look(g, image_width)
+        if quick is not None:
+            return quick
     reading = interpret(ocr_words(g), g, image_width)
-    if reading.source != "databar_scalebar" and reading.field_width_nm is None:
-        # Small or odd label text: a second look at the longest bar-like run's label alone.
-        second, second_text = _second_look(g, image_width)
+    if not label_first and reading.source != "databar_scalebar" and reading.field_width_nm is None:
+        second, label_text = _label_look(g, image_width)
         if second is not None:
             second.text = reading.text
             second.magnification, second.field_width_nm = reading.magnification, reading.field_width_nm
             return second
-        if second_text:
-            reading.notes.append(f"label pass: {second_text}")
+    if label_text and reading.source != "databar_scalebar":
+        reading.notes.append(f"label pass: {label_text}")
     return reading

@@ -24,7 +24,8 @@ def _label(text: str, left: float = 185, top: float = 4) -> list[Word]:
 
 
 @pytest.mark.parametrize(
-    ("text", "nm"), [("200 nm", 200), ("5 µm", 5000), ("5 um", 5000), ("2 pm", 2000), ("1.73 mm", 1.73e6)]
+    ("text", "nm"),
+    [("200 nm", 200), ("5 µm", 5000), ("5 um", 5000), ("2 pm", 2000), ("1.73 mm", 1.73e6), ("50. um", 50000)],
 )
 def test_lengths(text: str, nm: float) -> None:
     assert parse_length_nm(text) == pytest.approx(nm)

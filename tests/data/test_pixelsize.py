@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -16,6 +17,7 @@ from emassist.data import scalebar
 from emassist.data.databar import find_databar
 from emassist.data.decode import decode_image
 from emassist.data.demo.generate import generate_demo, plan
+from emassist.data.demo.sem_look import draw_databar, scale_bar_choice
 from emassist.data.ingest import run_ingest
 from emassist.data.scalebar import read_databar
 
@@ -43,21 +45,45 @@ def _ingest(raw: Path, out: Path, **kwargs: object) -> pd.DataFrame:
 def test_real_bars_agree_with_their_tags(real_sem_dir: Path, name: str) -> None:
     decoded = decode_image(real_sem_dir / name, max_pixels=10**8, min_side=16)
     rows = find_databar(decoded.gray)
-    reading = read_databar(decoded.gray[decoded.height - rows :], decoded.width)
     tags = decoded.metadata["pixel_size_nm"]
-    assert reading.pixel_size_nm is not None, reading.reason
-    assert reading.pixel_size_nm == pytest.approx(tags, rel=0.05), (reading.source, reading.text)
+    for label_first in (True, False):
+        reading = read_databar(decoded.gray[decoded.height - rows :], decoded.width, label_first=label_first)
+        assert reading.pixel_size_nm is not None, reading.reason
+        assert reading.pixel_size_nm == pytest.approx(tags, rel=0.05), (label_first, reading.source, reading.text)
 
 
 @needs_tesseract
 def test_real_fei_xl_bar_reads_the_tags_magnification(real_sem_dir: Path) -> None:
-    """The FEI/Philips XL file's tags hold no pixel size: its bar's magnification must match the tags', and its
-    scale bar (5 µm) gives the pixel size."""
+    """The FEI/Philips XL file's tags hold no pixel size: its bar's magnification (read with the whole bar) must match
+    the tags', and its scale bar (5 µm) gives the pixel size, whether its label is read alone first or not."""
     decoded = decode_image(real_sem_dir / "nanoballs__TestBlur.TIF", max_pixels=10**8, min_side=16)
     rows = find_databar(decoded.gray)
-    reading = read_databar(decoded.gray[decoded.height - rows :], decoded.width)
-    assert reading.magnification == pytest.approx(decoded.metadata["magnification"], rel=0.05)
-    assert reading.source == "databar_scalebar" and reading.label_nm == 5000
+    bar = decoded.gray[decoded.height - rows :]
+    whole = read_databar(bar, decoded.width, label_first=False)
+    assert whole.magnification == pytest.approx(decoded.metadata["magnification"], rel=0.05)
+    quick = read_databar(bar, decoded.width)
+    for reading in (whole, quick):
+        assert reading.source == "databar_scalebar" and reading.label_nm == 5000
+    assert quick.pixel_size_nm == pytest.approx(whole.pixel_size_nm)
+
+
+@needs_tesseract
+@pytest.mark.parametrize("width", [256, 512])
+def test_every_demo_scale_bar_label_is_read(width: int) -> None:
+    """Every label the demo draws (20 nm … 500 µm, the 1-2-5 series over its pixel sizes) is read off the bar,
+    at bar heights across the generator's range (eight random streams per label)."""
+    misses = []
+    for nm in (20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000):
+        pixel_nm = nm / (0.25 * width)
+        assert scale_bar_choice(pixel_nm, width)[0] == nm
+        for seed in range(8):
+            img = draw_databar(np.full((width, width), 0.5, np.float32), np.random.default_rng(seed), pixel_nm)
+            g = (img * 255 + 0.5).astype(np.uint8)
+            rows = find_databar(g)
+            reading = read_databar(g[width - rows :], width)
+            if reading.pixel_size_nm is None or abs(reading.pixel_size_nm / pixel_nm - 1) > 0.05:
+                misses.append((nm, seed, reading.text, reading.pixel_size_nm))
+    assert not misses
 
 
 @pytest.fixture(scope="module")

@@ -123,6 +123,7 @@ def sem_image(height: Array, albedo: Array, rng: np.random.Generator) -> Array:
 
 # ---------------------------------------------------------------------------------------------- data bar
 
+LABEL_FONT_SHARE = 0.6  # the scale-bar label's font size, in data-bar heights
 _NICE = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000, 500000)
 
 
@@ -211,7 +212,7 @@ def draw_databar(img: Array, rng: np.random.Generator, pixel_size_nm: float | No
     x0 = x1 - length
     label = _scale_label(nm)
     # The label in a larger font than the settings (it is short): readable by OCR even on small images.
-    label_font = _font(max(size, int(bar_h * 0.5)))
+    label_font = _font(max(size, int(bar_h * LABEL_FONT_SHARE)))
     lw = _text_width(draw, label, label_font)
     _draw_text(draw, ((x0 + x1) / 2 - lw / 2, max(0, pad - 1)), label, label_font)
     y_bar = round(bar_h * 0.72)
