@@ -50,9 +50,16 @@ def encode_file(path: str | os.PathLike[str]) -> str:
     return encode_bytes(Path(path).read_bytes())
 
 
-def payload(images_b64: Sequence[str], *, standardized: bool = False) -> dict[str, Any]:
-    """The JSON body of a request for these base64 images (``standardized``: the model's inference parameter)."""
-    body: dict[str, Any] = {"dataframe_split": {"columns": ["image"], "data": [[b] for b in images_b64]}}
+def payload(
+    images_b64: Sequence[str], *, standardized: bool = False, pixel_sizes: Sequence[float] | None = None
+) -> dict[str, Any]:
+    """The JSON body of a request for these base64 images (``standardized``: the model's inference parameter;
+    ``pixel_sizes``: the ``pixel_size_nm`` column of a scale-aware model, nm per pixel of each image sent)."""
+    if pixel_sizes is None:
+        body: dict[str, Any] = {"dataframe_split": {"columns": ["image"], "data": [[b] for b in images_b64]}}
+    else:
+        rows = [[b, float(nm)] for b, nm in zip(images_b64, pixel_sizes, strict=True)]
+        body = {"dataframe_split": {"columns": ["image", "pixel_size_nm"], "data": rows}}
     if standardized:
         body["params"] = {STANDARDIZED_PARAM: True}
     return body
@@ -92,17 +99,23 @@ class SemClient:
 
     # ------------------------------------------------------------------------------------------ predict
 
-    def predict_base64(self, images_b64: Sequence[str], *, standardized: bool = False) -> pd.DataFrame:
+    def predict_base64(
+        self, images_b64: Sequence[str], *, standardized: bool = False, pixel_sizes: Sequence[float] | None = None
+    ) -> pd.DataFrame:
         """One request; raises :class:`ServingError` on a 4xx/5xx answer.
 
         ``standardized``: the images are already standardized (tiles): the model only resizes them.
+        ``pixel_sizes``: nm per pixel of each image sent (a scale-aware model; None: it reads the files' own).
         """
-        body = payload(images_b64, standardized=standardized)
+        body = payload(images_b64, standardized=standardized, pixel_sizes=pixel_sizes)
         response = self.session.post(f"{self.base_url}/invocations", json=body, timeout=self.timeout)
         return parse_response(response)
 
-    def predict_bytes(self, images: Sequence[bytes], *, standardized: bool = False) -> pd.DataFrame:
-        return self.predict_base64([encode_bytes(b) for b in images], standardized=standardized)
+    def predict_bytes(
+        self, images: Sequence[bytes], *, standardized: bool = False, pixel_sizes: Sequence[float] | None = None
+    ) -> pd.DataFrame:
+        return self.predict_base64([encode_bytes(b) for b in images], standardized=standardized,
+                                   pixel_sizes=pixel_sizes)  # fmt: skip
 
     def predict_files(self, paths: Sequence[str | os.PathLike[str]], *, batch_size: int = 32) -> pd.DataFrame:
         """Predict files in batches; a file the server rejects (or that cannot be read) gets an ``error`` row."""

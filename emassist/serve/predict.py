@@ -27,6 +27,7 @@ from emassist.data.predlog import LogWriter
 from emassist.model.files import CALIBRATION_FILE, FAMILIARITY_FILE
 from emassist.model.provenance import describe_training_data
 from emassist.model.registry import serving_config
+from emassist.model.scale import scale_batch
 from emassist.model.selective import ReviewPolicy
 from emassist.serve.client import ServingError, predict_in_batches
 from emassist.serve.predlog_hooks import ImageFacts, ModelIdentity, prediction_row
@@ -96,7 +97,7 @@ def load_predictor(model: Any, params: Params | None = None) -> Any:
         # a temperature fitted for this model (calibration.json beside it, as models/ has it) calibrates it
         folder = Path(text).parent  # the evaluate stage's calibration and familiarity files sit beside the model
         familiarity = folder / FAMILIARITY_FILE.name
-        config = serving_config(params, folder / CALIBRATION_FILE.name)
+        config = serving_config(params, folder / CALIBRATION_FILE.name, model_file=Path(text))
         return SemClassifier.from_files(text, config, familiarity if familiarity.is_file() else None)
     import mlflow
 
@@ -113,7 +114,7 @@ def load_model(model: Any, params: Params | None = None) -> tuple[Any, dict[str,
         text = os.fspath(model)
         if text.endswith(".keras") and Path(text).is_file():
             predictor = load_predictor(text, params)
-            built = serving_config(params) if params is not None else None  # load_predictor refuses None here
+            built = serving_config(params, model_file=Path(text)) if params is not None else None  # (None refused)
             return predictor, _kept_config(predictor) or built
         import mlflow  # lazy: importing MLflow takes seconds
 
@@ -231,7 +232,8 @@ def _predict_chunk_native(
     images: list[np.ndarray] = []
     good: list[int] = []
     facts: list[ImageFacts | None] = []
-    for i, p in enumerate(model.prepare_many(list(chunk), files=True, details=details)):
+    prepared = model.prepare_many(list(chunk), files=True, details=details)
+    for i, p in enumerate(prepared):
         errors.append(p.error)
         facts.append(p.facts)
         if p.image is not None:
@@ -239,9 +241,12 @@ def _predict_chunk_native(
             good.append(i)
     proba = np.zeros((len(chunk), len(model.classes)), dtype=np.float32)
     unfamiliar = np.zeros(len(chunk))
-    if images:
+    scales = [p.scale for p in prepared]
+    if images and getattr(model, "scale_aware", False):
+        proba[good], unfamiliar[good] = model.score(np.stack(images), scale_batch([scales[i] for i in good]))
+    elif images:
         proba[good], unfamiliar[good] = model.score(np.stack(images))
-    frame = model.result_frame(proba, errors, unfamiliar)
+    frame = model.result_frame(proba, errors, unfamiliar, scales)
     frame.insert(0, "path", list(chunk))
     return frame, facts
 

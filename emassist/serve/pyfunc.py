@@ -12,11 +12,21 @@ caller (e.g. tiles cut by the tile scan from an overview whose data bar was crop
 data-bar search of their own and are only resized to the model's cache size. A value that is not a boolean is
 refused by MLflow's signature check (HTTP 400 naming the parameter).
 
+Optional column ``pixel_size_nm`` (a scale-aware model, :mod:`emassist.model.scale`): the pixel size of each
+uploaded file in nm. Without it the model reads each file's own pixel size as ingest does (TIFF tags, else the data
+bar through OCR when the engine is installed, else unknown: the model still answers, as trained for unknown sizes).
+A value that is negative, zero, NaN/null or absurd (outside ``MIN_PIXEL_SIZE_NM``..``MAX_PIXEL_SIZE_NM`` of
+:mod:`emassist.config.choices`) is HTTP 400 naming the row. An already standardized image (``standardized``) carries
+no tags or bar: send its ``pixel_size_nm`` (of the image sent) or its size is unknown. A model without the scale
+input ignores the column and answers exactly as before.
+
 Response: one row per input row: ``label``, ``confidence``, one probability column per class (named by the
 class), ``error`` ("" when the row is fine), then whether to trust it: ``needs_review`` (true when the answer should
 be checked by a person), ``review_reason`` (why, "" when not), ``unfamiliar`` (the image is unlike the training
 data) and ``unfamiliar_score`` (the familiarity distance over its threshold: above 1 is unfamiliar; 0 when the model
-ships no familiarity file).
+ships no familiarity file). A scale-aware model adds the pixel size it used: ``pixel_size_nm`` (of the file),
+``model_pixel_size_nm`` (of the model input: the file's times its width over the model's input side) and
+``pixel_size_source`` (``request | tags | databar_scalebar | databar_mag | unknown``).
 
 Trust (see :mod:`emassist.model.selective` and :mod:`emassist.model.familiarity`): the review threshold fitted on val
 (``review_threshold`` in the serving config; null: every answer needs review) and the familiarity file
@@ -81,7 +91,17 @@ from emassist.data.preprocess import STANDARDIZED_PARAM, Preprocessor
 from emassist.model.calibration import apply_temperature, as_temperature
 from emassist.model.familiarity import Familiarity
 from emassist.model.features import with_features
+from emassist.model.scale import (
+    SCALE_DIM,
+    ScaleUsed,
+    has_scale_input,
+    model_inputs,
+    pixel_size_problem,
+    scale_batch,
+    unknown_scale,
+)
 from emassist.model.selective import ReviewPolicy
+from emassist.serve.pixel_size import file_pixel_size
 from emassist.serve.predlog_hooks import (
     ENV_PREDICTION_LOG,
     ImageFacts,
@@ -94,6 +114,9 @@ from emassist.serve.predlog_hooks import (
 log = logging.getLogger("emassist.serving")
 
 IMAGE_COLUMN = "image"
+PIXEL_SIZE_COLUMN = "pixel_size_nm"  # optional request column of a scale-aware model (nm per pixel of the file)
+#: The columns a scale-aware model's answer adds after the trust columns.
+SCALE_COLUMNS = ("pixel_size_nm", "model_pixel_size_nm", "pixel_size_source")
 SERVER_FLUSH_INTERVAL_S = 0.25  # the scoring server's prediction-log writer (it has no params.yaml)
 ENV_FLUSH_INTERVAL = "EMASSIST_PREDICTION_LOG_FLUSH_S"  # overrides it (seconds)
 ERROR_COLUMN = "error"
@@ -164,6 +187,7 @@ class Prepared:
     image: np.ndarray | None
     error: str = ""
     facts_later: Callable[[], ImageFacts] | None = None
+    scale: ScaleUsed | None = None  # the pixel size a scale-aware model gets (None: a model without the input)
 
     @cached_property
     def facts(self) -> ImageFacts | None:
@@ -237,15 +261,39 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         self.model = keras.models.load_model(keras_model, compile=False)
         scorer = with_features(self.model)
         pre = self.preprocessor
+        self.scale_aware = has_scale_input(self.model)
+        if bool(config.get("scale_input", False)) != self.scale_aware:
+            log.warning("the serving config says scale_input=%s, the model says %s: following the model",
+                        config.get("scale_input", False), self.scale_aware)  # fmt: skip
+        gray_spec = tf.TensorSpec([None, None, None, 1], tf.uint8)
+        zeros = np.zeros((1, pre.cache_size, pre.cache_size, 1), dtype=np.uint8)
 
         # One compiled forward pass gives the probabilities and the penultimate features together.
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.uint8)], reduce_retracing=True)
-        def forward(gray: Any) -> Any:
-            return scorer(pre.to_model_input(gray), training=False)
+        if self.scale_aware:
 
-        self._forward = forward
-        # Trace once now, not on the first request.
-        self._forward(np.zeros((1, pre.cache_size, pre.cache_size, 1), dtype=np.uint8))
+            @tf.function(input_signature=[gray_spec, tf.TensorSpec([None, SCALE_DIM], tf.float32)],
+                         reduce_retracing=True)  # fmt: skip
+            def forward_scaled(gray: Any, scale: Any) -> Any:
+                return scorer(model_inputs(pre.to_model_input(gray), scale, scale_aware=True), training=False)
+
+            self._forward_scaled = forward_scaled
+            self._forward = lambda gray: forward_scaled(gray, unknown_scale(len(gray)))
+            self._forward_scaled(zeros, unknown_scale(1))  # trace once now, not on the first request
+            from emassist.data.scalebar import engine_available  # lazy: only a scale-aware model reads bars
+
+            self.bar_not_read = engine_available()
+            if self.bar_not_read:
+                log.warning("data bars are not read (%s): a file without pixel-size tags gets an unknown size",
+                            self.bar_not_read)  # fmt: skip
+        else:
+
+            @tf.function(input_signature=[gray_spec], reduce_retracing=True)
+            def forward(gray: Any) -> Any:
+                return scorer(pre.to_model_input(gray), training=False)
+
+            self._forward = forward
+            # Trace once now, not on the first request.
+            self._forward(zeros)
         self.open_prediction_log()
 
     def open_prediction_log(self, db_uri: str | None = None) -> LogWriter | None:
@@ -289,6 +337,8 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         self.training_data = config.get("training_data") if isinstance(config.get("training_data"), dict) else None
         self.familiarity = getattr(self, "familiarity", None)
         self.config = dict(config)
+        self.scale_aware = bool(config.get("scale_input", False))  # load() follows the model itself
+        self.bar_not_read: str | None = getattr(self, "bar_not_read", None)
         self._pool: ThreadPoolExecutor | None = None
 
     # ----------------------------------------------------------------------------------------- building blocks
@@ -316,52 +366,102 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         """
         return [(p.image, p.error) for p in self.prepare_many(values, files=files, standardized=standardized)]
 
-    def prepare(self, value: Any, *, file: bool = False, standardized: bool = False, details: bool = False) -> Prepared:
+    def prepare(
+        self,
+        value: Any,
+        *,
+        file: bool = False,
+        standardized: bool = False,
+        details: bool = False,
+        pixel_size_nm: float | None = None,
+    ) -> Prepared:
         """One base64 value (or a file path when ``file``) → :class:`Prepared`; never raises for a bad image.
 
         ``details``: also the facts the prediction log keeps (sha256 of the file's bytes, the decode's size, format
         and SEM metadata, brightness/contrast of the standardized image): a hash and two means, nothing decoded
-        twice."""
+        twice. A scale-aware model: :attr:`Prepared.scale` is ``pixel_size_nm`` (the caller's, already checked) or
+        the file's own (:meth:`scale_of`)."""
         try:
             data = value if file else decode_base64(value)
             if file and details:  # read the file once: the decode and the hash take the same bytes
                 data = read_bytes(data)
             pre = self.preprocessor
             decoded = pre.decode(data)
-            gray = pre.resize(decoded.gray) if standardized else pre.standardize(decoded.gray)[0]
+            rows: int | None = None
+            if standardized:
+                gray = pre.resize(decoded.gray)
+            else:
+                gray, rows = pre.standardize(decoded.gray)
+            scale = self.scale_of(decoded, rows, standardized, pixel_size_nm) if self.scale_aware else None
             if not details:
-                return Prepared(gray)
-            return Prepared(gray, "", ImageFacts.later(data, decoded, gray))
+                return Prepared(gray, scale=scale)
+            return Prepared(gray, "", ImageFacts.later(data, decoded, gray), scale)
         except ImageRejected as exc:
             return Prepared(None, exc.reason)
         except Exception as exc:  # a bug met by one odd image must not fail the others
             log.exception("cannot process an image")
             return Prepared(None, f"cannot process image ({type(exc).__name__})")
 
+    def scale_of(
+        self, decoded: Any, bar_rows: int | None, standardized: bool, pixel_size_nm: float | None = None
+    ) -> ScaleUsed:
+        """The pixel size a scale-aware model gets for one decoded file: the caller's ``pixel_size_nm``, else the
+        file's tags or data bar (the rows the preprocessor cropped; ``bar_rows`` None: it does not crop, the bar is
+        looked for), else unknown; scaled by the file's width over the model's input side."""
+        size = int(self.preprocessor.image_size or 0)
+        if pixel_size_nm is not None:
+            return ScaleUsed.of(pixel_size_nm, "request", decoded.width, size)
+        if standardized:
+            return ScaleUsed.unknown("an already standardized image carries no tags or data bar (send pixel_size_nm)")
+        if not self.preprocessor.crop_databar:
+            bar_rows = None
+        nm, source, reason = file_pixel_size(decoded, bar_rows, bar_not_read=self.bar_not_read)
+        return ScaleUsed.of(nm, source, decoded.width, size, reason)
+
     def prepare_many(
-        self, values: Sequence[Any], *, files: bool = False, standardized: bool = False, details: bool = False
+        self,
+        values: Sequence[Any],
+        *,
+        files: bool = False,
+        standardized: bool = False,
+        details: bool = False,
+        pixel_sizes: Sequence[float | None] | None = None,
     ) -> list[Prepared]:
-        """:meth:`prepare` of each value, on a few threads (PIL's decoders and NumPy release the GIL)."""
+        """:meth:`prepare` of each value, on a few threads (PIL's decoders and NumPy release the GIL).
+        ``pixel_sizes``: one checked pixel size (or None) per value, for a scale-aware model."""
+        sizes = list(pixel_sizes) if pixel_sizes is not None else [None] * len(values)
 
-        def one(value: Any) -> Prepared:
-            return self.prepare(value, file=files, standardized=standardized, details=details)
+        def one(item: tuple[Any, float | None]) -> Prepared:
+            value, nm = item
+            return self.prepare(value, file=files, standardized=standardized, details=details, pixel_size_nm=nm)
 
+        items = list(zip(values, sizes, strict=True))
         if len(values) < 2 or self.decode_threads < 2:
-            return [one(v) for v in values]
+            return [one(v) for v in items]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="sem-decode")
-        return list(self._pool.map(one, values))
+        return list(self._pool.map(one, items))
 
-    def score(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def score(self, gray: np.ndarray, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """uint8 ``[B, H, W]`` or ``[B, H, W, 1]`` standardized images → (calibrated probabilities float32
         ``[B, n_classes]``, unfamiliar scores float64 ``[B]``: distance over threshold, 0 without a familiarity
-        file)."""
+        file). ``scale``: float32 ``[B, 2]``, the ``"scale"`` input of a scale-aware model
+        (:func:`~emassist.model.scale.scale_batch`); None: every size unknown. A model without it ignores it."""
         batch = np.asarray(gray, dtype=np.uint8)
         if batch.ndim == 3:
             batch = batch[..., None]
+        if self.scale_aware:
+            scale = unknown_scale(len(batch)) if scale is None else np.asarray(scale, dtype=np.float32)
+            if scale.shape != (len(batch), SCALE_DIM):
+                raise ValueError(f"scale: expected shape ({len(batch)}, {SCALE_DIM}), got {scale.shape}")
         probas, scores = [], []
         for start in range(0, len(batch), self.chunk_size):
-            proba, features = self._forward(batch[start : start + self.chunk_size])
+            part = batch[start : start + self.chunk_size]
+            if self.scale_aware:
+                assert scale is not None
+                proba, features = self._forward_scaled(part, scale[start : start + self.chunk_size])
+            else:
+                proba, features = self._forward(part)
             probas.append(np.asarray(proba, dtype=np.float32))
             if self.familiarity is not None:
                 scores.append(self.familiarity.score(np.asarray(features)))
@@ -373,9 +473,10 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
             proba = apply_temperature(proba, self.temperature).astype(np.float32)
         return proba, unfamiliar
 
-    def probabilities(self, gray: np.ndarray) -> np.ndarray:
-        """uint8 ``[B, H, W]`` or ``[B, H, W, 1]`` standardized images → calibrated float32 ``[B, n_classes]``."""
-        return self.score(gray)[0]
+    def probabilities(self, gray: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+        """uint8 ``[B, H, W]`` or ``[B, H, W, 1]`` standardized images → calibrated float32 ``[B, n_classes]``
+        (``scale``: as for :meth:`score`)."""
+        return self.score(gray, scale)[0]
 
     def review(self, confidence: float, unfamiliar_score: float) -> tuple[bool, bool, str]:
         """``(needs_review, unfamiliar, reason)`` of one answer, by the model's :class:`ReviewPolicy`."""
@@ -384,7 +485,11 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         return needs, unfamiliar, reason
 
     def result_frame(
-        self, proba: np.ndarray, errors: Sequence[str], unfamiliar_scores: np.ndarray | None = None
+        self,
+        proba: np.ndarray,
+        errors: Sequence[str],
+        unfamiliar_scores: np.ndarray | None = None,
+        scales: Sequence[ScaleUsed | None] | None = None,
     ) -> pd.DataFrame:
         ok = np.array([not e for e in errors], dtype=bool)
         best = proba.argmax(axis=1) if len(proba) else np.zeros(0, dtype=int)
@@ -401,6 +506,11 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         columns["review_reason"] = [r[2] for r in reviews]
         columns["unfamiliar"] = [r[1] for r in reviews]
         columns["unfamiliar_score"] = np.where(ok, scores, 0.0)
+        if self.scale_aware:
+            used = list(scales) if scales is not None else [None] * len(errors)
+            columns["pixel_size_nm"] = [np.nan if u is None or u.nm is None else u.nm for u in used]
+            columns["model_pixel_size_nm"] = [np.nan if u is None or u.model_nm is None else u.model_nm for u in used]
+            columns["pixel_size_source"] = ["unknown" if u is None else u.source for u in used]
         return pd.DataFrame(columns)  # built at once: 15 column insertions cost ~1 ms a request
 
     # ----------------------------------------------------------------------------------------- pyfunc API
@@ -410,6 +520,8 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         values = self._image_values(model_input)
         standardized = self._standardized_param(params)
         n = len(values)
+        pixel_sizes = self._pixel_sizes(model_input, n) if self.scale_aware else None
+        scales: list[ScaleUsed | None] = [None] * n
         proba = np.zeros((n, len(self.classes)), dtype=np.float32)
         unfamiliar = np.zeros(n)
         errors = [""] * n
@@ -420,7 +532,10 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
                 rows: list[int] = []
                 images: list[np.ndarray] = []
                 chunk = range(start, min(n, start + self.chunk_size))
-                prepared = self.prepare_many([values[i] for i in chunk], standardized=standardized, details=logging_on)
+                sizes = None if pixel_sizes is None else [pixel_sizes[i] for i in chunk]
+                prepared = self.prepare_many(
+                    [values[i] for i in chunk], standardized=standardized, details=logging_on, pixel_sizes=sizes
+                )
                 for i, p in zip(chunk, prepared, strict=True):
                     if p.image is None:
                         errors[i] = p.error
@@ -428,7 +543,11 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
                         images.append(p.image)
                         rows.append(i)
                         facts[i] = p
-                if images:
+                        scales[i] = p.scale
+                if images and self.scale_aware:
+                    scale = scale_batch([scales[i] for i in rows])
+                    proba[rows], unfamiliar[rows] = self.score(np.stack(images), scale)
+                elif images:
                     proba[rows], unfamiliar[rows] = self.score(np.stack(images))
         except Exception as exc:  # a bug, not a bad request: log the traceback here, answer briefly
             log.exception("prediction failed")
@@ -437,7 +556,7 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
             raise BadRequest(describe_errors(errors, n))
         if logging_on:
             self._log_answers(proba, unfamiliar, facts)
-        return self.result_frame(proba, errors, unfamiliar)
+        return self.result_frame(proba, errors, unfamiliar, scales)
 
     def _log_answers(self, proba: np.ndarray, scores: np.ndarray, prepared: Sequence[Prepared | None]) -> None:
         """Queue one prediction-log row per answered row (``prepared`` set); never raises.
@@ -484,6 +603,29 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         if not isinstance(value, bool | np.bool_):
             raise BadRequest(f"parameter '{STANDARDIZED_PARAM}': expected true or false, got {value!r:.40}")
         return bool(value)
+
+    @staticmethod
+    def _pixel_sizes(model_input: Any, n: int) -> list[float | None] | None:
+        """The request's checked ``pixel_size_nm`` per row (None: the column is absent, sizes come from the files);
+        a bad value is a :class:`BadRequest` naming the rows (the first 10)."""
+        if isinstance(model_input, pd.DataFrame):
+            if PIXEL_SIZE_COLUMN not in model_input.columns:
+                return None
+            raw = model_input[PIXEL_SIZE_COLUMN].tolist()
+        elif isinstance(model_input, dict) and PIXEL_SIZE_COLUMN in model_input:
+            value = model_input[PIXEL_SIZE_COLUMN]
+            raw = list(value) if isinstance(value, list | tuple | np.ndarray | pd.Series) else [value]
+        else:
+            return None
+        if len(raw) != n:
+            raise BadRequest(f"column '{PIXEL_SIZE_COLUMN}' has {len(raw)} values for {n} images")
+        problems = [(i, pixel_size_problem(v if v is not None else float("nan"))) for i, v in enumerate(raw)]
+        bad = [(i, why) for i, why in problems if why]
+        if bad:
+            shown = "; ".join(f"row {i}: {why}" for i, why in bad[:MAX_LISTED_ERRORS])
+            more = f"; and {len(bad) - MAX_LISTED_ERRORS} more" if len(bad) > MAX_LISTED_ERRORS else ""
+            raise BadRequest(f"bad '{PIXEL_SIZE_COLUMN}' (nm per pixel of the file): {shown}{more}")
+        return [float(v) for v in raw]
 
     @staticmethod
     def _image_values(model_input: Any) -> list[Any]:
