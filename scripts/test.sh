@@ -30,9 +30,17 @@ export PATH="$PWD/.venv/bin:$PATH" TF_CPP_MIN_LOG_LEVEL=2
 echo "==> ruff"
 ruff check .
 ruff format --check .
-echo "==> pytest"
+# Two pytest-xdist workers (most of the time is single-threaded start-up of real server processes, so two overlap
+# well on two cores); whole files per worker (--dist loadfile keeps a file's module fixtures on one worker).
+# EMASSIST_TEST_WORKERS=0 (or a later `-n 0` / `-p no:xdist` among the arguments) runs in this process, in order.
+workers=${EMASSIST_TEST_WORKERS:-2}
+xdist=(-n "$workers" --dist loadfile)
+for arg in "$@"; do
+    if [ "$arg" = "no:xdist" ] || [ "$arg" = "-pno:xdist" ]; then xdist=() workers=0; fi
+done
+echo "==> pytest (${workers} xdist workers)"
 set +e
-pytest --durations=25 "$@"
+pytest "${xdist[@]}" --durations=25 "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

@@ -294,6 +294,19 @@ class SmallModel:
         return Path(shutil.copy2(self.model_file, folder / self.model_file.name))
 
 
+def small_model_to_json(model: SmallModel) -> str:
+    """``model`` as JSON (paths as strings): how pytest-xdist workers hand one trained small model to each other."""
+    fields = {name: getattr(model, name) for name in SmallModel.__dataclass_fields__}
+    return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in fields.items()})
+
+
+def small_model_from_json(text: str) -> SmallModel:
+    """The inverse of :func:`small_model_to_json`."""
+    raw = json.loads(text)
+    paths = {name for name, f in SmallModel.__dataclass_fields__.items() if f.type in (Path, "Path")}
+    return SmallModel(**{k: Path(v) if k in paths else v for k, v in raw.items()})
+
+
 SMALL_CLASSES = ["Fibres", "Particles", "Patterned_surface"]  # three demo classes that look nothing alike
 SMALL_TRAIN_SEED = 7  # demo seed of the training images; tests pick theirs with another seed
 SMALL_SPEC: dict[str, Any] = {"image_size": 48, "cache_size": 64, "render_size": 128, "per_class": 64,
