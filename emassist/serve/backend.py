@@ -8,6 +8,11 @@ endpoint it is built from the serving config registered with the version the ali
 (:class:`~emassist.serve.client.SemClient`), an uploaded file goes as it is and the server preprocesses it;
 standardized images (tiles) go as PNGs with the inference parameter ``standardized``, so the server only resizes
 them and local and endpoint scans agree.
+
+A scale-aware model (:mod:`emassist.model.scale`; ``scale_aware``): :meth:`Backend.read_pixel_size` reads a decoded
+file's pixel size as the pyfunc does (tags, else the data bar, else unknown); scores take the ``"scale"`` input
+(``scale=``); an endpoint gets it as the ``pixel_size_nm`` column of the PNGs sent (nm per pixel of the PNG), and
+reads an uploaded file's own pixel size itself (:meth:`Backend.upload_pixel_size` is then None).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 
 from emassist.config.settings import Params
 from emassist.data.preprocess import Preprocessor
+from emassist.model.scale import SCALE_SOURCES, ScaleUsed, scale_batch
 from emassist.model.tracking import tracking_client
 from emassist.serve.drawing import png_bytes
 
@@ -84,6 +90,7 @@ class Answer:
     proba: np.ndarray  # [n_classes]
     unfamiliar: bool | None  # None: the model ships no familiarity check (registered before it existed)
     unfamiliar_score: float  # familiarity distance over its threshold (above 1: unfamiliar); 0 when unchecked
+    scale: ScaleUsed | None = None  # the pixel size a scale-aware model used; None: a model without the input
 
 
 class Backend:
@@ -94,13 +101,42 @@ class Backend:
     preprocessor: Preprocessor  # the served model's own
     config: dict[str, Any]  # the served model's serving config (review threshold, temperature, training data)
 
-    def probabilities(self, gray: np.ndarray) -> np.ndarray:
-        """Standardized uint8 images ``[B, S, S]`` → calibrated probabilities ``[B, n_classes]``."""
+    def probabilities(self, gray: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+        """Standardized uint8 images ``[B, S, S]`` → calibrated probabilities ``[B, n_classes]`` (``scale``: float32
+        ``[B, 2]``, the scale input of a scale-aware model; None: unknown)."""
         raise NotImplementedError
 
-    def classify_file(self, data: bytes, gray: np.ndarray) -> Answer:
-        """One uploaded image (its file bytes, and its standardized image) → its :class:`Answer`."""
-        return Answer(self.probabilities(gray[None])[0], None, 0.0)
+    def classify_file(self, data: bytes, gray: np.ndarray, scale: ScaleUsed | None = None) -> Answer:
+        """One uploaded image (its file bytes, its standardized image and, for a scale-aware model, the pixel size
+        :meth:`upload_pixel_size` read) → its :class:`Answer`."""
+        used = [scale] if scale is not None else None
+        proba = self.probabilities(gray[None], scale_batch(used) if used and self.scale_aware else None)
+        return Answer(proba[0], None, 0.0, scale)
+
+    @property
+    def scale_aware(self) -> bool:
+        """Whether the model takes the pixel size (its serving config's ``scale_input``)."""
+        return bool(self.config.get("scale_input", False))
+
+    def read_pixel_size(self, decoded: Any, bar_rows: int) -> ScaleUsed | None:
+        """The pixel size a scale-aware model gets for a decoded file whose data bar (``bar_rows`` rows) the
+        preprocessor cropped, read as the pyfunc reads it; None for a model without the scale input."""
+        if not self.scale_aware:
+            return None
+        reader = getattr(self, "_scale_reader", None)
+        if reader is None:
+            from emassist.data.scalebar import engine_available  # lazy: the OCR engine
+            from emassist.serve.pyfunc import SemClassifier  # lazy: MLflow
+
+            reader = SemClassifier()
+            reader.configure(self.config)
+            reader.bar_not_read = engine_available()
+            self._scale_reader = reader
+        return reader.scale_of(decoded, bar_rows, False)
+
+    def upload_pixel_size(self, decoded: Any, bar_rows: int) -> ScaleUsed | None:
+        """What :meth:`classify_file` is given for an upload: :meth:`read_pixel_size` (an endpoint reads it itself)."""
+        return self.read_pixel_size(decoded, bar_rows)
 
     @property
     def familiarity_checked(self) -> bool:
@@ -129,25 +165,40 @@ class LocalBackend(Backend):
         self.config = dict(getattr(model, "config", {}) or {})
         self._lock = threading.Lock()  # one forward pass at a time: two cores, one model
 
-    def probabilities(self, gray: np.ndarray) -> np.ndarray:
+    def probabilities(self, gray: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+        batch = np.asarray(gray, dtype=np.uint8)
         with self._lock:
-            return np.asarray(self.model.probabilities(np.asarray(gray, dtype=np.uint8)), dtype=np.float32)
+            proba = self.model.probabilities(batch, scale) if self.scale_aware else self.model.probabilities(batch)
+        return np.asarray(proba, dtype=np.float32)
 
-    def score(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def score(self, gray: np.ndarray, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Standardized uint8 ``[B, S, S]`` → (calibrated probabilities, unfamiliar scores), one forward pass at a
-        time (the page and a watcher inside it share the model)."""
+        time (the page and a watcher inside it share the model); ``scale``: as for :meth:`probabilities`."""
+        batch = np.asarray(gray, dtype=np.uint8)
         with self._lock:
-            return self.model.score(np.asarray(gray, dtype=np.uint8))
+            return self.model.score(batch, scale) if self.scale_aware else self.model.score(batch)
 
     @property
     def familiarity_checked(self) -> bool:
         return getattr(self.model, "familiarity", None) is not None
 
-    def classify_file(self, data: bytes, gray: np.ndarray) -> Answer:
+    @property
+    def scale_aware(self) -> bool:
+        return bool(getattr(self.model, "scale_aware", False))
+
+    def read_pixel_size(self, decoded: Any, bar_rows: int) -> ScaleUsed | None:
+        return self.model.scale_of(decoded, bar_rows, False) if self.scale_aware else None
+
+    def classify_file(self, data: bytes, gray: np.ndarray, scale: ScaleUsed | None = None) -> Answer:
+        batch = np.asarray(gray, dtype=np.uint8)[None]
         with self._lock:
-            proba, scores = self.model.score(np.asarray(gray, dtype=np.uint8)[None])
+            if self.scale_aware:
+                proba, scores = self.model.score(batch, scale_batch([scale]))
+            else:
+                proba, scores = self.model.score(batch)
         score = float(scores[0])
-        return Answer(np.asarray(proba[0], dtype=np.float32), score > 1.0 if self.familiarity_checked else None, score)
+        checked = score > 1.0 if self.familiarity_checked else None
+        return Answer(np.asarray(proba[0], dtype=np.float32), checked, score, scale if self.scale_aware else None)
 
     def keras_model(self) -> tuple[Any, int]:
         return self.model.model, int(self.preprocessor.image_size or 0)
@@ -168,20 +219,20 @@ class EndpointBackend(Backend):
         self.config = dict(config)
         self._keras: tuple[Any, int] | None = None
 
-    def _frame(self, blobs: list[bytes], *, standardized: bool) -> pd.DataFrame:
+    def _frame(self, blobs: list[bytes], *, standardized: bool, pixel_sizes: list[float] | None = None) -> pd.DataFrame:
         import requests
 
         from emassist.serve.client import ServingError
 
         try:
-            return self.client.predict_bytes(blobs, standardized=standardized)
+            return self.client.predict_bytes(blobs, standardized=standardized, pixel_sizes=pixel_sizes)
         except ServingError as exc:
             raise BackendError(f"model endpoint answered {exc.status}: {exc.message[:300]}") from exc
         except requests.RequestException as exc:
             raise BackendError(f"model endpoint {self.url} unreachable: {type(exc).__name__}") from exc
 
-    def _call(self, blobs: list[bytes], *, standardized: bool) -> np.ndarray:
-        return self._probabilities(self._frame(blobs, standardized=standardized), len(blobs))
+    def _call(self, blobs: list[bytes], *, standardized: bool, pixel_sizes: list[float] | None = None) -> np.ndarray:
+        return self._probabilities(self._frame(blobs, standardized=standardized, pixel_sizes=pixel_sizes), len(blobs))
 
     def _probabilities(self, frame: pd.DataFrame, n: int) -> np.ndarray:
         import pandas as pd
@@ -197,17 +248,28 @@ class EndpointBackend(Backend):
             raise BackendError("model endpoint refused an image: " + "; ".join(errors)[:300])
         return frame[self.classes].to_numpy(dtype=np.float32)
 
-    def probabilities(self, gray: np.ndarray) -> np.ndarray:
-        """Standardized images go as PNGs marked ``standardized``: the server only resizes them (no data bar)."""
-        return self._call([png_bytes(g) for g in np.asarray(gray, dtype=np.uint8)], standardized=True)
+    def probabilities(self, gray: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+        """Standardized images go as PNGs marked ``standardized``: the server only resizes them (no data bar). A
+        scale-aware model gets ``scale`` as the ``pixel_size_nm`` of each PNG (when every size is known)."""
+        batch = np.asarray(gray, dtype=np.uint8)
+        sizes = None
+        if self.scale_aware and scale is not None and len(batch) and bool(np.all(np.asarray(scale)[:, 1] == 1)):
+            # the model-input pixel size back to the PNG's own: the server multiplies by its width / image_size
+            image_size, width = float(self.preprocessor.image_size or 0), float(batch.shape[2])
+            sizes = [float(10.0 ** float(v)) * image_size / width for v in np.asarray(scale)[:, 0]]
+        return self._call([png_bytes(g) for g in batch], standardized=True, pixel_sizes=sizes)
 
-    def classify_file(self, data: bytes, gray: np.ndarray) -> Answer:
+    def upload_pixel_size(self, decoded: Any, bar_rows: int) -> ScaleUsed | None:
+        return None  # the server reads the uploaded file's own tags and bar
+
+    def classify_file(self, data: bytes, gray: np.ndarray, scale: ScaleUsed | None = None) -> Answer:
         frame = self._frame([data], standardized=False)
         proba = self._probabilities(frame, 1)[0]
+        used = _served_scale(frame) if self.scale_aware else None
         # the registered serving config says whether the model ships the familiarity check (older ones do not)
         if not self.config.get("familiarity") or "unfamiliar_score" not in frame.columns:
-            return Answer(proba, None, 0.0)
-        return Answer(proba, bool(frame["unfamiliar"].iloc[0]), float(frame["unfamiliar_score"].iloc[0]))
+            return Answer(proba, None, 0.0, used)
+        return Answer(proba, bool(frame["unfamiliar"].iloc[0]), float(frame["unfamiliar_score"].iloc[0]), used)
 
     def keras_model(self) -> tuple[Any, int]:
         """The registry's model for the same alias, loaded on first use (the endpoint serves no gradients)."""
@@ -218,6 +280,23 @@ class EndpointBackend(Backend):
                 raise BackendError(f"Grad-CAM needs the Keras model from the registry: {exc}") from exc
             self._keras = local.keras_model()
         return self._keras
+
+
+def _served_scale(frame: pd.DataFrame) -> ScaleUsed | None:
+    """The pixel size an endpoint's answer (its first row) says it used; None when it says none."""
+    if "pixel_size_source" not in frame.columns:
+        return None
+
+    def number(column: str) -> float | None:
+        try:
+            value = float(frame[column].iloc[0])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return value if np.isfinite(value) else None
+
+    source = str(frame["pixel_size_source"].iloc[0])
+    return ScaleUsed(number("pixel_size_nm"), number("model_pixel_size_nm"),
+                     source if source in SCALE_SOURCES else "unknown")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -10,6 +10,10 @@ Input: the standardized uint8 grayscale image (what :class:`emassist.data.prepro
 caches and serving classifies); it takes the same :func:`emassist.data.preprocess.to_model_input` as training.
 Output: a float32 map in 0..1 of the same height and width as that image. Drawing it over the image is
 :mod:`emassist.serve.drawing`.
+
+A scale-aware model (:mod:`emassist.model.scale`) also gets the image's ``"scale"`` input (the pixel size its answer
+used; unknown when none is given): it moves the class scores, and so which class is explained, but not the map of a
+given class, since the scale joins the pooled features after the last convolution.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from emassist.data.preprocess import to_model_input
+from emassist.model.scale import SCALE_DIM, has_scale_input, model_inputs, unknown_scale
 
 CONV_TYPES = ("Conv2D", "SeparableConv2D", "DepthwiseConv2D", "Conv2DTranspose")
 ELEMENTWISE_TYPES = ("BatchNormalization", "ReLU", "Activation", "LeakyReLU", "ELU", "PReLU")
@@ -100,10 +105,16 @@ class GradCam:
         )
         self._head = head
         self._cam_fn: Any = None
-        if len(target.path) == 1:
+        self.scale_aware = has_scale_input(model)
+        self._inner: Any = None
+        self._chain: list[Any] | None = None
+        if len(target.path) == 2 and self.scale_aware:  # a nested backbone beside a second input: walk the graph
+            inner = model.get_layer(target.path[0])
+            self._inner = (inner, keras.Model(inner.inputs, [target.layer.output, inner.outputs[0]]))
+            self._fn = None
+        elif len(target.path) == 1:
             outputs = [target.layer.output, head.input if self._logit_head else model.outputs[0]]
             self._fn = keras.Model(model.inputs, outputs)
-            self._chain: list[Any] | None = None
         else:
             self._fn = None
             self._chain = self._nested_chain(model, target)
@@ -128,10 +139,37 @@ class GradCam:
             chain.append(multi if layer is inner else layer)
         return chain
 
-    def _features_and_scores(self, x: Any) -> tuple[Any, Any]:
-        """(feature map, class scores before softmax where possible) for a float input batch."""
-        if self._fn is not None:
-            features, pre = self._fn(x, training=False)
+    def _walk(self, x: Any, scale: Any) -> tuple[Any, Any]:
+        """(feature map, the head's input or the output) by running the outer model's graph layer by layer, the nested
+        backbone replaced by one returning its feature map too (a scale-aware xception)."""
+        import keras
+
+        inner, multi = self._inner
+        given = {"image": x, "scale": scale}
+        values = {id(t): given[t.name.split(":")[0]] for t in self.model.inputs}
+        features = None
+        for layer in self.model.layers:
+            if isinstance(layer, keras.layers.InputLayer):
+                continue
+            node = layer._inbound_nodes[0]
+            args, kwargs = node.arguments.fill_in(values)
+            if self._logit_head and layer is self._head:
+                return features, args[0]
+            if layer is inner:
+                features, out = multi(*args, training=False)
+            else:
+                out = layer(*args, **{**kwargs, "training": False})
+            for tensor, value in zip(node.output_tensors, keras.tree.flatten(out), strict=True):
+                values[id(tensor)] = value
+        return features, values[id(self.model.outputs[0])]
+
+    def _features_and_scores(self, x: Any, scale: Any = None) -> tuple[Any, Any]:
+        """(feature map, class scores before softmax where possible) for a float input batch (and, for a
+        scale-aware model, its scale input)."""
+        if self._inner is not None:
+            features, pre = self._walk(x, scale)
+        elif self._fn is not None:
+            features, pre = self._fn(model_inputs(x, scale, scale_aware=self.scale_aware), training=False)
         else:
             assert self._chain is not None
             features = None
@@ -159,13 +197,17 @@ class GradCam:
         size = self.image_size
 
         @tf.function(
-            input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32), tf.TensorSpec([], tf.int32)],
+            input_signature=[
+                tf.TensorSpec([1, size, size, 3], tf.float32),
+                tf.TensorSpec([], tf.int32),
+                tf.TensorSpec([1, SCALE_DIM], tf.float32),
+            ],
             reduce_retracing=True,
         )
-        def cam_fn(x: Any, k: Any) -> tuple[Any, Any]:
+        def cam_fn(x: Any, k: Any, scale: Any) -> tuple[Any, Any]:
             with tf.GradientTape() as tape:
                 tape.watch(x)  # records the forward pass even where the weights are frozen
-                features, scores = self._features_and_scores(x)
+                features, scores = self._features_and_scores(x, scale if self.scale_aware else None)
                 k = tf.where(k < 0, tf.argmax(scores[0], output_type=tf.int32), k)
                 score = tf.gather(scores, k, axis=1)
             grads = tf.cast(tape.gradient(score, features), tf.float32)
@@ -175,10 +217,13 @@ class GradCam:
 
         return cam_fn
 
-    def __call__(self, gray: np.ndarray, class_index: int | None = None) -> tuple[np.ndarray, int]:
+    def __call__(
+        self, gray: np.ndarray, class_index: int | None = None, scale: np.ndarray | None = None
+    ) -> tuple[np.ndarray, int]:
         """Grad-CAM of one standardized uint8 grayscale image ``[H, W]``; returns (map ``[H, W]`` in 0..1, class).
 
-        ``class_index`` None explains the predicted class.
+        ``class_index`` None explains the predicted class. ``scale``: float32 ``[2]`` or ``[1, 2]``, the scale input
+        of a scale-aware model (None: unknown; ignored by a model without it).
         """
         import tensorflow as tf
 
@@ -191,7 +236,8 @@ class GradCam:
         if self._cam_fn is None:
             self._cam_fn = self._build_cam()
         x = to_model_input(g[None, ..., None].astype(np.uint8), self.image_size)
-        cam, k = self._cam_fn(x, tf.constant(-1 if class_index is None else int(class_index), tf.int32))
+        s = unknown_scale(1) if scale is None else np.asarray(scale, dtype=np.float32).reshape(1, SCALE_DIM)
+        cam, k = self._cam_fn(x, tf.constant(-1 if class_index is None else int(class_index), tf.int32), s)
         cam_np = np.asarray(cam, dtype=np.float32)
         peak = float(cam_np.max())
         cam_np = cam_np / peak if peak > 0 else np.zeros_like(cam_np)

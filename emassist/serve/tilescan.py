@@ -9,6 +9,10 @@ the next batch cut on a second thread while the model runs the current one. The 
 ``[rows, cols, classes]``; :func:`heatmap` spreads one class's scores back over the pixels (the mean over the
 tiles covering each pixel).
 
+A scale-aware model (:mod:`emassist.model.scale`) gets every tile's pixel size: the full image's (``scale``: from
+the caller, its tags or its data bar), scaled to the tile's model input (the tile's width over the model's input
+side, where a whole image takes the image's width): ``predict(tiles, scale)`` with the same ``"scale"`` row for each.
+
 A featureless overview (a blank frame: :meth:`Preprocessor.check_features` on the whole cropped image) is refused with
 ``ImageRejected``; flat tiles inside a real overview (a bare substrate, a background region) are scored like any other.
 """
@@ -32,10 +36,12 @@ from tqdm import tqdm
 from emassist.config.settings import ParamsError, check_tiling
 from emassist.core.atomic import atomic_path
 from emassist.data.preprocess import Preprocessor
+from emassist.model.scale import ScaleUsed, model_input_pixel_size_nm, scale_features
 from emassist.serve.drawing import overlay, png_bytes
 
-#: standardized uint8 tiles ``[B, S, S]`` → probabilities ``[B, n_classes]``
-PredictFn = Callable[[np.ndarray], np.ndarray]
+#: standardized uint8 tiles ``[B, S, S]`` (and, for a scale-aware model, their float32 ``[B, 2]`` scale input)
+#: → probabilities ``[B, n_classes]``
+PredictFn = Callable[..., np.ndarray]
 
 #: the heat map is computed on a grid no larger than this on its longer side
 HEAT_MAX_SIDE = 1024
@@ -58,6 +64,9 @@ class TileScan:
     databar_rows: int = 0
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    pixel_size_nm: float | None = None  # of the full image (None: unknown, or a model without the scale input)
+    tile_pixel_size_nm: float | None = None  # of each tile's model input
+    pixel_size_source: str = ""  # request | tags | databar_scalebar | databar_mag | unknown; "": not used
 
     @property
     def n_tiles(self) -> int:
@@ -125,12 +134,15 @@ def scan(
     batch_size: int = 32,
     max_tiles: int | None = None,
     progress: bool | None = False,
+    scale: ScaleUsed | None = None,
 ) -> TileScan:
     """Classify every tile of the decoded full-resolution grayscale image ``gray`` ``[H, W]`` uint8.
 
     ``preprocessor`` (the model's) crops the data bar once and resizes each tile to its cache size; ``predict``
     gets uint8 ``[B, cache_size, cache_size]`` batches. Raises ``ImageRejected`` for a featureless overview (the
-    whole image, as a classify would see it); tiles are not checked.
+    whole image, as a classify would see it); tiles are not checked. ``scale`` (a scale-aware model: the full
+    image's pixel size, known or not): ``predict`` also gets each tile's scale input (the full image's pixel size
+    times the tile's width over ``preprocessor.image_size``); None: ``predict(tiles)`` alone.
     """
     started = time.perf_counter()
     g = np.asarray(gray)
@@ -143,6 +155,11 @@ def scan(
     preprocessor.check_features(preprocessor.resize(g))  # before any tile reaches the model
     ys, xs = positions(h, tile, stride), positions(w, tile, stride)
     side = min(tile, h, w) if (h < tile or w < tile) else tile
+    tile_nm = None
+    tile_scale: np.ndarray | None = None
+    if scale is not None:
+        tile_nm = model_input_pixel_size_nm(scale.nm, min(tile, w), int(preprocessor.image_size or 0))
+        tile_scale = scale_features([tile_nm])
     coords = [(r, c) for r in range(len(ys)) for c in range(len(xs))]
     scores = np.zeros((len(ys), len(xs), len(classes)), dtype=np.float32)
     batch_size = max(1, int(batch_size))
@@ -162,7 +179,10 @@ def scan(
             tiles = upcoming.result()
             if k + 1 < len(chunks):
                 upcoming = cutter.submit(cut, chunks[k + 1])
-            proba = np.asarray(predict(tiles), dtype=np.float32)
+            if tile_scale is None:
+                proba = np.asarray(predict(tiles), dtype=np.float32)
+            else:
+                proba = np.asarray(predict(tiles, np.repeat(tile_scale, len(tiles), axis=0)), dtype=np.float32)
             if proba.shape != (len(chunk), len(classes)):
                 raise RuntimeError(f"the model answered shape {proba.shape} for {len(chunk)} tiles")
             rows, cols = zip(*chunk, strict=True)
@@ -179,6 +199,9 @@ def scan(
         width=w,
         databar_rows=bar_rows,
         seconds=time.perf_counter() - started,
+        pixel_size_nm=None if scale is None or tile_nm is None else scale.nm,
+        tile_pixel_size_nm=tile_nm,
+        pixel_size_source="" if scale is None else (scale.source if tile_nm is not None else "unknown"),
     )
 
 

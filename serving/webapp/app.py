@@ -75,6 +75,7 @@ from emassist.data.decode import DecodedImage, ImageRejected, check_pixels, prob
 from emassist.data.hashing import sha256_of
 from emassist.data.predlog import LogWriter, PredictionLog, PredictionLogError, PredictionRow, image_stats
 from emassist.model.provenance import describe_training_data
+from emassist.model.scale import ScaleUsed
 from emassist.model.selective import ReviewPolicy
 from emassist.serve import tilescan
 from emassist.serve.backend import Backend, BackendError, BackendLoader, BackendNotFound
@@ -129,6 +130,7 @@ class Result:
     unfamiliar_score: float = 0.0
     sha256: str = ""  # of the upload's bytes, as ingest computes it
     corrected: str = ""  # the label a correction gave it on this page
+    scale: ScaleUsed | None = None  # the pixel size a scale-aware model used (None: a model without the input)
 
 
 @dataclass
@@ -146,6 +148,25 @@ def reject_status(reason: str) -> int:
     if reason.startswith(("not an image", "corrupt image header")):
         return 415
     return 422
+
+
+#: The results CSV's last columns for a scale-aware model.
+SCALE_CSV_COLUMNS = ("pixel_size_nm", "model_pixel_size_nm", "pixel_size_source")
+
+
+def _scale_cells(scale: ScaleUsed | None) -> list[str]:
+    if scale is None:
+        return ["", "", "unknown"]
+    return ["" if scale.nm is None else f"{scale.nm:.6g}", "" if scale.model_nm is None else f"{scale.model_nm:.6g}",
+            scale.source]  # fmt: skip
+
+
+def _pixel_size_json(scale: ScaleUsed | None) -> dict[str, Any] | None:
+    """What the page shows of the pixel size an answer used (None: the model takes none)."""
+    if scale is None:
+        return None
+    r = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in scale.as_dict().items()}
+    return {**r, "reason": scale.reason}
 
 
 def _data_url(png: bytes) -> str:
@@ -308,6 +329,7 @@ class WebApp:
             },
             "calibrated": b.calibrated,
             "familiarity_checked": b.familiarity_checked,
+            "scale_input": b.scale_aware,  # the model takes the pixel size (tags, data bar, else unknown)
             "training_data": {
                 **(b.config.get("training_data") or {}),
                 "text": self.training_line,
@@ -352,7 +374,11 @@ class WebApp:
         except ImageRejected as exc:  # e.g. a featureless (blank) frame
             raise HttpError(reject_status(exc.reason), f"{filename}: {exc.reason}") from exc
         try:
-            answer = self.backend.classify_file(data, gray)
+            scale = self.backend.upload_pixel_size(decoded, bar_rows)  # None: a model without the scale input
+            if scale is None:
+                answer = self.backend.classify_file(data, gray)
+            else:
+                answer = self.backend.classify_file(data, gray, scale)
         except BackendError as exc:
             raise HttpError(502, str(exc)) from exc
         visible_h = max(1, decoded.height - bar_rows)
@@ -370,6 +396,7 @@ class WebApp:
             unfamiliar=answer.unfamiliar,
             unfamiliar_score=answer.unfamiliar_score,
             sha256=sha256_of(data),
+            scale=answer.scale,
         )
         self._remember(self.results, result.id, result, MAX_RESULTS)
         self._keep_upload(result.id, data)
@@ -403,6 +430,7 @@ class WebApp:
             "model": self.backend.info.as_dict(),
             "sha256": r.sha256,
             "corrected": r.corrected,
+            "pixel_size": _pixel_size_json(r.scale),
         }
 
     # --------------------------------------------------------------------------------------------- corrections
@@ -489,7 +517,7 @@ class WebApp:
             raise HttpError(503, f"Grad-CAM is not available: {self._gradcam_error}")
         k = classes.index(class_name) if class_name else int(np.argmax(r.proba))
         with self._lock:  # TensorFlow's tape on two cores: one at a time
-            heat, k = cam(r.gray, k)
+            heat, k = cam(r.gray, k, r.scale.features() if r.scale is not None else None)
         image = overlay(_preview(r.gray, r.aspect), heat)
         return {"id": r.id, "class": classes[k], "layer": cam.layer_name, "overlay": _data_url(self._png(image))}
 
@@ -504,7 +532,8 @@ class WebApp:
         info = self.backend.info
         writer.writerow(["filename", "label", "confidence", "needs_review", "review_reason", "unfamiliar",
                          "unfamiliar_score", "top2", "top3", *classes,
-                         "model", "model_version", "model_alias", "width", "height", "format"])  # fmt: skip
+                         "model", "model_version", "model_alias", "width", "height", "format",
+                         *(SCALE_CSV_COLUMNS if self.backend.scale_aware else ())])  # fmt: skip
         for r in chosen:
             j = self.result_json(r)
             tops = [t["class"] for t in j["top"]] + ["", ""]
@@ -523,6 +552,7 @@ class WebApp:
                 ]
                 + [f"{float(p):.6f}" for p in r.proba]
                 + [info.name, info.version, info.alias, r.width, r.height, r.format]
+                + (_scale_cells(r.scale) if self.backend.scale_aware else [])
             )
         return buf.getvalue()
 
@@ -538,6 +568,9 @@ class WebApp:
             raise HttpError(400, str(exc)) from exc
         decoded = self.decode(data, filename)
         try:
+            scale = None
+            if self.backend.scale_aware:  # the full image's pixel size; each tile gets it scaled to its model input
+                scale = self.backend.read_pixel_size(decoded, self.backend.preprocessor.crop(decoded.gray)[1])
             result = tilescan.scan(
                 decoded.gray,
                 self.backend.probabilities,
@@ -547,6 +580,7 @@ class WebApp:
                 preprocessor=self.backend.preprocessor,
                 batch_size=self.cfg.tile_batch,
                 max_tiles=self.cfg.max_tiles,
+                scale=scale,
             )
         except ImageRejected as exc:  # a featureless overview
             raise HttpError(reject_status(exc.reason), f"{filename}: {exc.reason}") from exc
@@ -592,6 +626,13 @@ class WebApp:
             "peak": {"row": int(peak[0]), "col": int(peak[1]), "x": res.xs[int(peak[1])], "y": res.ys[int(peak[0])]},
             "heatmap": _data_url(self._png(image)),
             "model": self.backend.info.as_dict(),
+            "pixel_size": None
+            if not res.pixel_size_source
+            else {
+                "pixel_size_nm": res.pixel_size_nm,
+                "model_pixel_size_nm": res.tile_pixel_size_nm,
+                "pixel_size_source": res.pixel_size_source,
+            },
         }
 
 

@@ -93,6 +93,30 @@ function bars(top) {
   return box;
 }
 
+// The pixel size a scale-aware model used, and where it came from (the answer's pixel_size; null: no scale input).
+const PIXEL_SOURCES = {
+  request: "given with the request", tags: "from the TIFF tags", databar_scalebar: "from the data bar's scale bar",
+  databar_mag: "from the data bar's magnification / field width", unknown: "unknown",
+};
+
+function nm(value) {
+  if (value === null || value === undefined || Number.isNaN(value)) return "?";
+  return value >= 1000 ? `${(value / 1000).toPrecision(3)} µm` : `${Number(value).toPrecision(3)} nm`;
+}
+
+function pixelSizeText(p) {
+  const where = PIXEL_SOURCES[p.pixel_size_source] || p.pixel_size_source;
+  if (p.pixel_size_source === "unknown" || p.model_pixel_size_nm === null) {
+    return `Pixel size unknown${p.reason ? ` (${p.reason})` : ""}: classified without it`;
+  }
+  return `Pixel size ${nm(p.pixel_size_nm)} ${where}; ${nm(p.model_pixel_size_nm)} at the model's input`;
+}
+
+function pixelSizeLine(p) {
+  return el("div", { class: "pixel-size", "data-testid": "pixel-size", "data-source": p.pixel_size_source,
+    text: pixelSizeText(p) });
+}
+
 function pendingCard(file) {
   return el("div", { class: "card pending" }, [
     el("div", { class: "card-body" }, [
@@ -120,6 +144,7 @@ function resultCard(r) {
     body.append(el("div", { class: "review-reason", "data-testid": "review-reason", text: r.review_reason }));
   }
   body.append(bars(r.top));
+  if (r.pixel_size) body.append(pixelSizeLine(r.pixel_size));
   body.append(correctionBox(r));
   const card = el("div", { class: "card" + (r.needs_review ? " low" : ""), "data-testid": "result" },
     [el("div", { class: "thumb" }, [img, badge]), body]);
@@ -274,7 +299,7 @@ function showScan(s) {
     `pixel (dark: low, bright: high). Peak ${(s.max * 100).toFixed(0)} % at x=${s.peak.x}, y=${s.peak.y}.`;
   $("scan-meta").textContent = `${s.filename}: ${s.n_tiles} tiles (${s.cols}×${s.rows}) of ${s.tile} px every ` +
     `${s.stride} px over ${s.width}×${s.height} px` + (s.databar_rows ? ` (data bar of ${s.databar_rows} rows cropped)` : "") +
-    ` in ${s.seconds.toFixed(1)} s.`;
+    ` in ${s.seconds.toFixed(1)} s.` + (s.pixel_size ? ` ${pixelSizeText(s.pixel_size)} (each tile).` : "");
   $("scan-csv").href = `/api/scan/${s.id}/tiles.csv`;
   $("scan-result").dataset.grid = JSON.stringify(s.grid);
 }
