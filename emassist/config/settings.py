@@ -111,7 +111,7 @@ class IngestParams:
     min_side: int = 16
     crop_databar: bool = True
     min_contrast: float = 2.0  # std of gray levels (0..255) after the data-bar crop; flatter frames: featureless
-    read_databar: bool = False  # pixel size off the data bar (OCR + scale bar) where the tags lack it
+    read_databar: bool = True  # pixel size off the data bar (OCR + scale bar) where the tags lack it
     workers: int = 0
 
     def check(self) -> None:
