@@ -382,23 +382,13 @@ def _label_look(bar: np.ndarray, image_width: int) -> tuple[BarReading | None, s
     found, nm = reading.bar, reading.label_nm
     if reading.pixel_size_nm is None or found is None or nm is None or (found.x0, found.x1) != (run.x0, run.x1):
         return None, reading.text
-    label = next((w for w in words if reading.label_text.startswith(w.text)), None)
+    boxes = [(left, right, bottom - top) for n, text, left, top, right, bottom in _labels(words)
+             if (n, text) == (nm, reading.label_text)]  # fmt: skip
     spelled = _SPELLED_RE.search(reading.label_text) is not None
-    centred = (
-        label is not None
-        and run.x0 - label.height <= (label.left + _label_right(words, label)) / 2 <= run.x1 + label.height
-    )
+    centred = any(run.x0 - lh <= (left + right) / 2 <= run.x1 + lh for left, right, lh in boxes)
     if not (_round(nm) and spelled and centred):
         return None, reading.text
     return reading, reading.text
-
-
-def _label_right(words: list[Word], first: Word) -> float:
-    """The right edge of a label that starts with word ``first`` (its number and, on the same line, its unit)."""
-    i = words.index(first)
-    if i + 1 < len(words) and words[i + 1].line == first.line and not any(c.isdigit() for c in words[i + 1].text):
-        return words[i + 1].right
-    return first.right
 
 
 # --------------------------------------------------------------------------------------------------- reading

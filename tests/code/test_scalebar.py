@@ -89,3 +89,55 @@ def test_missing_ocr_model_is_unavailable(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert "language data not found" in (scalebar.engine_available() or "")
     with pytest.raises(scalebar.OcrUnavailable):
         scalebar.ocr_words(_bar(50))
+
+
+def _fake_ocr(label_words: list[Word], whole_words: list[Word], calls: list[bool]) -> object:
+    """OCR that answers the label crop (digits only) and the whole bar with the given words, noting each call."""
+
+    def ocr(bar: np.ndarray, digits_only: bool = False) -> list[Word]:
+        calls.append(digits_only)
+        return label_words if digits_only else whole_words
+
+    return ocr
+
+
+# _bar's scale bar runs over columns 180-230, so the label crop starts at column 155 (half the run before it)
+CROP_LEFT = 155
+
+
+def test_label_first_reads_a_centred_round_label_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool] = []
+    monkeypatch.setattr(scalebar, "ocr_words", _fake_ocr(_label("200 nm", left=195 - CROP_LEFT), [], calls))
+    reading = scalebar.read_databar(_bar(50), 256)
+    assert reading.source == "databar_scalebar" and reading.pixel_size_nm == pytest.approx(4.0)
+    assert calls == [True] and reading.text == "200 nm"  # the whole bar was not read
+
+
+@pytest.mark.parametrize(
+    ("text", "left"),
+    [
+        ("4 mm", 0),  # a round length beside the run, not centred over it (a working distance)
+        ("5m", 195 - CROP_LEFT),  # the unit not read in full
+        ("150 nm", 195 - CROP_LEFT),  # not a round length
+    ],
+)
+def test_label_first_leaves_doubtful_labels_to_the_whole_bar(
+    monkeypatch: pytest.MonkeyPatch, text: str, left: float
+) -> None:
+    calls: list[bool] = []
+    monkeypatch.setattr(scalebar, "ocr_words", _fake_ocr(_label(text, left=left), _label("200 nm"), calls))
+    reading = scalebar.read_databar(_bar(50), 256)
+    assert calls == [True, False]  # the label crop, then the whole bar
+    assert reading.source == "databar_scalebar" and reading.pixel_size_nm == pytest.approx(4.0)
+    assert reading.label_text == "200 nm"  # the whole bar's label, not the doubtful one
+
+
+def test_whole_bar_first_reads_the_magnification(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool] = []
+    whole = _label("200 nm") + [
+        Word(t, 10 + 30 * k, 14, 25, 8, (1, 1, 2)) for k, t in enumerate(["Mag", "=", "50.00", "KX"])
+    ]
+    monkeypatch.setattr(scalebar, "ocr_words", _fake_ocr([], whole, calls))
+    reading = scalebar.read_databar(_bar(50), 256, label_first=False)
+    assert calls == [False] and reading.magnification == pytest.approx(50000)
+    assert reading.source == "databar_scalebar" and reading.pixel_size_nm == pytest.approx(4.0)
