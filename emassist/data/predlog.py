@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 SOURCES = ("web", "cli", "scan", "server", "watch", "batch")
 CORRECTION_STATUSES = ("ok", "conflicting")
 
+#: Creators of the tables in this process take turns (see :meth:`PredictionLog.ensure_tables`).
+_CREATE_LOCK = threading.Lock()
+#: A CREATE that lost a race to another process is checked again this many times in all.
+CREATE_ATTEMPTS = 3
+
 _metadata = sa.MetaData()
 PREDICTIONS = sa.Table(
     "predictions",
@@ -179,12 +184,25 @@ class PredictionLog:
         self._ready = False
 
     def ensure_tables(self) -> None:
+        """Create the tables (and their indexes) that are missing; safe when several creators race on one store.
+
+        ``create_all`` checks for each table, then creates it: two creators (two stores on one file in a process,
+        e.g. the page's and its log writer's; or two processes) can both find it missing, and the second CREATE fails
+        with "table ... already exists". Creators of one process take turns (:data:`_CREATE_LOCK`); a CREATE that
+        loses to another process is followed by a fresh check (``create_all`` again: the table is there now)."""
         if self._ready:
             return
-        try:
-            _metadata.create_all(self.engine)
-        except sa.exc.SQLAlchemyError as exc:
-            raise PredictionLogError(f"cannot open the prediction log {safe_url(self.db_uri)}: {_short(exc)}") from exc
+        with _CREATE_LOCK:
+            for attempt in range(1, CREATE_ATTEMPTS + 1):
+                try:
+                    _metadata.create_all(self.engine, checkfirst=True)
+                    break
+                except sa.exc.SQLAlchemyError as exc:
+                    if attempt < CREATE_ATTEMPTS and _already_exists(exc):
+                        continue  # another creator got there between the check and the CREATE: check again
+                    raise PredictionLogError(
+                        f"cannot open the prediction log {safe_url(self.db_uri)}: {_short(exc)}"
+                    ) from exc
         self._ready = True
 
     # ------------------------------------------------------------------------------------------- writes
@@ -315,6 +333,13 @@ def _sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
         pass
     finally:
         cursor.close()
+
+
+def _already_exists(exc: BaseException) -> bool:
+    """Whether a failed CREATE lost a race to another creator (SQLite: "table/index ... already exists";
+    PostgreSQL: DuplicateTable, or a duplicate key in pg_type when both CREATE at once)."""
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    return "already exists" in text or ("duplicate key" in text and "pg_type" in text)
 
 
 def _short(exc: BaseException) -> str:
