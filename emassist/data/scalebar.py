@@ -45,6 +45,9 @@ PLAUSIBLE_NM = (0.01, 1e6)
 _CONTRAST = 64
 #: OCR works best on text a few tens of pixels high: bars are upscaled to at least this many rows.
 _OCR_MIN_ROWS = 60
+#: A scale bar's label crop is read at the scale for this many rows, then (when that gives nothing sure) for the next:
+#: a lone '1' in a 20-row demo bar can be lost at 3x and read at 4x, while 3x reads more labels overall.
+_LABEL_OCR_MIN_ROWS = (60, 80)
 _OCR_MAX_SCALE = 4
 # Tesseract: sparse text (page segmentation mode 11), the LSTM engine, no inversion of its own (done here).
 _TESSERACT_VARIABLES = {"tessedit_do_invert": "0"}
@@ -128,12 +131,17 @@ class BarReading:
 # --------------------------------------------------------------------------------------------------- OCR
 
 
-def _ocr_image(bar: np.ndarray) -> tuple[Image.Image, float, bool]:
+def _ocr_scale(rows: int, min_rows: int) -> int:
+    """The upscaling factor OCR reads a crop of ``rows`` rows at."""
+    return min(_OCR_MAX_SCALE, max(1, round(min_rows / max(1, rows))))
+
+
+def _ocr_image(bar: np.ndarray, min_rows: int = _OCR_MIN_ROWS) -> tuple[Image.Image, float, bool]:
     """The bar as OCR sees it: dark text on light ground, upscaled; with its scale factor and whether inverted."""
     bg = int(np.bincount(bar.ravel(), minlength=256).argmax())
     inverted = bg < 128
     g = 255 - bar if inverted else bar
-    scale = min(_OCR_MAX_SCALE, max(1, round(_OCR_MIN_ROWS / max(1, bar.shape[0]))))
+    scale = _ocr_scale(bar.shape[0], min_rows)
     im = Image.fromarray(np.ascontiguousarray(g))
     if scale > 1:
         im = im.resize((im.width * scale, im.height * scale), Image.Resampling.BICUBIC)
@@ -176,13 +184,13 @@ def _engine(digits_only: bool) -> Any:
     return engines[key]
 
 
-def ocr_words(bar: np.ndarray, digits_only: bool = False) -> list[Word]:
+def ocr_words(bar: np.ndarray, digits_only: bool = False, *, min_rows: int = _OCR_MIN_ROWS) -> list[Word]:
     """Tesseract's words in a data-bar crop (uint8, H×W), with their boxes and layout lines; ``digits_only``: a scale
     bar's label (digits and length units). Raises OcrUnavailable / OcrFailed."""
     import tesserocr
 
     api = _engine(digits_only)
-    im, scale, _ = _ocr_image(bar)
+    im, scale, _ = _ocr_image(bar, min_rows)
     words: list[Word] = []
     try:
         api.SetImage(im)
@@ -196,7 +204,10 @@ def ocr_words(bar: np.ndarray, digits_only: bool = False) -> list[Word]:
                 para, line = para + 1, 0
             if it.IsAtBeginningOf(tesserocr.RIL.TEXTLINE):
                 line += 1
-            text = (it.GetUTF8Text(tesserocr.RIL.WORD) or "").strip()
+            try:
+                text = (it.GetUTF8Text(tesserocr.RIL.WORD) or "").strip()
+            except RuntimeError:  # tesserocr's "No text returned" for a word without text: no word, not a failure
+                text = ""
             box = it.BoundingBox(tesserocr.RIL.WORD)
             if text and box:
                 x1, y1, x2, y2 = box
@@ -368,27 +379,38 @@ def _label_look(bar: np.ndarray, image_width: int) -> tuple[BarReading | None, s
     The reading counts only for a round label (1, 2, 2.5, 3, 4 or 5 times a power of ten) with its unit spelled out
     (nm, um/µm, mm), centred over that same run and measured against it: a length elsewhere in the bar (a working
     distance, a field width) or a run that is one piece of a bar split by its label (FEI) is left to the whole-bar
-    reading.
+    reading. The crop is read at a second scale when the first gives no such label (see _LABEL_OCR_MIN_ROWS).
     """
     candidates = bar_candidates(bar)
     if not candidates:
         return None, ""
     run = candidates[0]
     window, x_offset = _label_window(bar, run)
-    words = [
-        Word(w.text, w.left + x_offset, w.top, w.width, w.height, w.line) for w in ocr_words(window, digits_only=True)
-    ]
-    reading = interpret(words, bar, image_width, mag_fallback=False)
+    text, scales = "", set()
+    for min_rows in _LABEL_OCR_MIN_ROWS:
+        scale = _ocr_scale(window.shape[0], min_rows)
+        if scale in scales:
+            continue
+        scales.add(scale)
+        words = [Word(w.text, w.left + x_offset, w.top, w.width, w.height, w.line)
+                 for w in ocr_words(window, digits_only=True, min_rows=min_rows)]  # fmt: skip
+        reading = interpret(words, bar, image_width, mag_fallback=False)
+        text = text or reading.text
+        if _sure_label(reading, words, run):
+            return reading, reading.text
+    return None, text
+
+
+def _sure_label(reading: BarReading, words: list[Word], run: ScaleBar) -> bool:
+    """Whether a label-crop reading is sure enough to skip the whole bar (see :func:`_label_look`)."""
     found, nm = reading.bar, reading.label_nm
     if reading.pixel_size_nm is None or found is None or nm is None or (found.x0, found.x1) != (run.x0, run.x1):
-        return None, reading.text
+        return False
     boxes = [(left, right, bottom - top) for n, text, left, top, right, bottom in _labels(words)
              if (n, text) == (nm, reading.label_text)]  # fmt: skip
     spelled = _SPELLED_RE.search(reading.label_text) is not None
     centred = any(run.x0 - lh <= (left + right) / 2 <= run.x1 + lh for left, right, lh in boxes)
-    if not (_round(nm) and spelled and centred):
-        return None, reading.text
-    return reading, reading.text
+    return _round(nm) and spelled and centred
 
 
 # --------------------------------------------------------------------------------------------------- reading

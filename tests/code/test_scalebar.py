@@ -68,13 +68,13 @@ def test_a_one_pixel_bar_is_unknown() -> None:
 
 
 def test_tags_win_and_the_bar_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scalebar, "ocr_words", lambda bar, digits_only=False: _label("200 nm"))
+    monkeypatch.setattr(scalebar, "ocr_words", lambda bar, digits_only=False, min_rows=0: _label("200 nm"))
     size = resolve_pixel_size(40.0, _bar(50), 256)
     assert (size.nm, size.source, size.databar_nm) == (40.0, "tags", pytest.approx(4.0))
 
 
 def test_engine_crash_or_absence_makes_the_image_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
-    def crash(bar: np.ndarray, digits_only: bool = False) -> list[Word]:
+    def crash(bar: np.ndarray, digits_only: bool = False, min_rows: int = 0) -> list[Word]:
         raise scalebar.OcrFailed("OCR engine failed: TesseractError: (-11, 'segfault')")
 
     monkeypatch.setattr(scalebar, "ocr_words", crash)
@@ -94,7 +94,7 @@ def test_missing_ocr_model_is_unavailable(monkeypatch: pytest.MonkeyPatch, tmp_p
 def _fake_ocr(label_words: list[Word], whole_words: list[Word], calls: list[bool]) -> object:
     """OCR that answers the label crop (digits only) and the whole bar with the given words, noting each call."""
 
-    def ocr(bar: np.ndarray, digits_only: bool = False) -> list[Word]:
+    def ocr(bar: np.ndarray, digits_only: bool = False, min_rows: int = 0) -> list[Word]:
         calls.append(digits_only)
         return label_words if digits_only else whole_words
 
@@ -127,7 +127,7 @@ def test_label_first_leaves_doubtful_labels_to_the_whole_bar(
     calls: list[bool] = []
     monkeypatch.setattr(scalebar, "ocr_words", _fake_ocr(_label(text, left=left), _label("200 nm"), calls))
     reading = scalebar.read_databar(_bar(50), 256)
-    assert calls == [True, False]  # the label crop, then the whole bar
+    assert calls == [True, True, False]  # the label crop at two scales, then the whole bar
     assert reading.source == "databar_scalebar" and reading.pixel_size_nm == pytest.approx(4.0)
     assert reading.label_text == "200 nm"  # the whole bar's label, not the doubtful one
 
