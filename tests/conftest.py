@@ -22,6 +22,14 @@ REAL_SEM_DIR = REPO_ROOT.parent / "shared" / "real_sem"
 LAYERS = ("code", "data", "model", "system")
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import __main__
+
+    # An xdist worker's __main__ is execnet's `python -c` bootstrap: no __file__, no __spec__. pyspark.sql.connect
+    # (imported by Great Expectations) takes that for a doctest run and calls sys.exit(0) when its gRPC extras are
+    # missing. Give it a file: this folder's empty __init__.py (also harmless if a forkserver re-imports it).
+    if getattr(__main__, "__spec__", None) is None and not hasattr(__main__, "__file__"):
+        __main__.__file__ = str(Path(__file__).with_name("__init__.py"))
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 # Prefect creates its home (settings, a local database) on first import: one per test session, removed at the end.
 # Under pytest-xdist every worker has its own: a worker inherits the controller's environment, so a value this file
