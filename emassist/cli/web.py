@@ -82,6 +82,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         print(f"error: --class: unknown class {args.class_name!r} (the model knows: {', '.join(backend.classes)})",
               file=sys.stderr)  # fmt: skip
         return 2
+    scale = _scan_pixel_size(args, backend, decoded)  # None: a model without the scale input
     try:
         result = tilescan.scan(
             decoded.gray,
@@ -93,6 +94,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
             batch_size=args.batch_size or cfg.tile_batch,
             max_tiles=cfg.max_tiles,
             progress=False if args.no_progress else None,
+            scale=scale,
         )
     except ImageRejected as exc:  # e.g. a featureless (blank) overview
         print(f"error: {args.image}: {exc.reason}", file=sys.stderr)
@@ -115,7 +117,43 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         f"at x={result.xs[c]} y={result.ys[r]}, mean {grid.mean():.3f}; wrote {args.out}"
         + (f" and {args.csv}" if args.csv else "")
     )
+    if scale is not None:
+        print(scan_pixel_line(result, scale))
     return 0
+
+
+def _scan_pixel_size(args: argparse.Namespace, backend: Any, decoded: Any) -> Any:
+    """The full image's pixel size for a scale-aware model (a :class:`~emassist.model.scale.ScaleUsed`): the checked
+    ``--pixel-size-nm``, else read as the page reads it (tags, else the data bar, else unknown); None for a model
+    without the scale input (``--pixel-size-nm`` is then ignored, with a note)."""
+    from emassist.model.scale import ScaleUsed
+
+    if not backend.scale_aware:
+        if args.pixel_size_nm is not None:
+            print("note: --pixel-size-nm ignored: this model takes no pixel size", file=sys.stderr)
+        return None
+    if args.pixel_size_nm is not None:
+        return ScaleUsed.of(args.pixel_size_nm, "request", decoded.width, int(backend.preprocessor.image_size or 0))
+    return backend.read_pixel_size(decoded, backend.preprocessor.crop(decoded.gray)[1])
+
+
+def scan_pixel_line(result: Any, scale: Any) -> str:
+    """What ``emassist scan`` says of the pixel size a scale-aware model used for the tiles."""
+    if result.tile_pixel_size_nm is None:
+        why = f": {scale.reason}" if scale.reason else ""
+        return f"pixel size: unknown{why} (the tiles were scored without it)"
+    return (f"pixel size: {result.pixel_size_nm:.4g} nm/px (source: {result.pixel_size_source}); each tile's model "
+            f"input {result.tile_pixel_size_nm:.4g} nm/px")  # fmt: skip
+
+
+def _pixel_size_arg(text: str) -> float:
+    """``--pixel-size-nm``: a plausible pixel size, or the reason it is none."""
+    from emassist.model.scale import pixel_size_problem
+
+    problem = pixel_size_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return float(text)
 
 
 def scan_summary(result: Any) -> tuple[str, float, dict[str, float]]:
@@ -227,5 +265,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-log", action="store_true",
                    help="do not append the scan's summary to the prediction log (monitoring.db_uri)")  # fmt: skip
+    p.add_argument("--pixel-size-nm", type=_pixel_size_arg, metavar="NM",
+                   help="nm per pixel of IMAGE, for a scale-aware model (default: its TIFF tags, else its data bar, "
+                   "else unknown); each tile gets it scaled to its model input")  # fmt: skip
     _model_options(p)
     p.set_defaults(func=_cmd_scan)

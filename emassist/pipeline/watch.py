@@ -44,9 +44,10 @@ import numpy as np
 from emassist.config.settings import Params, WatchParams
 from emassist.data.hashing import file_sha256
 from emassist.data.predlog import LogWriter
+from emassist.model.scale import ScaleUsed
 from emassist.pipeline.watch_files import Lapse, Ripe, Tracker, ignore_rule, still_writing, walk_files
 from emassist.pipeline.watch_outputs import REJECTED_DIR, Alerter, Results, done_of, sort_copy
-from emassist.pipeline.watch_scorer import Scorer
+from emassist.pipeline.watch_scorer import Scorer, scale_fields
 from emassist.pipeline.watch_state import Done, WatchState, stat_sig
 from emassist.serve.backend import BackendError
 from emassist.serve.predlog_hooks import prediction_row
@@ -58,6 +59,14 @@ RATE_WINDOW_S = 10.0  # the progress line's rate: answers over the last this man
 SETTLE_RETRY_S = 1.0  # the settler failed (e.g. the state file): its files are tried again after this
 
 Listener = Callable[[dict[str, Any], "np.ndarray | None"], None]
+
+
+def _pixel_note(record: dict[str, Any]) -> str:
+    """A scale-aware model's line: the pixel size its answer used and where it came from."""
+    nm = record.get("pixel_size_nm")
+    if nm is None:
+        return "  (pixel size unknown)"
+    return f"  ({nm:.4g} nm/px from {record.get('pixel_size_source')})"
 
 
 def default_out(folder: Path) -> Path:
@@ -97,6 +106,7 @@ class Item:
     reason: str = ""
     image: np.ndarray | None = None
     facts: Any = None
+    scale: ScaleUsed | None = None  # the pixel size a scale-aware model gets (tags, data bar, else unknown)
 
 
 @dataclass
@@ -143,7 +153,8 @@ class Watcher:
         self.queue: queue.Queue[Item] = queue.Queue(maxsize=self.cfg.queue_size)
         self.stats = Stats()
         self.state = WatchState(self.out / self.cfg.state_file)
-        self.results = Results(self.out, scorer.classes)
+        self.scale_aware = bool(getattr(scorer, "scale_aware", False))  # the records say the pixel size used
+        self.results = Results(self.out, scorer.classes, scale=self.scale_aware)
         min_conf = options.min_confidence if options.min_confidence is not None else self.cfg.min_confidence
         self.alerter = Alerter(options.alert, min_conf, url=options.alert_url, timeout_s=self.cfg.alert_timeout_s,
                                on_error=lambda m: self.say(f"warning: {m}"))  # fmt: skip
@@ -410,7 +421,7 @@ class Watcher:
                 self.tracker.done(r.path)
                 self._count_skipped(rel)
                 continue
-            item = Item(rel, r.path, "ready", r.sig, now, sha, image=p.image, facts=p.facts)
+            item = Item(rel, r.path, "ready", r.sig, now, sha, image=p.image, facts=p.facts, scale=p.scale)
             self.tracker.done(r.path, hold=True)
             self._put(item)
 
@@ -470,7 +481,7 @@ class Watcher:
         ready = [it for it in batch if it.status == "ready"]
         while True:
             try:
-                frame = self.scorer.answer([it.image for it in ready]) if ready else None
+                frame = self.scorer.answer(ready) if ready else None
                 break
             except BackendError as exc:
                 self.say(f"warning: {exc}; trying again in {RETRY_S:g} s")
@@ -515,6 +526,8 @@ class Watcher:
                                   "unfamiliar": None, "unfamiliar_score": None, "error": it.reason,
                                   "sha256": it.sha256, "sig": it.sig, "model": info.name,
                                   "model_version": info.version, "sorted_to": ""}  # fmt: skip
+        if self.scale_aware:  # a file that got no answer used no pixel size: empty
+            record.update(pixel_size_nm=None, model_pixel_size_nm=None, pixel_size_source="")
         if row is not None:
             error = str(row.get("error") or "")
             if error:  # refused by the model's side (cannot happen for a prepared image, but never lose it)
@@ -532,6 +545,8 @@ class Watcher:
                     if checked and "unfamiliar_score" in row else None,
                     probabilities={c: round(float(row[c]), 6) for c in self.scorer.classes},
                 )  # fmt: skip
+                if self.scale_aware:
+                    record.update(scale_fields(row))
         elif it.status == "ready":
             record.update(status="rejected", error="no answer")
         if self.options.sort and record["status"] in ("classified", "rejected"):
@@ -552,7 +567,8 @@ class Watcher:
             self._answers.append(now)
             self._log(it, record)
             line = (f"{record['relpath']}: {record['label']} {record['confidence']:.3f}"
-                    + (f"  [check: {record['review_reason']}]" if record["needs_review"] else ""))  # fmt: skip
+                    + (f"  [check: {record['review_reason']}]" if record["needs_review"] else "")
+                    + (_pixel_note(record) if self.scale_aware else ""))  # fmt: skip
         elif status == "incomplete":
             self.stats.incomplete += 1
             line = f"{record['relpath']}: INCOMPLETE {record['error']}"

@@ -32,17 +32,23 @@ BASE_COLUMNS = ("time", "path", "status", "label", "confidence", "needs_review",
                 "unfamiliar_score", "error", "sha256", "model", "model_version", "sorted_to")  # fmt: skip
 
 
-def csv_columns(classes: Sequence[str]) -> list[str]:
-    return [*BASE_COLUMNS, *classes]
+#: The last columns of a scale-aware model's results: the pixel size its answer used (the file's, the model
+#: input's) and where it came from (tags | databar_scalebar | databar_mag | unknown); empty for a file not answered.
+SCALE_COLUMNS = ("pixel_size_nm", "model_pixel_size_nm", "pixel_size_source")
+
+
+def csv_columns(classes: Sequence[str], *, scale: bool = False) -> list[str]:
+    return [*BASE_COLUMNS, *classes, *(SCALE_COLUMNS if scale else ())]
 
 
 class Results:
     """results.jsonl (one JSON object a line: the record, probabilities as an object) and results.csv (the same,
-    one column per class) in the output folder."""
+    one column per class; a scale-aware model's (``scale``) also :data:`SCALE_COLUMNS`) in the output folder."""
 
-    def __init__(self, out: Path, classes: Sequence[str]) -> None:
+    def __init__(self, out: Path, classes: Sequence[str], *, scale: bool = False) -> None:
         self.out = out
         self.classes = list(classes)
+        self.scale = scale
         self.jsonl_path = out / RESULTS_JSONL
         self.csv_path = out / RESULTS_CSV
         out.mkdir(parents=True, exist_ok=True)
@@ -83,11 +89,11 @@ class Results:
         return len(recovered)
 
     def _open_csv(self, done: int | None) -> None:
-        header = csv_columns(self.classes)
+        header = csv_columns(self.classes, scale=self.scale)
         if self.csv_path.exists() and self.csv_path.stat().st_size > 0:
             with open(self.csv_path, encoding="utf-8", newline="") as fh:
                 first = next(csv.reader([fh.readline()]), [])
-            if first != header:  # another model's classes: keep the old file, start a new one
+            if first != header:  # another model's classes (or scale input): keep the old file, start a new one
                 self.csv_path.rename(self.csv_path.with_name(f"results-{time.strftime('%Y%m%d-%H%M%S')}.csv"))
                 done = None
             else:  # cut back to the last commit (none yet: to the header); the recovered rows are written again
@@ -117,7 +123,8 @@ class Results:
         for r in records:
             probs = r.get("probabilities") or {}
             row = ["" if r.get(c) is None else r.get(c) for c in BASE_COLUMNS]
-            writer.writerow(row + [probs.get(c, "") for c in self.classes])
+            tail = ["" if r.get(c) is None else r.get(c) for c in SCALE_COLUMNS] if self.scale else []
+            writer.writerow(row + [probs.get(c, "") for c in self.classes] + tail)
 
     def _sync(self) -> None:
         for fh in (self._jsonl, self._csv):

@@ -209,6 +209,7 @@ class _Prepared:
         self.image = np.zeros((4, 4), np.uint8)
         self.error = ""
         self.facts = _Facts(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+        self.scale = None  # a model without the scale input
 
 
 class FakeScorer:
