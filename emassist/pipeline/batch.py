@@ -33,6 +33,12 @@ The job, in order (see docs/batch.md):
    swapped in), so rows are never duplicated. The prediction log gets each answer once per (image sha256, model
    version): a re-run logs only images not logged for that model version before (:func:`log_rows`).
 
+A scale-aware model (``scale_input`` in its serving config, :mod:`emassist.model.scale`) reads each file's own pixel
+size (its tags, else its data bar) in the pyfunc, and the Parquet gets three more columns before the model's name:
+``pixel_size_nm`` (of the file; null when unknown), ``model_pixel_size_nm`` (of the model input) and
+``pixel_size_source`` (``tags | databar_scalebar | databar_mag | unknown``; empty for a file that got no answer).
+Older models write the columns they always wrote.
+
 ``s3://`` sources are mirrored to a local folder first (:mod:`emassist.pipeline.batch_s3`): the pyspark wheel
 ships no ``hadoop-aws`` jars; ``s3a://`` goes straight to Spark where those jars are supplied.
 """
@@ -63,7 +69,7 @@ from emassist.model.provenance import describe_training_data
 from emassist.pipeline.batch_udf import precheck_udf, sentinel_png
 from emassist.serve.predict import MODEL_CONFIG_PATH, training_data_lines
 from emassist.serve.predlog_hooks import ImageFacts, ModelIdentity, open_writer, prediction_row
-from emassist.serve.pyfunc import ERROR_COLUMN, TRUST_COLUMNS
+from emassist.serve.pyfunc import ERROR_COLUMN, SCALE_COLUMNS, TRUST_COLUMNS
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -119,6 +125,11 @@ class ResolvedModel:
     @property
     def classes(self) -> list[str]:
         return [str(c) for c in self.config["classes"]]
+
+    @property
+    def scale_aware(self) -> bool:
+        """Whether the model takes the pixel size (its serving config's ``scale_input``; older models: no)."""
+        return bool(self.config.get("scale_input", False))
 
 
 def default_model_uri(params: Params) -> str:
@@ -217,8 +228,9 @@ def spark_session(master: str, params: Params, conf: dict[str, str] | None = Non
     return builder.getOrCreate()
 
 
-def result_schema(classes: Sequence[str]) -> Any:
-    """The pyfunc's output columns as a Spark struct (the model signature's outputs, in order)."""
+def result_schema(classes: Sequence[str], *, scale: bool = False) -> Any:
+    """The pyfunc's output columns as a Spark struct (the model signature's outputs, in order); ``scale``: a
+    scale-aware model's, which end with the pixel size it used (:data:`~emassist.serve.pyfunc.SCALE_COLUMNS`)."""
     from pyspark.sql.types import BooleanType, DoubleType, StringType, StructField, StructType
 
     fields = [StructField("label", StringType()), StructField("confidence", DoubleType())]
@@ -226,13 +238,18 @@ def result_schema(classes: Sequence[str]) -> Any:
     fields += [StructField(ERROR_COLUMN, StringType()), StructField("needs_review", BooleanType()),
                StructField("review_reason", StringType()), StructField("unfamiliar", BooleanType()),
                StructField("unfamiliar_score", DoubleType())]  # fmt: skip
+    if scale:
+        fields += [StructField("pixel_size_nm", DoubleType()), StructField("model_pixel_size_nm", DoubleType()),
+                   StructField("pixel_size_source", StringType())]  # fmt: skip
     return StructType(fields)
 
 
-def output_columns(classes: Sequence[str]) -> list[str]:
-    """The Parquet columns, in order."""
+def output_columns(classes: Sequence[str], *, scale: bool = False) -> list[str]:
+    """The Parquet columns, in order; a scale-aware model's (``scale``) add the pixel size each answer used (of the
+    file, of the model input, and where it came from: tags | databar_scalebar | databar_mag | unknown) before the
+    model's name."""
     return ["path", "sha256", "size_bytes", "label", "confidence", *classes, ERROR_COLUMN, *TRUST_COLUMNS,
-            "model_name", "model_version"]  # fmt: skip
+            *(SCALE_COLUMNS if scale else ()), "model_name", "model_version"]  # fmt: skip
 
 
 def spark_path(src: str) -> str:
@@ -403,18 +420,24 @@ def scored_frame(spark: SparkSession, listing: Listing, model: ResolvedModel, pa
     except ValueError as exc:  # pragma: no cover - a model whose checks refuse noise
         raise BatchError(str(exc)) from exc
     predict = mlflow.pyfunc.spark_udf(
-        spark, model.local_path, result_type=result_schema(model.classes), env_manager="local"
-    )
-    image = F.when(F.col("pre_error") == "", F.base64(F.col("content"))).otherwise(F.lit(sentinel))
-    scored = checked.select("path", "sha256", "size_bytes", "pre_error", predict(image.alias("image")).alias("m"))
-    answered = _answer_columns(scored, model.classes)
-    refused = _error_columns(too_large, model.classes)
+        spark, model.local_path, result_type=result_schema(model.classes, scale=model.scale_aware),
+        env_manager="local",
+    )  # fmt: skip
+    image = F.when(F.col("pre_error") == "", F.base64(F.col("content"))).otherwise(F.lit(sentinel)).alias("image")
+    # A scale-aware model's signature has the optional pixel_size_nm column: spark_udf given unnamed columns builds
+    # its frame with EVERY signature column, the missing one all NaN, which the pyfunc refuses (a NaN size is a 400).
+    # One struct argument arrives as the frame itself (image only): the pyfunc reads each file's own pixel size.
+    scored = checked.select("path", "sha256", "size_bytes", "pre_error",
+                            predict(F.struct(image) if model.scale_aware else image).alias("m"))  # fmt: skip
+    answered = _answer_columns(scored, model.classes, scale=model.scale_aware)
+    refused = _error_columns(too_large, model.classes, scale=model.scale_aware)
     named = [F.lit(model.name).alias("model_name"), F.lit(model.version).alias("model_version")]
     frame = answered.unionByName(refused).select("*", *named)
-    return frame.select(plain_path(F.col("path")).alias("path"), *output_columns(model.classes)[1:])
+    columns = output_columns(model.classes, scale=model.scale_aware)
+    return frame.select(plain_path(F.col("path")).alias("path"), *columns[1:])
 
 
-def _answer_columns(scored: DataFrame, classes: Sequence[str]) -> DataFrame:
+def _answer_columns(scored: DataFrame, classes: Sequence[str], *, scale: bool = False) -> DataFrame:
     """The model's answer per row, or the pre-check's error row where the file was refused."""
     from pyspark.sql import functions as F
 
@@ -427,17 +450,32 @@ def _answer_columns(scored: DataFrame, classes: Sequence[str]) -> DataFrame:
             F.when(ok, F.col(f"m.{ERROR_COLUMN}")).otherwise(F.col("pre_error")).alias(ERROR_COLUMN),
             pick("needs_review", True), pick("review_reason", REJECTED_REVIEW_REASON), pick("unfamiliar", False),
             pick("unfamiliar_score", 0.0)]  # fmt: skip
+    if scale:  # the pyfunc's NaN (unknown) as null; a refused file used no pixel size: null, null, ""
+        for name in ("pixel_size_nm", "model_pixel_size_nm"):
+            value = F.col(f"m.{name}")
+            cols.append(F.when(ok & ~F.isnan(value), value).otherwise(F.lit(None).cast("double")).alias(name))
+        cols.append(pick("pixel_size_source", ""))
     return scored.select("path", "sha256", "size_bytes", *cols)
 
 
-def _error_columns(skipped: DataFrame, classes: Sequence[str]) -> DataFrame:
+def _scale_defaults(scale: bool) -> list[Any]:
+    """The pixel-size columns of a row that got no answer (none for a model without the scale input)."""
+    from pyspark.sql import functions as F
+
+    if not scale:
+        return []
+    return [F.lit(None).cast("double").alias("pixel_size_nm"), F.lit(None).cast("double").alias("model_pixel_size_nm"),
+            F.lit("").alias("pixel_size_source")]  # fmt: skip
+
+
+def _error_columns(skipped: DataFrame, classes: Sequence[str], *, scale: bool = False) -> DataFrame:
     """Rows for files never read (too large): what the pyfunc answers for a bad row."""
     from pyspark.sql import functions as F
 
     cols = [F.lit("").alias("label"), F.lit(0.0).alias("confidence"), *[F.lit(0.0).alias(c) for c in classes],
             F.col("pre_error").alias(ERROR_COLUMN), F.lit(True).alias("needs_review"),
             F.lit(REJECTED_REVIEW_REASON).alias("review_reason"), F.lit(False).alias("unfamiliar"),
-            F.lit(0.0).alias("unfamiliar_score")]  # fmt: skip
+            F.lit(0.0).alias("unfamiliar_score"), *_scale_defaults(scale)]  # fmt: skip
     return skipped.select("path", "sha256", "size_bytes", *cols)
 
 
@@ -470,6 +508,7 @@ def missing_rows(spark: SparkSession, written: DataFrame, listing: Listing, mode
             "label": "", "confidence": 0.0, ERROR_COLUMN: reason, "needs_review": True,
             "review_reason": REJECTED_REVIEW_REASON, "unfamiliar": False, "unfamiliar_score": 0.0,
             "model_name": model.name, "model_version": model.version,
+            "pixel_size_nm": None, "model_pixel_size_nm": None, "pixel_size_source": "",  # (a scale-aware model's)
         }  # fmt: skip
         row.update(dict.fromkeys(model.classes, 0.0))
         rows.append(row)
@@ -651,7 +690,7 @@ def run_batch(
             rename: Callable[[str], str] = str
             unlisted = len(mirror.refused) if mirror is not None else 0
             if mirror is not None:
-                frame = s3_paths(frame, mirror, session, output_columns(resolved.classes))
+                frame = s3_paths(frame, mirror, session, output_columns(resolved.classes, scale=resolved.scale_aware))
                 rename = lambda path, m=mirror: s3_uri(m, path)  # noqa: E731
             predictions = write_predictions(
                 frame, out, lambda written: missing_rows(session, written, listing, resolved, rename, unlisted)

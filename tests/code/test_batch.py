@@ -99,6 +99,20 @@ def test_paths_and_uris() -> None:
     assert batch.is_local("results/") and not batch.is_local("s3a://b/out")
 
 
+def test_a_scale_aware_model_s_columns_say_the_pixel_size_and_an_older_model_s_do_not() -> None:
+    pytest.importorskip("pyspark")
+    scale = ["pixel_size_nm", "model_pixel_size_nm", "pixel_size_source"]
+    old, new = batch.output_columns(["A", "B"]), batch.output_columns(["A", "B"], scale=True)
+    assert not set(scale) & set(old) and new[-5:] == [*scale, "model_name", "model_version"]
+    assert [c for c in new if c not in scale] == old
+    schema = batch.result_schema(["A", "B"], scale=True)
+    assert [f.name for f in schema.fields][-3:] == scale
+    assert [f.dataType.typeName() for f in schema.fields][-3:] == ["double", "double", "string"]
+    assert [f.name for f in batch.result_schema(["A", "B"]).fields] == [f.name for f in schema.fields][:-3]
+    resolved = batch.ResolvedModel("u", "/m", {**CONFIG, "scale_input": True}, "m", "1")
+    assert resolved.scale_aware and not batch.ResolvedModel("u", "/m", CONFIG, "m", "1").scale_aware
+
+
 def test_help_names_the_essentials() -> None:
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
