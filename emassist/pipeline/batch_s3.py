@@ -158,7 +158,9 @@ def s3_paths(frame: DataFrame, mirror: Mirror, spark: SparkSession, columns: lis
         return renamed
     types = dict(frame.dtypes)
     defaults: dict[str, Any] = {"label": "", "sha256": "", "review_reason": "image rejected", "needs_review": True,
-                                "unfamiliar": False, "model_name": None, "model_version": None}  # fmt: skip
+                                "unfamiliar": False, "model_name": None, "model_version": None,
+                                "pixel_size_nm": None, "model_pixel_size_nm": None,
+                                "pixel_size_source": ""}  # fmt: skip
     first = frame.select("model_name", "model_version").limit(1).collect()
     name, version = (first[0][0], first[0][1]) if first else ("", "")
     rows = []
