@@ -261,12 +261,23 @@ def check_clean_params(params_file: Path) -> None:
         raise BenchError("not inside a git work tree: run from the repository root (dvc exp run needs git)")
     if git("ls-files", "--error-unmatch", str(params_file)).returncode != 0:
         raise BenchError(f"{params_file} is not tracked by git: commit it first")
-    changed = git("diff", "--name-only", "HEAD", "--", str(params_file))
-    if changed.returncode != 0 or changed.stdout.strip():
+    changed = git("diff", "--name-only", "HEAD", "--", str(params_file))  # the work tree against HEAD
+    staged = git("diff", "--cached", "--name-only", "--", str(params_file))  # the index against HEAD
+    if changed.returncode != 0 or changed.stdout.strip() or staged.returncode != 0 or staged.stdout.strip():
         raise BenchError(
             f"{params_file} has uncommitted changes: commit or undo them first (the experiments set "
             "train.scale_input and train.seed in it and put the committed file back afterwards)"
         )
+
+
+def restore_params(params_file: Path, original: bytes) -> None:
+    """Put back the committed params file: its bytes, and its index entry (``dvc exp run`` stages what it changes)."""
+    if params_file.read_bytes() != original:
+        params_file.write_bytes(original)
+        log(f"{params_file} restored")
+    if git("diff", "--cached", "--quiet", "--", str(params_file)).returncode != 0:
+        git("reset", "-q", "--", str(params_file))
+        log(f"{params_file} unstaged (dvc exp run had staged the experiment's values)")
 
 
 def current_config(params_file: Path) -> tuple[bool, int]:
@@ -399,9 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("interrupted")
         return 130
     finally:
-        if params_file.read_bytes() != original:
-            params_file.write_bytes(original)
-            log(f"{params_file} restored")
+        restore_params(params_file, original)
     load_end = os.getloadavg()
     print(f"## Scale input gain ({started:%Y-%m-%d %H:%M %Z}, {platform.node()}, {os.cpu_count()} cores)\n")
     print(

@@ -133,7 +133,8 @@ def _git(cwd: Path, *args: str) -> None:
 def test_uncommitted_params_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _git(tmp_path, "init", "-q")
     params = tmp_path / "params.yaml"
-    params.write_text("train:\n  seed: 42\n  scale_input: false\n")
+    committed = "train:\n  seed: 42\n  scale_input: false\n"
+    params.write_text(committed)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(sg.BenchError, match="not tracked"):
         sg.check_clean_params(Path("params.yaml"))
@@ -147,6 +148,13 @@ def test_uncommitted_params_are_refused(tmp_path: Path, monkeypatch: pytest.Monk
     _git(tmp_path, "add", "params.yaml")  # staged but not committed: still refused
     with pytest.raises(sg.BenchError, match="uncommitted changes"):
         sg.check_clean_params(Path("params.yaml"))
+    params.write_text(committed)  # staged change, work tree as committed (what dvc exp run leaves): refused
+    with pytest.raises(sg.BenchError, match="uncommitted changes"):
+        sg.check_clean_params(Path("params.yaml"))
+    params.write_text("train:\n  seed: 44\n")
+    sg.restore_params(Path("params.yaml"), committed.encode())  # bytes and index entry back
+    assert params.read_text() == committed
+    sg.check_clean_params(Path("params.yaml"))
 
 
 def test_help_and_repeated_seeds() -> None:
