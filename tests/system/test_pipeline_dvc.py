@@ -27,16 +27,17 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return copy_repo(tmp_path_factory.mktemp("repo"), overrides=TINY)
+    root = copy_repo(tmp_path_factory.mktemp("repo"), overrides=TINY)
+    site = root.parent / f"{root.name}-dvc-site"  # outside the clone: its git status stays the user's
+    site.mkdir(parents=True, exist_ok=True)
+    done = _dvc(root, "config", "--local", "core.site_cache_dir", str(site))  # once: .dvc/config.local keeps it
+    assert done.returncode == 0, done.stderr
+    return root
 
 
 def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    site = root.parent / f"{root.name}-dvc-site"  # outside the clone: its git status stays the user's
-    site.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "dvc", "config", "--local", "core.site_cache_dir", str(site)],
-                   cwd=root, env=env, check=True)  # fmt: skip
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True,
                           timeout=900)  # fmt: skip
 
