@@ -116,7 +116,7 @@ def real_sem_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_model(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> SmallModel:
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> SmallModel:
     """A small compact_cnn trained ONCE per test run by the real train stage on demo images of three classes
     (Fibres, Particles, Patterned_surface; 48 px; online flips and quarter turns; about 35 s on two cores).
     Under pytest-xdist the first worker that needs it trains it in the run's shared temp folder while the others
@@ -126,7 +126,7 @@ def small_model(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Sma
     the sqlite MLflow store with the training run. Treat it as read-only: copy the model file before changing it
     (``small_model.copy_to(folder)``)."""
     pytest.importorskip("keras")
-    if worker_id == "master":  # no xdist, or -n 0
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # one process: no xdist, -n 0 or -p no:xdist
         return train_small_model(tmp_path_factory.mktemp("small-model"))
     from filelock import FileLock
 
