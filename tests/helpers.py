@@ -318,7 +318,11 @@ def _write_split(rows: Sequence[tuple[str, str]], csv_path: Path) -> None:
     import pandas as pd
 
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=["image_path", "label"]).to_csv(csv_path, index=False)
+    frame = pd.DataFrame(rows, columns=["image_path", "label"])
+    # The default model is scale-aware: these rendered images carry no tags and no data bar, so every pixel size is
+    # unknown, as the served model will find it in the same images (the split file's own columns: no manifest).
+    frame = frame.assign(pixel_size_nm="", width="")
+    frame.to_csv(csv_path, index=False)
 
 
 def train_small_model(

@@ -248,7 +248,7 @@ class TrainParams:
     shuffle_buffer: int = 2048
     seed: int = 42
     work_pool: str | None = None  # Prefect work pool for the train step (e.g. gpu); null: run in-process
-    scale_input: bool = False  # a second input: log10 of the model input's pixel size and a known/unknown flag
+    scale_input: bool = True  # a second input: log10 of the model input's pixel size and a known/unknown flag
     scale_dropout: float = 0.2  # share of known pixel sizes masked as unknown in training (scale_input only)
 
     def check(self) -> None:

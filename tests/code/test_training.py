@@ -56,6 +56,14 @@ def make_project(root: Path, n_per_class: int = 24) -> None:
             rows.append({"sha256": name, "label": label, "image_path": f"data/interim/images/{name}.png",
                          "source_path": f"{label}/{i}.png", "group": len(rows), "split": split})  # fmt: skip
     frame = pd.DataFrame(rows)
+    # ingest's manifest, where the default (scale-aware) model finds each image's pixel size: known for most images
+    # (one per class), unknown for every fifth
+    sizes = {"Particles": 5.0, "Nanowires": 20.0}
+    manifest = frame[["sha256", "label"]].assign(
+        pixel_size_nm=[None if k % 5 == 0 else sizes.get(label, 80.0) for k, label in enumerate(frame["label"])],
+        width=40,
+    )
+    manifest.to_parquet(root / "data" / "interim" / "manifest.parquet", index=False)
     splits = root / "data" / "splits"
     splits.mkdir(parents=True)
     for name, part in frame.groupby("split"):
