@@ -171,13 +171,26 @@ def close_orphaned_runs(experiment_id: str, stage: str) -> list[str]:
     return closed
 
 
+class _Stopped(BaseException):
+    """Raised by :func:`end_run_on_signal`'s handler to unwind the main thread (a BaseException: ``except Exception``
+    blocks on the way do not swallow it)."""
+
+    def __init__(self, signum: int, frame: FrameType | None, run_id: str | None) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.frame, self.run_id = signum, frame, run_id
+
+
 @contextmanager
 def end_run_on_signal(signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
     """While inside, SIGTERM / SIGINT first end the active MLflow run as ``KILLED``, then act as before.
 
-    After marking the run, the previous handler runs (SIGINT: ``KeyboardInterrupt``); a signal that had the default
-    action is raised again with it, so the process still ends with the usual signal status. Signal handlers can only
-    be set in the main thread: elsewhere (e.g. a Prefect task thread) this does nothing.
+    The handler itself touches no store: it notes the active run and raises, so that whatever the main thread was
+    doing unwinds first (a metric write interrupted halfway rolls back and lets go of the SQLite lock, which a write
+    from inside the handler would wait on for ever: "database is locked"). Once unwound to here, the run is marked
+    ``KILLED`` and the previous handler runs (SIGINT: ``KeyboardInterrupt``); a signal that had the default action is
+    raised again with it, so the process still ends with the usual signal status. A second signal meanwhile acts as
+    before. Signal handlers can only be set in the main thread: elsewhere (e.g. a Prefect task thread) this does
+    nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -187,18 +200,10 @@ def end_run_on_signal(signals: tuple[signal.Signals, ...] = (signal.SIGTERM, sig
     def handler(signum: int, frame: FrameType | None) -> None:
         import mlflow
 
-        run = mlflow.active_run()
-        if run is not None:
-            log.warning("signal %s: MLflow run %s marked KILLED", signal.Signals(signum).name, run.info.run_id)
-            mlflow.end_run(status="KILLED")
+        run = mlflow.active_run()  # the fluent API's own state: no store access
         for sig, old in previous.items():
             signal.signal(sig, old)
-        old = previous[signum]
-        if callable(old):
-            old(signum, frame)
-        else:  # SIG_DFL: die of the same signal
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        raise _Stopped(signum, frame, None if run is None else run.info.run_id)
 
     for sig in signals:
         current = signal.getsignal(sig)
@@ -208,6 +213,30 @@ def end_run_on_signal(signals: tuple[signal.Signals, ...] = (signal.SIGTERM, sig
         signal.signal(sig, handler)
     try:
         yield
+    except _Stopped as stop:
+        _mark_killed(stop.run_id, stop.signum)
+        old = previous[stop.signum]
+        if callable(old):
+            old(stop.signum, stop.frame)
+        else:  # SIG_DFL: die of the same signal
+            signal.signal(stop.signum, signal.SIG_DFL)
+            os.kill(os.getpid(), stop.signum)
+        raise
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _mark_killed(run_id: str | None, signum: int) -> None:
+    """End run ``run_id`` as ``KILLED`` (the ``with mlflow.start_run()`` it was in may have closed it as FAILED while
+    the signal's exception passed through)."""
+    import mlflow
+
+    if run_id is None:
+        return
+    log.warning("signal %s: MLflow run %s marked KILLED", signal.Signals(signum).name, run_id)
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        mlflow.end_run(status="KILLED")
+    else:
+        mlflow.MlflowClient().set_terminated(run_id, status="KILLED")

@@ -402,3 +402,27 @@ def test_orphans_are_closed_only_for_gone_processes_of_the_stage(project: Path) 
     assert client.get_run(other_stage.info.run_id).info.status == "RUNNING"
     assert client.get_run(finished).info.status == "FINISHED"
     assert close_orphaned_runs(experiment, "train") == []
+
+
+def test_sigint_inside_a_run_unwinds_first_then_marks_it_killed(tmp_path: Path) -> None:
+    """The handler only notes the run and raises; the run (closed FAILED by ``start_run`` on the way out) ends KILLED,
+    and the previous SIGINT handler still gives ``KeyboardInterrupt``; a ``finally`` of the body ran before."""
+    import mlflow
+
+    from emassist.model.tracking import end_run_on_signal
+
+    client = _store(tmp_path)
+    mlflow.set_experiment("signals")
+    unwound: list[str] = []
+    run_id = ""
+    with pytest.raises(KeyboardInterrupt), end_run_on_signal(), mlflow.start_run() as run:
+        run_id = run.info.run_id
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler's exception interrupts this
+        finally:
+            unwound.append("body")
+    assert unwound == ["body"]
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert mlflow.active_run() is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
