@@ -71,6 +71,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     }
     params = params_from_dict(raw)
     previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # artifacts in the temporary folder, not ./mlartifacts of the checkout
+    mlflow.create_experiment("cards", artifact_location=(tmp / "artifacts").as_uri())
     setup_mlflow(params)
     model_file = brightness_model(tmp / "model.keras")
     evaluation = tmp / "evaluation"
