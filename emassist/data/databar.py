@@ -22,12 +22,6 @@ _MAX_GAP = 3  # rows inside a bar that may fail the per-row test (JPEG smear aro
 _RUN_SHARE = 0.15  # least share of the band in runs of 6 identical pixels
 
 
-def rows_never_cropped(height: int) -> int:
-    """How many top rows of an image ``height`` rows high :func:`find_databar` can never include in a bar (its top
-    edge is searched in the bottom :data:`_BAR_SEARCH_FRAC` only): work on those rows need not wait for the search."""
-    return int(height * (1 - _BAR_SEARCH_FRAC))
-
-
 def _row_hist(region: np.ndarray) -> np.ndarray:
     """Cumulative per-row histograms with a leading zero column: shape (rows, 257)."""
     n = region.shape[0]

@@ -35,7 +35,6 @@ from tqdm import tqdm
 
 from emassist.config.settings import ParamsError, check_tiling
 from emassist.core.atomic import atomic_path
-from emassist.data.databar import rows_never_cropped
 from emassist.data.preprocess import Preprocessor
 from emassist.model.scale import ScaleUsed, model_input_pixel_size_nm, scale_features
 from emassist.serve.drawing import overlay, png_bytes
@@ -150,73 +149,45 @@ def scan(
     if g.ndim != 2:
         raise ScanError(f"expected a 2-D grayscale image, got shape {g.shape}")
     check_options(tile, stride)
-    full_h, w = g.shape
-    xs = positions(w, tile, stride)  # the data-bar crop removes rows only: the columns are known now
-    image_size = int(preprocessor.image_size or 0)
+    g, bar_rows = preprocessor.crop(g)
+    h, w = g.shape
+    check_options(tile, stride, max_tiles, (h, w))
+    preprocessor.check_features(preprocessor.resize(g))  # before any tile reaches the model
+    ys, xs = positions(h, tile, stride), positions(w, tile, stride)
+    side = min(tile, h, w) if (h < tile or w < tile) else tile
     tile_nm = None
     tile_scale: np.ndarray | None = None
     if scale is not None:
-        tile_nm = model_input_pixel_size_nm(scale.nm, min(tile, w), image_size)
+        tile_nm = model_input_pixel_size_nm(scale.nm, min(tile, w), int(preprocessor.image_size or 0))
         tile_scale = scale_features([tile_nm])
+    coords = [(r, c) for r in range(len(ys)) for c in range(len(xs))]
+    scores = np.zeros((len(ys), len(xs), len(classes)), dtype=np.float32)
     batch_size = max(1, int(batch_size))
-    n_classes = len(classes)
-    scored: dict[tuple[int, int], np.ndarray] = {}  # (y, x) corner -> probabilities
+    chunks = [coords[start : start + batch_size] for start in range(0, len(coords), batch_size)]
 
-    def score(tiles: np.ndarray, corners: list[tuple[int, int]]) -> None:
-        if tile_scale is None:
-            proba = np.asarray(predict(tiles), dtype=np.float32)
-        else:
-            proba = np.asarray(predict(tiles, np.repeat(tile_scale, len(tiles), axis=0)), dtype=np.float32)
-        if proba.shape != (len(corners), n_classes):
-            raise RuntimeError(f"the model answered shape {proba.shape} for {len(corners)} tiles")
-        scored.update(zip(corners, proba, strict=True))
+    def cut(chunk: list[tuple[int, int]]) -> np.ndarray:
+        return preprocessor.tiles(g, [(ys[r], xs[c]) for r, c in chunk], tile)
 
-    def crop_and_check(full: np.ndarray) -> tuple[np.ndarray, int]:
-        cropped, rows = preprocessor.crop(full)
-        preprocessor.check_features(preprocessor.resize(cropped))  # ImageRejected for a featureless overview
-        return cropped, rows
-
-    # Work that does not need the data-bar search overlaps it: the search looks at the bottom rows only, so the tiles
-    # wholly above them (the same corners whatever it finds) are scored on this thread while a second thread crops
-    # and runs the whole-image featureless check; then the next batch is cut on that thread while the model runs
-    # this one (NumPy's copies, PIL's resizes and TensorFlow's kernels release the GIL). A featureless overview is
-    # refused before any tile below the never-cropped band reaches the model.
-    safe = rows_never_cropped(full_h)
-    early_ys = [y for y in positions(full_h, tile, stride) if y + tile <= safe] if full_h > tile else []
-    early = [(y, x) for y in early_ys for x in xs]
-    if max_tiles is not None and len(positions(full_h, tile, stride)) * len(xs) > max_tiles:
-        early = []  # over the limit before the crop: nothing is scored until the crop says whether it still is
+    # The next batch is cut on a second thread while the model runs this one (NumPy's copies, PIL's resizes and
+    # TensorFlow's kernels release the GIL): the scan runs at the forward pass's pace, not at forward + cutting.
     with (
-        tqdm(total=None, unit="tile", desc="scan", disable=None if progress is None else not progress) as bar,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="scan-cut") as helper,
+        tqdm(total=len(coords), unit="tile", desc="scan", disable=None if progress is None else not progress) as bar,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="scan-cut") as cutter,
     ):
-        cropping = helper.submit(crop_and_check, g)
-        for start in range(0, len(early), batch_size):
-            if cropping.done():
-                break  # the crop is known: the rest goes through the pipelined loop below
-            corners = early[start : start + batch_size]
-            score(preprocessor.tiles(g, corners, tile), corners)
-            bar.update(min(batch_size, len(early) - start))
-        cropped, bar_rows = cropping.result()  # raises ImageRejected for a featureless overview
-        h = cropped.shape[0]
-        check_options(tile, stride, max_tiles, (h, w))
-        ys = positions(h, tile, stride)
-        bar.total = len(ys) * len(xs)
-        bar.refresh()
-        rest = [(y, x) for y in ys for x in xs if (y, x) not in scored]
-        chunks = [rest[start : start + batch_size] for start in range(0, len(rest), batch_size)]
-        upcoming = helper.submit(preprocessor.tiles, cropped, chunks[0], tile) if chunks else None
+        upcoming = cutter.submit(cut, chunks[0])
         for k, chunk in enumerate(chunks):
-            tiles = upcoming.result()  # type: ignore[union-attr]
+            tiles = upcoming.result()
             if k + 1 < len(chunks):
-                upcoming = helper.submit(preprocessor.tiles, cropped, chunks[k + 1], tile)
-            score(tiles, chunk)
+                upcoming = cutter.submit(cut, chunks[k + 1])
+            if tile_scale is None:
+                proba = np.asarray(predict(tiles), dtype=np.float32)
+            else:
+                proba = np.asarray(predict(tiles, np.repeat(tile_scale, len(tiles), axis=0)), dtype=np.float32)
+            if proba.shape != (len(chunk), len(classes)):
+                raise RuntimeError(f"the model answered shape {proba.shape} for {len(chunk)} tiles")
+            rows, cols = zip(*chunk, strict=True)
+            scores[list(rows), list(cols)] = proba
             bar.update(len(chunk))
-    scores = np.zeros((len(ys), len(xs), n_classes), dtype=np.float32)
-    for r, y in enumerate(ys):
-        for c, x in enumerate(xs):
-            scores[r, c] = scored[(y, x)]
-    side = min(tile, h, w) if (h < tile or w < tile) else tile
     return TileScan(
         classes=list(classes),
         scores=scores,
