@@ -60,11 +60,13 @@ def _write_data(root: Path) -> None:
                 gray = Image.fromarray(demo_image(cls, index, 128, seed=11))
                 rel = f"data/interim/images/{cls}/{index:03d}.png"
                 gray.resize((CACHE_SIZE, CACHE_SIZE), Image.Resampling.BOX).save(root / rel)  # as ingest caches
-                rows.append((rel, cls))
+                # the default model is scale-aware: a pixel size per class (of the 128 px render), as ingest records it
+                rows.append((rel, cls, 10.0 * (1 + CLASSES.index(cls)), 128))
                 index += 1
+        frame = pd.DataFrame(rows, columns=["image_path", "label", "pixel_size_nm", "width"])
         for folder in ("data/splits", *(["data/augmented"] if split == "train" else [])):
             (root / folder).mkdir(parents=True, exist_ok=True)
-            pd.DataFrame(rows, columns=["image_path", "label"]).to_csv(root / folder / f"{split}.csv", index=False)
+            frame.to_csv(root / folder / f"{split}.csv", index=False)
 
 
 def _base_weights(path: Path) -> Path:
