@@ -14,18 +14,6 @@ if [ ! -x /usr/bin/chromium ]; then
         echo "warning: /usr/bin/chromium is missing and this is not root: the browser tests will be skipped" >&2
     fi
 fi
-# Data-bar text (magnification, scale-bar label) is read with Tesseract (tesserocr, in the lock) and the English model
-# of Debian's tesseract-ocr; without it ingest still runs and says once that bar text is not read (the OCR tests skip).
-if [ ! -f /usr/share/tesseract-ocr/5/tessdata/eng.traineddata ] && [ -z "${TESSDATA_PREFIX:-}" ]; then
-    if [ "$(id -u)" -eq 0 ]; then
-        echo "==> installing tesseract-ocr (apt) for the data-bar OCR"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null
-        apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends tesseract-ocr >/dev/null
-    else
-        echo "warning: Tesseract's English model is missing and this is not root: data-bar OCR is off, its tests skip" >&2
-    fi
-fi
 export PATH="$PWD/.venv/bin:$PATH" TF_CPP_MIN_LOG_LEVEL=2
 echo "==> ruff"
 ruff check .

@@ -28,8 +28,8 @@ pytest.importorskip("keras")
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*An input example was not provided")]
 
 from tests.code.test_scale_serving import _fei_tiff, _png  # noqa: E402
-from tests.helpers import VENV_BIN, b64, texture  # noqa: E402
-from tests.servers import free_port, server_env, start_process, stop_process, wait_http  # noqa: E402
+from tests.helpers import b64, texture  # noqa: E402
+from tests.servers import model_server  # noqa: E402
 
 CLASSES = ["Fibres", "Nanowires", "Particles"]
 IMAGE_SIZE = 32
@@ -73,17 +73,8 @@ def save_scale_pyfunc(folder: Path, tmp: Path) -> Path:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("serving_scale")
     model_dir = save_scale_pyfunc(tmp / "model", tmp)
-    port = free_port()
-    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", str(model_dir), "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
-    log_file = tmp / "serve.log"
-    proc = start_process(cmd, log_file, server_env())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/ping", proc, log_file)
+    with model_server(str(model_dir), f"sqlite:///{tmp / 'mlflow.db'}", tmp) as url:
         yield url
-    finally:
-        stop_process(proc)
 
 
 def post(url: str, images: list[str], sizes: list[Any] | None = None) -> Any:
