@@ -19,15 +19,26 @@ _EXACT = 2  # a rendered background is constant to within this ...
 _EXACT_SHARE = 0.45  # ... for this share of its ±_TOL pixels (SEM noise, σ ≥ 4 grey levels, stays below)
 _CONTRAST = 64  # text/scale-bar pixels differ from the background by at least this
 _MAX_GAP = 3  # rows inside a bar that may fail the per-row test (JPEG smear around text)
+_BAND_PIXELS = 1 << 18  # pixels per band of rows in _row_hist (2 MB of int64 indices)
 _RUN_SHARE = 0.15  # least share of the band in runs of 6 identical pixels
 
 
 def _row_hist(region: np.ndarray) -> np.ndarray:
-    """Cumulative per-row histograms with a leading zero column: shape (rows, 257)."""
-    n = region.shape[0]
-    idx = region.astype(np.intp)
-    idx += (np.arange(n, dtype=np.intp) * 256)[:, None]  # in place: 5x faster than a broadcast add
-    hist = np.bincount(idx.ravel(), minlength=256 * n).reshape(n, 256)
+    """Cumulative per-row histograms with a leading zero column: shape (rows, 257).
+
+    Computed in bands of rows small enough (~2 MB of indices) to stay in the CPU cache: the same counts as one
+    ``bincount`` over the whole region, ~2x faster on a large overview (a 9984-pixel-wide scan), as fast on 1024 px.
+    """
+    n, cols = region.shape
+    band = max(1, _BAND_PIXELS // max(1, cols))
+    offsets = (np.arange(min(band, n), dtype=np.intp) * 256)[:, None]
+    hist = np.empty((n, 256), dtype=np.int64)
+    for start in range(0, n, band):
+        part = region[start : start + band]
+        m = part.shape[0]
+        idx = part.astype(np.intp)
+        idx += offsets[:m]  # in place: 5x faster than a broadcast add
+        hist[start : start + m] = np.bincount(idx.ravel(), minlength=256 * m).reshape(m, 256)
     cum = np.zeros((n, 257), dtype=np.int64)
     np.cumsum(hist, axis=1, out=cum[:, 1:])
     return cum

@@ -537,3 +537,19 @@ def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     assert rejected_reason(fifo) == "not a regular file"
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (300, 512), (1500, 4992)])
+def test_row_histograms_in_bands_equal_one_bincount_per_row(shape: tuple[int, int]) -> None:
+    # find_databar's per-row histograms are counted in cache-sized bands of rows (several bands for the widest
+    # shape here): every row's counts must be exactly its own histogram, wherever the band edges fall.
+    from emassist.data.databar import _BAND_PIXELS, _row_hist
+
+    rows, cols = shape
+    region = np.random.default_rng(3).integers(0, 256, (rows, 2 * cols), dtype=np.uint8)[:, ::2]  # as searched
+    cum = _row_hist(region)
+    expected = np.stack([np.bincount(row, minlength=256) for row in region])
+    assert cum.shape == (shape[0], 257) and (cum[:, 0] == 0).all()
+    assert (np.diff(cum, axis=1) == expected).all()
+    if shape[1] == 4992:
+        assert shape[0] * shape[1] > 2 * _BAND_PIXELS  # the case really spans several bands
