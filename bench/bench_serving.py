@@ -256,6 +256,35 @@ def null_model_uri(tmp: Path) -> str:
     return f"models:/{NAME}-null/{info.registered_model_version}"
 
 
+def register_bench_model(
+    base: Any, tmp: Path, model_file: Path, *, null_server: bool = False
+) -> tuple[str, str, str | None]:
+    """``model_file`` registered as ``models:/bench@champion`` in a sqlite store in ``tmp`` (``MLFLOW_TRACKING_URI``
+    is set to it), with the classes, ingest settings and image size of ``base`` (the project's params); with
+    ``null_server`` the do-nothing pyfunc too (:func:`null_model_uri`). Returns (tracking URI, the model's URI, the
+    do-nothing model's URI or None)."""
+    import mlflow
+
+    from emassist.config.settings import params_from_dict
+    from emassist.model import registry
+    from emassist.model.tracking import setup_mlflow
+
+    tracking_uri = os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    params = params_from_dict({
+        "data": {"classes": list(base.data.classes), "splits_dir": str(tmp / "no-splits")},
+        "ingest": {k: getattr(base.ingest, k) for k in ("cache_size", "max_pixels", "min_side", "crop_databar")},
+        "train": {"image_size": base.train.image_size},
+        "mlflow": {"experiment": NAME, "registered_model": NAME},
+    })  # fmt: skip
+    setup_mlflow(params)
+    with mlflow.start_run() as run:
+        mlflow.log_metric("test_macro_f1", 0.0)
+        null_uri = null_model_uri(tmp) if null_server else None
+    mv = registry.log_and_register(params, run.info.run_id, model_file=model_file)
+    registry.promote(NAME, mv.version, client=mlflow.MlflowClient())
+    return tracking_uri, f"models:/{NAME}@champion", null_uri
+
+
 def floor_fn(python_model: Any) -> tuple[Callable[[list[str]], Any], Callable[[], dict[str, float]]]:
     """The floor of one request: base64 decode, decode + standardize each image (the pyfunc's own preprocessor),
     then the compiled forward pass (the tf.function the pyfunc calls) on the stacked batch; and a function giving
@@ -318,20 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import requests
 
     from emassist.config.settings import load_params, params_from_dict
-    from emassist.model import registry
 
     base = load_params(args.params) if args.params.is_file() else params_from_dict({})
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp_name:
         tmp = Path(tmp_name)
-        tracking_uri = f"sqlite:///{tmp / 'mlflow.db'}"
-        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-        raw = {
-            "data": {"classes": list(base.data.classes), "splits_dir": str(tmp / "no-splits")},
-            "ingest": {k: getattr(base.ingest, k) for k in ("cache_size", "max_pixels", "min_side", "crop_databar")},
-            "train": {"image_size": base.train.image_size},
-            "mlflow": {"experiment": NAME, "registered_model": NAME},
-        }
-        params = params_from_dict(raw)
         fits = False
         if args.model.is_file():
             import keras
@@ -346,15 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         base.train.model)  # fmt: skip
             what = f"untrained {base.train.model} (no usable models/model.keras)"
         log(f"registering {model_file} in a temporary store ...")
-        from emassist.model.tracking import setup_mlflow
-
-        setup_mlflow(params)
-        with mlflow.start_run() as run:
-            mlflow.log_metric("test_macro_f1", 0.0)
-            null_uri = null_model_uri(tmp) if args.null_server else None
-        mv = registry.log_and_register(params, run.info.run_id, model_file=model_file)
-        registry.promote(NAME, mv.version, client=mlflow.MlflowClient())
-        uri = f"models:/{NAME}@champion"
+        tracking_uri, uri, null_uri = register_bench_model(base, tmp, model_file, null_server=args.null_server)
         images = make_images(64, args.side)
         local_model = mlflow.pyfunc.load_model(uri)
 

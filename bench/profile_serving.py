@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
-from bench_serving import NAME, VENV_BIN, log, make_images, model_server, stand_in_model  # noqa: E402
+from bench_serving import VENV_BIN, log, make_images, model_server, register_bench_model, stand_in_model  # noqa: E402
 
 #: One frame of a stack: (function, file path).
 Frame = tuple[str, str]
@@ -198,33 +198,6 @@ def server_pid(port: int) -> int:
     raise RuntimeError(f"no uvicorn process with --port {port} found in /proc")
 
 
-# --------------------------------------------------------------------------------------------- the model
-
-
-def register_demo_model(tmp: Path, params_file: Path) -> tuple[str, str]:
-    """Register the untrained demo model (``train.model`` at ``train.image_size``) as ``models:/bench@champion`` in a
-    sqlite store in ``tmp`` (``MLFLOW_TRACKING_URI`` is set to it); returns (tracking URI, what it is)."""
-    import mlflow
-
-    from emassist.config.settings import load_params, params_from_dict
-    from emassist.model import registry
-    from emassist.model.tracking import setup_mlflow
-
-    base = load_params(params_file) if params_file.is_file() else params_from_dict({})
-    tracking_uri = os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
-    ingest = {k: getattr(base.ingest, k) for k in ("cache_size", "max_pixels", "min_side", "crop_databar")}
-    params = params_from_dict({"data": {"classes": list(base.data.classes), "splits_dir": str(tmp / "no-splits")},
-                               "ingest": ingest, "train": {"image_size": base.train.image_size},
-                               "mlflow": {"experiment": NAME, "registered_model": NAME}})  # fmt: skip
-    model_file = stand_in_model(tmp / "model.keras", base.train.image_size, len(base.data.classes), base.train.model)
-    setup_mlflow(params)
-    with mlflow.start_run() as run:
-        mlflow.log_metric("test_macro_f1", 0.0)
-    mv = registry.log_and_register(params, run.info.run_id, model_file=model_file)
-    registry.promote(NAME, mv.version, client=mlflow.MlflowClient())
-    return tracking_uri, f"untrained {base.train.model} at {base.train.image_size} px, {len(base.data.classes)} classes"
-
-
 # --------------------------------------------------------------------------------------------- profiling
 
 
@@ -353,12 +326,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import mlflow
 
+    from emassist.config.settings import load_params, params_from_dict
+
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="profile-serving-") as tmp_name:
         tmp = Path(tmp_name)
         log("registering the demo model in a temporary store ...")
-        tracking_uri, what = register_demo_model(tmp, args.params)
-        uri = f"models:/{NAME}@champion"
+        base = load_params(args.params) if args.params.is_file() else params_from_dict({})
+        model_file = stand_in_model(tmp / "model.keras", base.train.image_size, len(base.data.classes),
+                                    base.train.model)  # fmt: skip
+        what = f"untrained {base.train.model} at {base.train.image_size} px, {len(base.data.classes)} classes"
+        tracking_uri, uri, _ = register_bench_model(base, tmp, model_file)
         images = make_images(64, args.side)
         log("starting mlflow models serve ...")
         with model_server(uri, tracking_uri, tmp / "serve.log", 1) as url:
