@@ -180,30 +180,76 @@ class _Stopped(BaseException):
         self.signum, self.frame, self.run_id = signum, frame, run_id
 
 
+RESEND_INTERVAL_S = 3.0  # how often a stop that has not reached end_run_on_signal yet is raised again
+
+
 @contextmanager
-def end_run_on_signal(signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+def end_run_on_signal(
+    signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT), resend_interval_s: float = RESEND_INTERVAL_S
+) -> Iterator[None]:
     """While inside, SIGTERM / SIGINT first end the active MLflow run as ``KILLED``, then act as before.
 
     The handler itself touches no store: it notes the active run and raises, so that whatever the main thread was
     doing unwinds first (a metric write interrupted halfway rolls back and lets go of the SQLite lock, which a write
     from inside the handler would wait on for ever: "database is locked"). Once unwound to here, the run is marked
     ``KILLED`` and the previous handler runs (SIGINT: ``KeyboardInterrupt``); a signal that had the default action is
-    raised again with it, so the process still ends with the usual signal status. A second signal meanwhile acts as
-    before. Signal handlers can only be set in the main thread: elsewhere (e.g. a Prefect task thread) this does
-    nothing.
+    raised again with it, so the process still ends with the usual signal status.
+
+    An exception raised in a signal handler can be lost: Python swallows it ("Exception ignored in") when the
+    handler happened to run inside a ``__del__`` or a weakref callback, which TensorFlow's objects run at any moment,
+    and some libraries catch everything. So until the stop has unwound to here, a watcher thread raises it again
+    every ``resend_interval_s`` (through the same handler, in the main thread). A second signal from outside
+    meanwhile acts as before (e.g. a second Ctrl-C). Signal handlers can only be set in the main thread: elsewhere
+    (e.g. a Prefect task thread) this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous: dict[int, Any] = {}
+    stopping: dict[str, Any] = {}  # the first signal's: signum, run_id; "resend": a raise of ours is on its way
+    requested = threading.Event()  # a signal came: the watcher starts watching
+    arrived = threading.Event()  # the stop reached the except below (or the body ended): the watcher ends
+    lock = threading.RLock()  # re-entrant: the handler runs in the main thread, which may hold it below
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    def act_as_before(signum: int, frame: FrameType | None) -> None:
+        restore()
+        old = previous[signum]
+        if callable(old):
+            old(signum, frame)
+        else:  # SIG_DFL: die of the same signal
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     def handler(signum: int, frame: FrameType | None) -> None:
         import mlflow
 
-        run = mlflow.active_run()  # the fluent API's own state: no store access
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        raise _Stopped(signum, frame, None if run is None else run.info.run_id)
+        with lock:
+            resent, stopping["resend"] = stopping.get("resend", False), False
+        if "signum" in stopping and not resent:  # a second signal from outside
+            act_as_before(signum, frame)
+            return
+        if "signum" not in stopping:
+            run = mlflow.active_run()  # the fluent API's own state: no store access
+            stopping.update(signum=signum, run_id=None if run is None else run.info.run_id)
+            requested.set()
+        raise _Stopped(stopping["signum"], frame, stopping["run_id"])
+
+    def watch() -> None:  # started before any signal: starting a thread inside the handler could deadlock
+        import _thread
+
+        requested.wait()
+        while not arrived.wait(resend_interval_s):
+            with lock:
+                if arrived.is_set():
+                    return
+                stopping["resend"] = True
+                _thread.interrupt_main(stopping["signum"])  # only trips the flag: the handler runs in the main thread
+            log.warning("signal %s: the stop has not unwound the main thread in %g s (lost inside a __del__?): "
+                        "raised again", signal.Signals(stopping["signum"]).name, resend_interval_s)  # fmt: skip
 
     for sig in signals:
         current = signal.getsignal(sig)
@@ -211,20 +257,28 @@ def end_run_on_signal(signals: tuple[signal.Signals, ...] = (signal.SIGTERM, sig
             continue
         previous[sig] = current
         signal.signal(sig, handler)
+    watcher = threading.Thread(target=watch, name="end-run-on-signal", daemon=True)
+    watcher.start()
     try:
         yield
     except _Stopped as stop:
+        with lock:
+            arrived.set()
+            restore()
         _mark_killed(stop.run_id, stop.signum)
-        old = previous[stop.signum]
-        if callable(old):
-            old(stop.signum, stop.frame)
-        else:  # SIG_DFL: die of the same signal
-            signal.signal(stop.signum, signal.SIG_DFL)
-            os.kill(os.getpid(), stop.signum)
+        act_as_before(stop.signum, stop.frame)
         raise
+    else:
+        with lock:
+            arrived.set()
+            restore()
+        if "signum" in stopping:  # the stop was lost and the body ended before it was raised again: act on it now
+            act_as_before(stopping["signum"], None)
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        with lock:
+            arrived.set()
+            restore()
+        requested.set()  # wakes an idle watcher, which sees arrived and ends
 
 
 def _mark_killed(run_id: str | None, signum: int) -> None:

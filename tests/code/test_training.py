@@ -338,7 +338,14 @@ def test_sigterm_marks_the_run_killed_and_the_next_start_fails_orphans(project: 
         assert run_id is not None, (project / "train.log").read_text()[-3000:]
         assert client.get_run(run_id).info.status == "RUNNING"
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == -signal.SIGTERM, (project / "train.log").read_text()[-3000:]
+        try:
+            status = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # say where it is stuck (py-spy is in the dev extras)
+            spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+            dump = subprocess.run([spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=60)
+            pytest.fail(f"no exit 120 s after SIGTERM\n{dump.stdout}{dump.stderr}\n"
+                        f"{(project / 'train.log').read_text()[-3000:]}")  # fmt: skip
+        assert status == -signal.SIGTERM, (project / "train.log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -426,3 +433,66 @@ def test_sigint_inside_a_run_unwinds_first_then_marks_it_killed(tmp_path: Path) 
     assert client.get_run(run_id).info.status == "KILLED"
     assert mlflow.active_run() is None
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+class _SignalsInsideDel:
+    """An object whose ``__del__`` receives ``signum``: the handler then runs inside ``__del__``, where Python swallows
+    whatever it raises ("Exception ignored in"), as it does inside TensorFlow's many ``__del__`` methods."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), self.signum)
+        until = time.monotonic() + 0.3
+        while time.monotonic() < until:  # bytecode runs here, so the handler runs here, inside __del__
+            pass
+
+
+def _busy(seconds: float) -> None:
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        time.sleep(0.05)
+
+
+def test_a_stop_lost_inside_a_del_is_raised_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SIGINT's exception is swallowed inside a ``__del__``; the watcher raises it again, so the body still stops
+    within a few intervals (not after its 20 s) and the run still ends KILLED."""
+    import mlflow
+
+    from emassist.model.tracking import end_run_on_signal
+
+    client = _store(tmp_path)
+    mlflow.set_experiment("signals")
+    lost: list[str] = []  # what Python swallowed ("Exception ignored in")
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: lost.append(type(u.exc_value).__name__))
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt), end_run_on_signal(resend_interval_s=0.5), mlflow.start_run() as run:
+            _SignalsInsideDel(signal.SIGINT)  # dropped at once: its __del__ runs here, and the stop is lost there
+            _busy(20)
+        waited = time.monotonic() - started
+        assert waited < 10, waited
+        assert lost == ["_Stopped"]  # it really was lost once
+        assert client.get_run(run.info.run_id).info.status == "KILLED"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def test_a_stop_lost_just_before_the_body_ends_still_acts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The body ends before the watcher raises the lost stop again: leaving the block acts on it (SIGINT:
+    ``KeyboardInterrupt``) instead of forgetting the signal."""
+    from emassist.model.tracking import end_run_on_signal
+
+    lost: list[str] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: lost.append(type(u.exc_value).__name__))
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), end_run_on_signal(resend_interval_s=60):
+            _SignalsInsideDel(signal.SIGINT)
+        assert lost == ["_Stopped"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
