@@ -25,8 +25,8 @@ class), ``error`` ("" when the row is fine), then whether to trust it: ``needs_r
 be checked by a person), ``review_reason`` (why, "" when not), ``unfamiliar`` (the image is unlike the training
 data) and ``unfamiliar_score`` (the familiarity distance over its threshold: above 1 is unfamiliar; 0 when the model
 ships no familiarity file). A scale-aware model adds the pixel size it used: ``pixel_size_nm`` (of the file),
-``model_pixel_size_nm`` (of the model input: the file's times its width over the model's input side) and
-``pixel_size_source`` (``request | tags | databar_scalebar | databar_mag | unknown``).
+``model_pixel_size_nm`` (of the model input: the file's times its width over the model's input side), both JSON
+``null`` when unknown, and ``pixel_size_source`` (``request | tags | databar_scalebar | databar_mag | unknown``).
 
 Trust (see :mod:`emassist.model.selective` and :mod:`emassist.model.familiarity`): the review threshold fitted on val
 (``review_threshold`` in the serving config; null: every answer needs review) and the familiarity file
@@ -206,6 +206,14 @@ def config_temperature(config: dict[str, Any]) -> tuple[float, bool]:
     except ValueError:
         log.warning("serving config temperature %r is not a positive number: serving uncalibrated", value)
         return 1.0, False
+
+
+def _optional_numbers(values: Sequence[float | None]) -> pd.Series:
+    """A column of numbers where some may be unknown: float64 when all are known, else objects with ``None``, which
+    the scoring server writes as JSON ``null`` (a float column's NaN it writes as ``NaN``, which is not JSON)."""
+    if all(v is not None for v in values):
+        return pd.Series(values, dtype=np.float64)
+    return pd.Series([None if v is None else float(v) for v in values], dtype=object)
 
 
 class SemClassifier(mlflow.pyfunc.PythonModel):
@@ -508,8 +516,8 @@ class SemClassifier(mlflow.pyfunc.PythonModel):
         columns["unfamiliar_score"] = np.where(ok, scores, 0.0)
         if self.scale_aware:
             used = list(scales) if scales is not None else [None] * len(errors)
-            columns["pixel_size_nm"] = [np.nan if u is None or u.nm is None else u.nm for u in used]
-            columns["model_pixel_size_nm"] = [np.nan if u is None or u.model_nm is None else u.model_nm for u in used]
+            columns["pixel_size_nm"] = _optional_numbers([None if u is None else u.nm for u in used])
+            columns["model_pixel_size_nm"] = _optional_numbers([None if u is None else u.model_nm for u in used])
             columns["pixel_size_source"] = ["unknown" if u is None else u.source for u in used]
         return pd.DataFrame(columns)  # built at once: 15 column insertions cost ~1 ms a request
 

@@ -5,7 +5,6 @@ scale input answering exactly as before."""
 from __future__ import annotations
 
 import io
-import math
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +68,7 @@ def test_the_pyfunc_reads_the_file_s_pixel_size_and_scales_it_to_the_model_input
     np.testing.assert_allclose(told[probs].iloc[2], answer[probs].iloc[2], atol=1e-6)
     # a PNG without tags or bar: unknown, answered all the same
     plain = model.predict(None, pd.DataFrame({"image": [b64(_png(big))]}))  # type: ignore[attr-defined]
-    assert plain["pixel_size_source"].iloc[0] == "unknown" and math.isnan(plain["model_pixel_size_nm"].iloc[0])
+    assert plain["pixel_size_source"].iloc[0] == "unknown" and plain["model_pixel_size_nm"].iloc[0] is None
     assert plain["label"].iloc[0] in CLASSES and plain["error"].iloc[0] == ""
 
 

@@ -11,7 +11,6 @@ test_serving.py (unchanged) and tests/code/test_scale_serving.py.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,13 +83,13 @@ def post(url: str, images: list[str], sizes: list[Any] | None = None) -> Any:
                          timeout=120)  # fmt: skip
 
 
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+def _not_json(constant: str) -> float:
+    raise AssertionError(f"the answer holds {constant}, which is not JSON (a browser's JSON.parse refuses it)")
 
 
 def answers(response: Any) -> list[dict[str, Any]]:
     assert response.status_code == 200, response.text[:500]
-    return response.json()["predictions"]
+    return json.loads(response.text, parse_constant=_not_json)["predictions"]  # strict: NaN / Infinity fail
 
 
 def test_pixel_size_with_and_without_the_column(server: str) -> None:
@@ -102,7 +101,8 @@ def test_pixel_size_with_and_without_the_column(server: str) -> None:
     assert [r["pixel_size_source"] for r in read] == ["tags", "tags", "unknown"]
     assert [r["pixel_size_nm"] for r in read[:2]] == pytest.approx([2.0, 4.0])
     assert [r["model_pixel_size_nm"] for r in read[:2]] == pytest.approx([512 * 2.0 / IMAGE_SIZE] * 2, rel=1e-9)
-    assert _missing(read[2]["model_pixel_size_nm"]) and read[2]["label"] in CLASSES
+    assert read[2]["pixel_size_nm"] is None and read[2]["model_pixel_size_nm"] is None  # JSON null, not NaN
+    assert read[2]["label"] in CLASSES
     # with it: the caller's size wins (tags or not) and reaches the model
     told = answers(post(server, files, [2.0, 40.0, 2.0]))
     assert [r["pixel_size_source"] for r in told] == ["request"] * 3
