@@ -19,10 +19,11 @@ echo "==> ruff"
 ruff check .
 ruff format --check .
 # Two pytest-xdist workers (most of the time is single-threaded start-up of real server processes, so two overlap
-# well on two cores); whole files per worker (--dist loadfile keeps a file's module fixtures on one worker).
+# well on two cores); whole files per worker (--dist loadfile keeps a file's module fixtures on one worker), in
+# tests/conftest.py's HEAVY_FIRST order (xdist would otherwise hand out the files with the most tests first).
 # EMASSIST_TEST_WORKERS=0 (or a later `-n 0` / `-p no:xdist` among the arguments) runs in this process, in order.
 workers=${EMASSIST_TEST_WORKERS:-2}
-xdist=(-n "$workers" --dist loadfile)
+xdist=(-n "$workers" --dist loadfile --no-loadscope-reorder)
 for arg in "$@"; do
     if [ "$arg" = "no:xdist" ] || [ "$arg" = "-pno:xdist" ]; then xdist=() workers=0; fi
 done
