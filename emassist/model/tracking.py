@@ -198,13 +198,15 @@ def end_run_on_signal(
     An exception raised in a signal handler can be lost: Python swallows it ("Exception ignored in") when the
     handler happened to run inside a ``__del__`` or a weakref callback, which TensorFlow's objects run at any moment,
     and some libraries catch everything. So until the stop has unwound to here, a watcher thread raises it again
-    every ``resend_interval_s`` (through the same handler, in the main thread). A second signal from outside
+    every ``resend_interval_s``: the same signal, sent to the main thread (so a blocking call there is woken as by the
+    first), and the same handler, which tells it from another signal by a flag. A second signal from outside
     meanwhile acts as before (e.g. a second Ctrl-C). Signal handlers can only be set in the main thread: elsewhere
     (e.g. a Prefect task thread) this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    main = threading.main_thread().ident or 0
     previous: dict[int, Any] = {}
     stopping: dict[str, Any] = {}  # the first signal's: signum, run_id; "resend": a raise of ours is on its way
     requested = threading.Event()  # a signal came: the watcher starts watching
@@ -215,8 +217,15 @@ def end_run_on_signal(
         for sig, old in previous.items():
             signal.signal(sig, old)
 
+    def finish() -> None:
+        """The stop has arrived or the body has ended: the watcher stops, the previous handlers are back."""
+        with lock:
+            arrived.set()
+            restore()
+        requested.set()  # wakes an idle watcher, which sees arrived and ends
+
     def act_as_before(signum: int, frame: FrameType | None) -> None:
-        restore()
+        finish()  # first: no stop of the watcher's may follow the previous handler's
         old = previous[signum]
         if callable(old):
             old(signum, frame)
@@ -239,15 +248,13 @@ def end_run_on_signal(
         raise _Stopped(stopping["signum"], frame, stopping["run_id"])
 
     def watch() -> None:  # started before any signal: starting a thread inside the handler could deadlock
-        import _thread
-
         requested.wait()
         while not arrived.wait(resend_interval_s):
-            with lock:
+            with lock:  # our handler is still in place while arrived is unset (finish() sets it before restoring)
                 if arrived.is_set():
                     return
                 stopping["resend"] = True
-                _thread.interrupt_main(stopping["signum"])  # only trips the flag: the handler runs in the main thread
+                signal.pthread_kill(main, stopping["signum"])
             log.warning("signal %s: the stop has not unwound the main thread in %g s (lost inside a __del__?): "
                         "raised again", signal.Signals(stopping["signum"]).name, resend_interval_s)  # fmt: skip
 
@@ -257,28 +264,20 @@ def end_run_on_signal(
             continue
         previous[sig] = current
         signal.signal(sig, handler)
-    watcher = threading.Thread(target=watch, name="end-run-on-signal", daemon=True)
-    watcher.start()
+    threading.Thread(target=watch, name="end-run-on-signal", daemon=True).start()
     try:
         yield
     except _Stopped as stop:
-        with lock:
-            arrived.set()
-            restore()
+        finish()
         _mark_killed(stop.run_id, stop.signum)
         act_as_before(stop.signum, stop.frame)
         raise
     else:
-        with lock:
-            arrived.set()
-            restore()
+        finish()
         if "signum" in stopping:  # the stop was lost and the body ended before it was raised again: act on it now
             act_as_before(stopping["signum"], None)
     finally:
-        with lock:
-            arrived.set()
-            restore()
-        requested.set()  # wakes an idle watcher, which sees arrived and ends
+        finish()  # another exception (or a second time: harmless)
 
 
 def _mark_killed(run_id: str | None, signum: int) -> None:
